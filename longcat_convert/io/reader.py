@@ -1,0 +1,70 @@
+"""Positioned reads of tensor bytes: a whole tensor, a row block along dim 0, in bounded chunks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..dtypes import TORCH_DTYPE
+from ..errors import LongcatError
+from .header import SafetensorsHeader, TensorInfo
+
+CHUNK_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """`length` bytes at absolute offset `offset` of `path`."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+def tensor_range(header: SafetensorsHeader, name: str, rows: tuple[int, int] | None = None) -> ByteRange:
+    """The byte range of a tensor, or of rows [start, stop) along dim 0 (contiguous in row-major order)."""
+    info = header.tensors[name]
+    begin, end = header.absolute_range(info)
+    if rows is None:
+        return ByteRange(header.path, begin, end - begin)
+    start, stop = rows
+    if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+        raise LongcatError(f"row block {rows} is outside tensor {name!r} of shape {list(info.shape)}", header.path)
+    return ByteRange(header.path, begin + start * info.row_bytes, (stop - start) * info.row_bytes)
+
+
+def iter_chunks(byte_range: ByteRange, chunk: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Yield the bytes of a range in chunks of at most `chunk` bytes (never the whole range at once)."""
+    fd = os.open(byte_range.path, os.O_RDONLY)
+    try:
+        position, remaining = byte_range.offset, byte_range.length
+        while remaining:
+            data = os.pread(fd, min(chunk, remaining), position)
+            if not data:
+                raise LongcatError(f"file ended while reading bytes {position}..{position + remaining}",
+                                   byte_range.path, "the file was truncated while being read; re-create it")
+            position += len(data)
+            remaining -= len(data)
+            yield data
+    finally:
+        os.close(fd)
+
+
+def read_bytes(byte_range: ByteRange) -> bytes:
+    return b"".join(iter_chunks(byte_range, max(byte_range.length, 1)))
+
+
+def read_tensor(header: SafetensorsHeader, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Materialise one tensor (or a row block of it) as a torch tensor."""
+    info: TensorInfo = header.tensors[name]
+    shape = list(info.shape)
+    if rows is not None:
+        shape[0] = rows[1] - rows[0]
+    data = bytearray(read_bytes(tensor_range(header, name, rows)))
+    if not data:
+        return torch.empty(shape, dtype=TORCH_DTYPE[info.dtype])
+    return torch.frombuffer(data, dtype=TORCH_DTYPE[info.dtype]).reshape(shape)

@@ -1,0 +1,224 @@
+"""The declarative key map: load it, check it against its schema, and expand it for a DiT config.
+
+Expansion turns module entries into concrete parameter rules (`blocks.{i}` repeated `depth` times,
+shapes evaluated from config symbols). One expanded map serves conversion in both directions,
+validation's expected key set and LoRA module mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+
+from . import jsonschemas
+from .errors import LongcatError
+
+NAMINGS = ("upstream", "fastvideo")
+
+
+@cache
+def load_map_document() -> dict:
+    text = resources.files("longcat_convert.maps").joinpath("longcat_video.json").read_text(encoding="utf-8")
+    document = json.loads(text)
+    jsonschemas.check("keymap", document, "longcat_convert/maps/longcat_video.json")
+    return document
+
+
+@dataclass(frozen=True)
+class ParamRule:
+    """One upstream tensor and the tensor(s) it becomes in the FastVideo naming.
+
+    `parts` > 1 means the upstream tensor is the dim-0 concatenation of the FastVideo tensors.
+    """
+
+    module: str  # upstream module name, e.g. blocks.3.attn.qkv
+    kind: str
+    param: str
+    upstream: str
+    fastvideo: tuple[str, ...]
+    shape: tuple[int, ...]  # upstream (fused) shape
+
+    @property
+    def parts(self) -> int:
+        return len(self.fastvideo)
+
+    @property
+    def rule_name(self) -> str:
+        return f"split{self.parts}" if self.parts > 1 else "rename" if self.fastvideo[0] != self.upstream else "identity"
+
+    def keys(self, naming: str) -> tuple[str, ...]:
+        return (self.upstream,) if naming == "upstream" else self.fastvideo
+
+    def part_shape(self) -> tuple[int, ...]:
+        return (self.shape[0] // self.parts, *self.shape[1:])
+
+    def shapes(self, naming: str) -> dict[str, tuple[int, ...]]:
+        if naming == "upstream":
+            return {self.upstream: self.shape}
+        return {name: self.part_shape() for name in self.fastvideo}
+
+
+@dataclass(frozen=True)
+class LinearModule:
+    """A Linear a LoRA can target: its upstream name, FastVideo name(s) and features."""
+
+    upstream: str
+    fastvideo: tuple[str, ...]
+    in_features: int
+    out_features: int  # upstream (fused) output features
+    lora_up_blocks: int
+
+
+@dataclass(frozen=True)
+class DropRule:
+    key: str
+    require: str  # "ones" or "zeros"
+    reason: str
+
+
+@dataclass
+class ExpandedMap:
+    config_symbols: dict[str, int]
+    params: list[ParamRule]
+    linears: dict[str, LinearModule]
+    drops: dict[str, DropRule]
+    _by_key: dict[str, dict[str, tuple[ParamRule, int]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for naming in NAMINGS:
+            table: dict[str, tuple[ParamRule, int]] = {}
+            for rule in self.params:
+                for part, key in enumerate(rule.keys(naming)):
+                    table[key] = (rule, part)
+            self._by_key[naming] = table
+
+    def lookup(self, naming: str, key: str) -> tuple[ParamRule, int] | None:
+        return self._by_key[naming].get(key)
+
+    def expected_shapes(self, naming: str) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for rule in self.params:
+            shapes.update(rule.shapes(naming))
+        return shapes
+
+    def linear_by_fastvideo(self) -> dict[str, tuple[LinearModule, int]]:
+        return {name: (mod, part) for mod in self.linears.values() for part, name in enumerate(mod.fastvideo)}
+
+    @property
+    def num_params(self) -> int:
+        return sum(math.prod(rule.shape) for rule in self.params)
+
+
+def heads_field(naming: str) -> str:
+    return load_map_document()["configs"][naming]["heads_field"]
+
+
+def class_name(naming: str) -> str:
+    return load_map_document()["configs"][naming]["class_name"]
+
+
+def config_symbols(config: dict, naming: str, where: str = "config.json") -> dict[str, int]:
+    """Integer symbols used by shape expressions, derived from a DiT config."""
+    document = load_map_document()
+    symbols: dict[str, int] = {}
+    for symbol, config_field in document["symbols"].items():
+        symbols[symbol] = _int_field(config, config_field, where)
+    heads = _int_field(config, heads_field(naming), where)
+    patch = config.get("patch_size")
+    if not (isinstance(patch, list) and len(patch) == 3 and all(_is_pos_int(p) for p in patch)):
+        raise LongcatError(f"patch_size must be a list of 3 positive integers, got {patch!r}", where)
+    if symbols["H"] % heads:
+        raise LongcatError(f"hidden_size {symbols['H']} is not divisible by {heads} heads", where)
+    mlp_ratio = config.get("mlp_ratio")
+    if not isinstance(mlp_ratio, (int, float)) or isinstance(mlp_ratio, bool) or mlp_ratio <= 0:
+        raise LongcatError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}", where)
+    symbols.update(n_h=heads, d=symbols["H"] // heads, p_t=patch[0], p_h=patch[1], p_w=patch[2])
+    symbols["F"] = ffn_hidden_size(symbols["H"], mlp_ratio)
+    symbols["P_out"] = patch[0] * patch[1] * patch[2] * symbols["C_out"]
+    return symbols
+
+
+def ffn_hidden_size(hidden: int, mlp_ratio: float) -> int:
+    """SwiGLU width: two thirds of hidden·mlp_ratio, rounded up to a multiple of 256."""
+    return 256 * math.ceil(int(2 * hidden * mlp_ratio / 3) / 256)
+
+
+def _is_pos_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _int_field(config: dict, name: str, where: str) -> int:
+    value = config.get(name)
+    if not _is_pos_int(value):
+        raise LongcatError(f"field {name!r} must be a positive integer, got {value!r}", where,
+                           f"set {name} in the DiT config")
+    return value
+
+
+def evaluate(expression: str, symbols: dict[str, int]) -> int:
+    """Evaluate a product such as `6*H` or `p_t*p_h`; the schema allows nothing else."""
+    result = 1
+    for term in expression.split("*"):
+        result *= int(term) if term.isdigit() else symbols[term]
+    return result
+
+
+def expand(config: dict, naming: str = "upstream", where: str = "config.json") -> ExpandedMap:
+    """The concrete rules for a DiT described by `config` (whose field names follow `naming`)."""
+    document = load_map_document()
+    symbols = config_symbols(config, naming, where)
+    params: list[ParamRule] = []
+    linears: dict[str, LinearModule] = {}
+    for entry in document["modules"]:
+        for index in _indices(entry["scope"], symbols["L"]):
+            upstream = entry["upstream"].format(i=index)
+            targets = entry["fastvideo"] if isinstance(entry["fastvideo"], list) else [entry["fastvideo"]]
+            targets = tuple(t.format(i=index) for t in targets)
+            for param, shape_exprs in entry["params"].items():
+                shape = tuple(evaluate(e, symbols) for e in shape_exprs)
+                if shape[0] % len(targets):
+                    raise LongcatError(f"{upstream}.{param} rows {shape[0]} do not split into {len(targets)} parts", where)
+                params.append(ParamRule(upstream, entry["kind"], param, f"{upstream}.{param}",
+                                        tuple(f"{t}.{param}" for t in targets), shape))
+            if entry["kind"] == "linear":
+                weight = tuple(evaluate(e, symbols) for e in entry["params"]["weight"])
+                linears[upstream] = LinearModule(upstream, targets, weight[1], weight[0],
+                                                 entry.get("lora_up_blocks", 1))
+    drops = {}
+    for entry in document["drops"]:
+        for index in _indices(entry["scope"], symbols["L"]):
+            module = entry["upstream"].format(i=index)
+            for param, require in entry["require"].items():
+                drops[f"{module}.{param}"] = DropRule(f"{module}.{param}", require, entry["reason"])
+    return ExpandedMap(symbols, params, linears, drops)
+
+
+def _indices(scope: str, depth: int) -> range:
+    return range(depth) if scope == "block" else range(1)
+
+
+def convert_config(config: dict, source_naming: str, target_naming: str, where: str = "config.json") -> dict:
+    """Rewrite a DiT config from one naming to the other (heads field and class name)."""
+    source_heads, target_heads = heads_field(source_naming), heads_field(target_naming)
+    result = dict(config)
+    if source_heads != target_heads:
+        if target_heads in result and result[target_heads] != result.get(source_heads):
+            raise LongcatError(f"both {source_heads!r} and {target_heads!r} are set and disagree", where,
+                               "remove the wrong one from the config")
+        result[target_heads] = result.pop(source_heads)
+    result["_class_name"] = class_name(target_naming)
+    return result
+
+
+def layouts() -> dict[str, dict]:
+    return load_map_document()["layouts"]
+
+
+def layout(name: str) -> dict:
+    try:
+        return layouts()[name]
+    except KeyError:
+        raise LongcatError(f"unknown layout {name!r}; choose one of {', '.join(layouts())}") from None
