@@ -172,21 +172,20 @@ def expand(config: dict, naming: str = "upstream", where: str = "config.json") -
     symbols = config_symbols(config, naming, where)
     params: list[ParamRule] = []
     linears: dict[str, LinearModule] = {}
-    for entry in document["modules"]:
-        for index in _indices(entry["scope"], symbols["L"]):
-            upstream = entry["upstream"].format(i=index)
-            targets = entry["fastvideo"] if isinstance(entry["fastvideo"], list) else [entry["fastvideo"]]
-            targets = tuple(t.format(i=index) for t in targets)
-            for param, shape_exprs in entry["params"].items():
-                shape = tuple(evaluate(e, symbols) for e in shape_exprs)
-                if shape[0] % len(targets):
-                    raise LongcatError(f"{upstream}.{param} rows {shape[0]} do not split into {len(targets)} parts", where)
-                params.append(ParamRule(upstream, entry["kind"], param, f"{upstream}.{param}",
-                                        tuple(f"{t}.{param}" for t in targets), shape))
-            if entry["kind"] == "linear":
-                weight = tuple(evaluate(e, symbols) for e in entry["params"]["weight"])
-                linears[upstream] = LinearModule(upstream, targets, weight[1], weight[0],
-                                                 entry.get("lora_up_blocks", 1))
+    for entry, index in _block_major(document["modules"], symbols["L"]):
+        upstream = entry["upstream"].format(i=index)
+        targets = entry["fastvideo"] if isinstance(entry["fastvideo"], list) else [entry["fastvideo"]]
+        targets = tuple(t.format(i=index) for t in targets)
+        for param, shape_exprs in entry["params"].items():
+            shape = tuple(evaluate(e, symbols) for e in shape_exprs)
+            if shape[0] % len(targets):
+                raise LongcatError(f"{upstream}.{param} rows {shape[0]} do not split into {len(targets)} parts", where)
+            params.append(ParamRule(upstream, entry["kind"], param, f"{upstream}.{param}",
+                                    tuple(f"{t}.{param}" for t in targets), shape))
+        if entry["kind"] == "linear":
+            weight = tuple(evaluate(e, symbols) for e in entry["params"]["weight"])
+            linears[upstream] = LinearModule(upstream, targets, weight[1], weight[0],
+                                             entry.get("lora_up_blocks", 1))
     drops = {}
     for entry in document["drops"]:
         for index in _indices(entry["scope"], symbols["L"]):
@@ -194,6 +193,20 @@ def expand(config: dict, naming: str = "upstream", where: str = "config.json") -
             for param, require in entry["require"].items():
                 drops[f"{module}.{param}"] = DropRule(f"{module}.{param}", require, entry["reason"])
     return ExpandedMap(symbols, params, linears, drops)
+
+
+def _block_major(entries: list[dict], depth: int):
+    """(entry, block index) pairs: leading globals, then block 0's entries, block 1's, …, then trailing globals.
+
+    Block-major order keeps each block's tensors together, so a shard holds whole blocks."""
+    first = next(n for n, e in enumerate(entries) if e["scope"] == "block")
+    blocks = [e for e in entries if e["scope"] == "block"]
+    head = [e for e in entries[:first] if e["scope"] == "global"]
+    tail = [e for e in entries[first:] if e["scope"] == "global"]
+    yield from ((e, 0) for e in head)
+    for index in range(depth):
+        yield from ((e, index) for e in blocks)
+    yield from ((e, 0) for e in tail)
 
 
 def _indices(scope: str, depth: int) -> range:

@@ -1,0 +1,115 @@
+"""`longcat-convert convert`: the streaming, verified converter."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from .convert import ConvertRequest, convert, prepare
+from .io.reader import CHUNK_BYTES
+from .plan import ConversionPlan
+from .report import census_lines, human_bytes
+
+
+def _plan_lines(plan: ConversionPlan, copy_bytes: int) -> list[str]:
+    lines = [f"plan: {plan.source_layout} -> {plan.target_layout}",
+             f"  DiT: {sum(len(s.tensors) for s in plan.dit_shards)} tensors in {len(plan.dit_shards)} shard(s)"
+             + (f" + {plan.indexes[0].file}" if plan.indexes else "")]
+    lines += [f"    {s.file}  {len(s.tensors)} tensors  {human_bytes(s.nbytes)}" for s in plan.dit_shards[:8]]
+    if len(plan.dit_shards) > 8:
+        lines.append(f"    … and {len(plan.dit_shards) - 8} more shards")
+    for adapter in plan.adapters:
+        lines.append(f"  LoRA {adapter.name}: {adapter.source_file} ({adapter.source_format}) -> {adapter.target_file} "
+                     f"({adapter.target_format}), {adapter.modules} modules, {len(adapter.shard.tensors)} tensors")
+        lines += [f"    note: {note}" for note in adapter.notes[:5]]
+    for drop in plan.drops[:5]:
+        lines.append(f"  drop {drop.key}: {drop.reason}")
+    lines.append(f"  copied unchanged: {len(plan.copies)} files, {human_bytes(copy_bytes)}")
+    lines.append(f"  written: {', '.join(plan.json_files)}")
+    lines.append(f"  dtype policy: {plan.policy.describe()['dtype']}"
+                 + (f", float32 kept for {', '.join(plan.policy.keep_fp32)}" if plan.policy.keep_fp32 else ""))
+    lines.append("  dtype census (before -> after):")
+    lines += census_lines(plan.census_before, plan.census_after)
+    blockdiag = max((t.nbytes for s in plan.shards for t in s.tensors if t.op != "rows"), default=0)
+    lines.append(f"  estimated working memory: {human_bytes(4 * CHUNK_BYTES + 2 * blockdiag)} beyond the interpreter "
+                 f"(largest tensor {human_bytes(plan.largest_tensor_bytes())} is streamed, never held whole)")
+    lines.append(f"  estimated disk: {human_bytes(plan.tensor_bytes + copy_bytes)}")
+    return lines
+
+
+@click.command("convert")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--to", "to", type=click.Choice(["fastvideo", "diffusers", "raw"]), required=True,
+              help="Target layout.")
+@click.option("--dtype", type=click.Choice(["keep", "bfloat16", "float16", "float32"]), default="keep",
+              show_default=True, help="dtype of the written DiT and LoRA tensors (never changed silently).")
+@click.option("--keep-fp32", "keep_fp32", multiple=True, metavar="PATTERN",
+              help="Glob on output tensor names kept in float32 whatever --dtype says, e.g. '*adaln*'. Repeatable.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest DiT shard, e.g. 5GB, 500MB, 2GiB.")
+@click.option("--lora-alpha-fix", type=click.Choice(["refuse", "rescale"]), default="refuse", show_default=True,
+              help="When alpha_scale·rank is not an integer, FastVideo's int(lora_alpha) would change the strength: "
+                   "refuse, or rescale lora_B and set lora_alpha = rank (exact, reported).")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new tree is complete).")
+@click.option("--follow-symlinks", is_flag=True, help="Accept symlinks in SRC that point outside it.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (outputs, shards, dtypes, memory, disk); write nothing.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the manifest/plan as JSON here.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+def convert_command(src: Path, dst: Path, to: str, dtype: str, keep_fp32: tuple[str, ...], max_shard_size: str,
+                    lora_alpha_fix: str, overwrite: bool, follow_symlinks: bool, dry_run: bool,
+                    report_path: Path | None, quiet: bool) -> None:
+    """Convert the LongCat-Video tree SRC into a new tree DST in another layout.
+
+    Streams tensor bytes (memory stays near one chunk, whatever the model size), splits fused
+    q/k/v and k/v projections for FastVideo (and joins them back for raw/diffusers), converts every
+    LoRA module and proves its effective weight delta unchanged, and writes DST atomically with a
+    conversion.json manifest holding the sha256 of every tensor and file.
+
+    \b
+    Examples:
+      longcat-convert convert weights/LongCat-Video out/fv --to fastvideo
+      longcat-convert convert weights/LongCat-Video out/fv --to fastvideo --dtype bfloat16 --keep-fp32 '*adaln*'
+      longcat-convert convert out/fv out/raw --to raw          # reverse: bit-identical tensors
+      longcat-convert convert weights/LongCat-Video out/d --to diffusers --dry-run
+    """
+    request = ConvertRequest(src, dst, to, dtype, keep_fp32, max_shard_size, lora_alpha_fix, overwrite,
+                             follow_symlinks, quiet)
+    if dry_run:
+        tree, plan = prepare(request)
+        copy_bytes = sum((tree.root / f).stat().st_size for f in plan.copies)
+        click.echo("\n".join(_plan_lines(plan, copy_bytes)))
+        click.echo("dry run: nothing was written")
+        if report_path:
+            report_path.write_text(json.dumps({"dry_run": True, "plan": _plan_json(plan)}, indent=2) + "\n")
+        return
+    started = time.perf_counter()
+    manifest = convert(request)
+    elapsed = time.perf_counter() - started
+    if report_path:
+        report_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    if not quiet:
+        click.echo("\n".join(_summary_lines(manifest, dst, elapsed)))
+
+
+def _plan_json(plan: ConversionPlan) -> dict:
+    return {"source_layout": plan.source_layout, "target_layout": plan.target_layout,
+            "shards": [{"file": s.file, "tensors": [t.name for t in s.tensors], "bytes": s.nbytes} for s in plan.shards],
+            "copies": plan.copies, "written": list(plan.json_files), "dtype_policy": plan.policy.describe(),
+            "census": {"before": plan.census_before, "after": plan.census_after}}
+
+
+def _summary_lines(manifest: dict, dst: Path, elapsed: float) -> list[str]:
+    tensor_bytes = sum(v["bytes"] for v in manifest["census"]["after"].values())
+    lines = [f"converted {manifest['source']['layout']} -> {manifest['target']['layout']}: {dst}",
+             f"  {len(manifest['tensors'])} tensors, {len(manifest['files'])} other files, "
+             f"{human_bytes(tensor_bytes)} of tensors in {elapsed:.1f} s",
+             "  dtype census (before -> after):"]
+    lines += census_lines(manifest["census"]["before"], manifest["census"]["after"])
+    for check in manifest["lora_checks"]:
+        lines.append(f"  LoRA {check['adapter']}: {check['modules']} modules, effective delta max rel error "
+                     f"{check['max_rel_error']:.1e} -> {'OK' if check['passed'] else 'FAILED'}")
+    lines.append("  manifest: conversion.json (sha256 of every tensor and file)")
+    return lines

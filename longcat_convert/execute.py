@@ -1,0 +1,232 @@
+"""Carry out a ConversionPlan: stream bytes into shards, copy the other files, write configs and indexes,
+check every LoRA's effective delta, write the manifest, and only then move the result into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import __version__, jsonschemas, keymap
+from .atomic import AtomicDirectory
+from .dtypes import TORCH_DTYPE
+from .errors import LongcatError
+from .io import (
+    SafetensorsHeader,
+    ShardWriter,
+    TensorEntry,
+    iter_chunks,
+    read_header,
+    read_tensor,
+    tensor_range,
+    write_index,
+)
+from .io.reader import CHUNK_BYTES
+from .lora_check import compare, responses
+from .plan import ConversionPlan, OutputTensor, ShardPlan, Slice
+from .tree import Tree
+
+MANIFEST = "conversion.json"
+
+
+class HeaderCache:
+    """Source headers, read once; adapters and DiT shards already read by the tree reader are reused."""
+
+    def __init__(self, tree: Tree):
+        self.root = tree.root
+        self._headers: dict[str, SafetensorsHeader] = dict(tree.dit.headers)
+        self._headers.update({a.file: a.header for a in tree.adapters})
+
+    def __getitem__(self, file: str) -> SafetensorsHeader:
+        if file not in self._headers:
+            self._headers[file] = read_header(self.root / file)
+        return self._headers[file]
+
+
+# ------------------------------------------------------------------------------------ tensor bytes
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _slice_chunks(headers: HeaderCache, piece: Slice) -> Iterator[bytes]:
+    header = headers[piece.file]
+    if piece.cols is None:
+        yield from iter_chunks(tensor_range(header, piece.key, piece.rows))
+        return
+    block = read_tensor(header, piece.key, piece.rows)
+    yield _tensor_bytes(block[:, piece.cols[0]:piece.cols[1]])
+
+
+def _blockdiag_chunks(headers: HeaderCache, tensor: OutputTensor) -> Iterator[bytes]:
+    """Rows of a zero matrix with the sources placed one after another on its diagonal."""
+    dtype = TORCH_DTYPE[tensor.source_dtype]
+    col = 0
+    for piece in tensor.sources:
+        block = read_tensor(headers[piece.file], piece.key, piece.rows)
+        padded = torch.zeros(block.shape[0], tensor.shape[1], dtype=dtype)
+        padded[:, col:col + block.shape[1]] = block
+        col += block.shape[1]
+        yield _tensor_bytes(padded)
+
+
+def _source_chunks(headers: HeaderCache, tensor: OutputTensor) -> Iterator[bytes]:
+    """The output's bytes in the source dtype."""
+    if tensor.op == "scalar":
+        yield _tensor_bytes(torch.full(tensor.shape, tensor.value, dtype=torch.float64).to(TORCH_DTYPE[tensor.source_dtype]))
+    elif tensor.op == "blockdiag":
+        yield from _blockdiag_chunks(headers, tensor)
+    else:
+        for piece in tensor.sources:
+            yield from _slice_chunks(headers, piece)
+
+
+def _convert_chunks(chunks: Iterable[bytes], tensor: OutputTensor) -> Iterator[bytes]:
+    """Cast (and scale, for an alpha rescale) chunk by chunk; chunks always hold whole elements."""
+    source, target = TORCH_DTYPE[tensor.source_dtype], TORCH_DTYPE[tensor.dtype]
+    for chunk in chunks:
+        values = torch.frombuffer(bytearray(chunk), dtype=source)
+        if tensor.multiplier is not None:
+            values = values.to(torch.float64) * tensor.multiplier
+        yield _tensor_bytes(values.to(target))
+
+
+def output_chunks(headers: HeaderCache, tensor: OutputTensor) -> Iterator[bytes]:
+    chunks = _source_chunks(headers, tensor)
+    if tensor.op == "scalar" or tensor.is_byte_copy:
+        return chunks
+    return _convert_chunks(chunks, tensor)
+
+
+# -------------------------------------------------------------------------------------------- steps
+
+
+def _check_drops(plan: ConversionPlan, headers: HeaderCache) -> None:
+    for drop in plan.drops:
+        values = read_tensor(headers[drop.file], drop.key).float()
+        expected = 1.0 if drop.require == "ones" else 0.0
+        if not bool((values == expected).all()):
+            raise LongcatError(f"tensor {drop.key!r} would be dropped ({drop.reason}), but it is not all {drop.require}",
+                               headers.root / drop.file, "this checkpoint has affine parameters neither target model can hold")
+
+
+def _write_shard(work: Path, shard: ShardPlan, headers: HeaderCache, progress: tqdm) -> list[dict]:
+    path = work / shard.file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = [TensorEntry(t.name, t.dtype, t.shape) for t in shard.tensors]
+    records = []
+    with ShardWriter(path, entries, shard.metadata) as writer:
+        for tensor in shard.tensors:
+            digest = writer.write_tensor(tensor.name, _counted(output_chunks(headers, tensor), progress))
+            records.append({"name": tensor.name, "file": shard.file, "dtype": tensor.dtype, "shape": list(tensor.shape),
+                            "source_dtype": tensor.source_dtype, "rule": tensor.rule, "op": tensor.op,
+                            "sources": [s.to_json() for s in tensor.sources], "sha256": digest})
+    return records
+
+
+def _counted(chunks: Iterable[bytes], progress: tqdm) -> Iterator[bytes]:
+    for chunk in chunks:
+        progress.update(len(chunk))
+        yield chunk
+
+
+def _copy_file(source: Path, target: Path, progress: tqdm) -> dict:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with open(source, "rb") as reader, open(target, "xb") as writer:
+        while chunk := reader.read(CHUNK_BYTES):
+            digest.update(chunk)
+            writer.write(chunk)
+            progress.update(len(chunk))
+        writer.flush()
+        os.fsync(writer.fileno())
+    shutil.copymode(source, target)
+    return {"path": str(target.name), "sha256": digest.hexdigest(), "bytes": source.stat().st_size}
+
+
+def _write_text(path: Path, text: str) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = text.encode("utf-8")
+    path.write_bytes(data)
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _check_loras(plan: ConversionPlan, tree: Tree, work: Path) -> list[dict]:
+    expanded = keymap.expand(tree.dit.config, tree.naming)
+    results = []
+    for adapter in plan.adapters:
+        shard = adapter.shard
+        round_to = {piece.key: t.dtype for t in shard.tensors for piece in t.sources if t.dtype != t.source_dtype}
+        tolerance = 1e-9
+        if any(t.multiplier is not None for t in shard.tensors):
+            tolerance = max(4 * torch.finfo(TORCH_DTYPE[t.dtype]).eps for t in shard.tensors if t.op != "scalar")
+        source = responses(tree.root / adapter.source_file, adapter.source_format, expanded, round_to)
+        target = responses(work / adapter.target_file, adapter.target_format, expanded)
+        result = compare(adapter.name, source, target, tolerance)
+        if not result.passed:
+            raise LongcatError(f"LoRA {adapter.name}: the converted adapter's effective delta differs from the source "
+                               f"(max rel error {result.max_rel_error:.3e}, missing modules {list(result.missing)[:3]})",
+                               tree.root / adapter.source_file, "please report this as a bug")
+        results.append({"source": adapter.source_file, "target": adapter.target_file, **result.to_json()})
+    return results
+
+
+def _progress(total: int, quiet: bool) -> tqdm:
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting", file=sys.stderr,
+                disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
+
+
+def execute(plan: ConversionPlan, tree: Tree, dst: Path, *, overwrite: bool = False, quiet: bool = False) -> dict:
+    """Write the converted tree to `dst` atomically; returns the manifest."""
+    headers = HeaderCache(tree)
+    _check_drops(plan, headers)
+    copy_bytes = sum((tree.root / f).stat().st_size for f in plan.copies)
+    with AtomicDirectory(dst, overwrite=overwrite) as work, _progress(plan.tensor_bytes + copy_bytes, quiet) as progress:
+        tensors = [record for shard in plan.shards for record in _write_shard(work, shard, headers, progress)]
+        files = []
+        for relative in plan.copies:
+            files.append({**_copy_file(tree.root / relative, work / relative, progress), "path": relative, "how": "copied"})
+        for relative, content in plan.json_files.items():
+            files.append({**_write_text(work / relative, json.dumps(content, indent=2) + "\n"), "path": relative,
+                          "how": "written"})
+        for index in plan.indexes:
+            write_index(work / index.file, index.weight_map, index.total_size)
+            files.append({**_file_digest(work / index.file), "path": index.file, "how": "written"})
+        lora_checks = _check_loras(plan, tree, work)
+        manifest = _manifest(plan, tree, tensors, files, lora_checks)
+        jsonschemas.check("manifest", manifest, work / MANIFEST)
+        _write_text(work / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _file_digest(path: Path) -> dict:
+    data = path.read_bytes()
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _manifest(plan: ConversionPlan, tree: Tree, tensors: list[dict], files: list[dict], lora_checks: list[dict]) -> dict:
+    return {
+        "tool": "longcat-convert",
+        "version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(tree.root), "layout": plan.source_layout},
+        "target": {"layout": plan.target_layout},
+        "dtype_policy": plan.policy.describe(),
+        "census": {"before": plan.census_before, "after": plan.census_after},
+        "tensors": tensors,
+        "files": files,
+        "drops": [{"file": d.file, "key": d.key, "reason": d.reason} for d in plan.drops],
+        "adapters": [{"name": a.name, "source": a.source_file, "target": a.target_file, "modules": a.modules,
+                      "notes": list(a.notes)} for a in plan.adapters],
+        "lora_checks": lora_checks,
+    }

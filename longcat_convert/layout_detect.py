@@ -1,0 +1,88 @@
+"""Tell which layout a checkpoint tree uses: raw (as published), fastvideo or diffusers.
+
+raw        `dit/` exists
+fastvideo  `transformer/config.json` names FastVideo's class (LongCatTransformer3DModel)
+diffusers  `transformer/config.json` names the upstream class (LongCatVideoTransformer3DModel)
+
+When `transformer/config.json` is missing or unreadable, `model_index.json`'s `_class_name` decides.
+Anything else is an error that says what was found and suggests `--layout`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import keymap
+from .errors import LongcatError
+
+FASTVIDEO_PIPELINE_CLASSES = ("LongCatPipeline", "LongCatImageToVideoPipeline", "LongCatVideoContinuationPipeline")
+FORCE_HINT = "pass --layout raw|fastvideo|diffusers to choose one"
+
+
+@dataclass(frozen=True)
+class DetectedLayout:
+    name: str
+    reason: str
+    forced: bool = False
+
+
+def detect_layout(root: str | Path, forced: str | None = None) -> DetectedLayout:
+    """The layout of the tree at `root`; raises LongcatError when it is not a tree or none matches."""
+    root = Path(root)
+    check_root(root)
+    if forced is not None:
+        keymap.layout(forced)  # raises on an unknown name
+        return DetectedLayout(forced, "forced with --layout", forced=True)
+    has_dit, has_transformer = (root / "dit").is_dir(), (root / "transformer").is_dir()
+    if has_dit and has_transformer:
+        raise LongcatError("holds both dit/ (raw layout) and transformer/ (fastvideo or diffusers layout)", root,
+                           FORCE_HINT)
+    if has_dit:
+        return DetectedLayout("raw", "dit/ exists")
+    if has_transformer:
+        return _from_transformer(root)
+    found = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())[:8])
+    raise LongcatError(f"no LongCat-Video tree here: expected dit/ (raw) or transformer/config.json "
+                       f"(fastvideo, diffusers); found {found}", root, FORCE_HINT)
+
+
+def check_root(root: Path) -> None:
+    if not root.exists():
+        raise LongcatError("does not exist", root)
+    if not root.is_dir():
+        raise LongcatError("is not a directory (give the root folder of a checkpoint tree)", root)
+    try:
+        empty = next(root.iterdir(), None) is None
+    except PermissionError:
+        raise LongcatError("cannot be listed (permission denied)", root) from None
+    if empty:
+        raise LongcatError("is an empty directory: no checkpoint tree here", root)
+
+
+def _from_transformer(root: Path) -> DetectedLayout:
+    config_path = root / "transformer" / "config.json"
+    class_name = _class_name(config_path)
+    if class_name == keymap.class_name("fastvideo"):
+        return DetectedLayout("fastvideo", f"transformer/config.json names {class_name}")
+    if class_name == keymap.class_name("upstream"):
+        return DetectedLayout("diffusers", f"transformer/config.json names {class_name}")
+    pipeline = _class_name(root / "model_index.json")
+    if pipeline in FASTVIDEO_PIPELINE_CLASSES:
+        return DetectedLayout("fastvideo", f"model_index.json names {pipeline}")
+    if pipeline == keymap.load_map_document()["model_index"]["diffusers"]["_class_name"]:
+        return DetectedLayout("diffusers", f"model_index.json names {pipeline}")
+    what = f"_class_name {class_name!r}" if class_name else "no readable _class_name"
+    raise LongcatError(f"cannot tell the layout: transformer/config.json has {what}, expected "
+                       f"{keymap.class_name('fastvideo')} (fastvideo) or {keymap.class_name('upstream')} (diffusers), "
+                       f"and model_index.json does not say either", root, FORCE_HINT)
+
+
+def _class_name(path: Path) -> str | None:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    value = document.get("_class_name") if isinstance(document, dict) else None
+    return value if isinstance(value, str) else None

@@ -1,0 +1,463 @@
+"""Pure planning: from what was read (configs, headers, LoRA alphas) to which output tensor comes from
+which source bytes, in which shard, in which dtype. No I/O happens here.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+from . import keymap
+from .dtypes import ITEMSIZE, POLICY_NAMES, is_floating
+from .errors import LongcatError
+from .io import index_name, shard_name
+from .lora import UpstreamLoraModule, encode_module, parse_fastvideo, parse_upstream, upstream_rank
+from .sharding import group_into_shards
+from .tree import Adapter, Tree
+
+LORA_BLOCKS_METADATA = "longcat_convert.lora_up_blocks"
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Rows [start, stop) (and optionally columns) of tensor `key` in source file `file`."""
+
+    file: str
+    key: str
+    rows: tuple[int, int] | None = None
+    cols: tuple[int, int] | None = None
+
+    def to_json(self) -> dict:
+        body: dict = {"file": self.file, "key": self.key}
+        if self.rows is not None:
+            body["rows"] = list(self.rows)
+        if self.cols is not None:
+            body["cols"] = list(self.cols)
+        return body
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor to write. op: rows (concatenate row blocks), blockdiag (place sources on the diagonal
+    of a zero matrix), scalar (`value`). `multiplier` scales values (only for LoRA alpha rescaling)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    source_dtype: str
+    op: str
+    sources: tuple[Slice, ...]
+    rule: str
+    value: float | None = None
+    multiplier: float | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+    @property
+    def is_byte_copy(self) -> bool:
+        return self.op == "rows" and self.dtype == self.source_dtype and self.multiplier is None
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    file: str  # relative to the destination
+    tensors: tuple[OutputTensor, ...]
+    metadata: dict[str, str]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    file: str
+    weight_map: dict[str, str]
+    total_size: int
+
+
+@dataclass(frozen=True)
+class DropCheck:
+    file: str
+    key: str
+    require: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    name: str
+    source_file: str
+    source_format: str
+    target_file: str
+    target_format: str
+    modules: int
+    shard: ShardPlan
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class DtypePolicy:
+    target: str | None = None  # safetensors dtype name, None keeps the source dtype
+    keep_fp32: tuple[str, ...] = ()
+
+    @classmethod
+    def from_options(cls, dtype: str, keep_fp32: tuple[str, ...]) -> DtypePolicy:
+        if dtype != "keep" and dtype not in POLICY_NAMES:
+            raise LongcatError(f"--dtype must be keep, {', '.join(POLICY_NAMES)}; got {dtype!r}")
+        return cls(None if dtype == "keep" else POLICY_NAMES[dtype], tuple(keep_fp32))
+
+    def resolve(self, name: str, source_dtype: str) -> str:
+        if not is_floating(source_dtype):
+            return source_dtype
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.keep_fp32):
+            return "F32"
+        return self.target or source_dtype
+
+    def describe(self) -> dict:
+        return {"dtype": self.target or "keep", "keep_fp32": list(self.keep_fp32)}
+
+
+@dataclass
+class ConversionPlan:
+    source_layout: str
+    target_layout: str
+    dit_shards: list[ShardPlan]
+    indexes: list[IndexPlan]
+    copies: list[str]  # relative paths copied unchanged
+    json_files: dict[str, dict]  # relative path -> content
+    adapters: list[AdapterPlan]
+    drops: list[DropCheck]
+    policy: DtypePolicy
+    census_before: dict[str, dict[str, int]] = field(default_factory=dict)
+    census_after: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def shards(self) -> list[ShardPlan]:
+        return self.dit_shards + [a.shard for a in self.adapters]
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    def largest_tensor_bytes(self) -> int:
+        return max((t.nbytes for s in self.shards for t in s.tensors), default=0)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    target_layout: str
+    policy: DtypePolicy = field(default_factory=DtypePolicy)
+    max_shard_bytes: int = 5 * 10**9
+    lora_alpha_fix: str = "refuse"  # or "rescale"
+
+
+# ----------------------------------------------------------------------------------------------- DiT
+
+
+def _check_dit_keys(tree: Tree, expanded: keymap.ExpandedMap) -> list[DropCheck]:
+    naming = tree.naming
+    expected = expanded.expected_shapes(naming)
+    on_disk = tree.dit.key_files
+    where = tree.root / tree.dit.folder
+    drops = [DropCheck(on_disk[k], k, expanded.drops[k].require, expanded.drops[k].reason)
+             for k in on_disk if naming == "upstream" and k in expanded.drops]
+    unknown = sorted(k for k in on_disk if k not in expected and not any(d.key == k for d in drops))
+    if unknown:
+        raise LongcatError(f"{len(unknown)} DiT tensor(s) have no rule in the key map, e.g. {unknown[0]!r}", where,
+                           "this is not a LongCat-Video DiT of the expected architecture, or the config's depth is wrong")
+    missing = [k for k in expected if k not in on_disk]
+    if missing:
+        raise LongcatError(f"{len(missing)} DiT tensor(s) are missing, e.g. {missing[0]!r}", where,
+                           "the checkpoint is incomplete or the config does not match it")
+    for key, shape in expected.items():
+        actual = tree.dit.info(key).shape
+        if actual != shape:
+            raise LongcatError(f"tensor {key!r} has shape {list(actual)}, the config implies {list(shape)}",
+                               tree.root / on_disk[key], "the config does not match the weights")
+    return drops
+
+
+def _dit_outputs(tree: Tree, expanded: keymap.ExpandedMap, target_naming: str, policy: DtypePolicy) -> list[OutputTensor]:
+    source_naming = tree.naming
+    outputs = []
+    for rule in expanded.params:
+        source_keys = rule.keys(source_naming)
+        dtypes = {tree.dit.info(k).dtype for k in source_keys}
+        if len(dtypes) > 1:
+            raise LongcatError(f"the parts of {rule.upstream} have different dtypes {sorted(dtypes)}",
+                               tree.root / tree.dit.folder, "cast the checkpoint to one dtype first")
+        source_dtype = dtypes.pop()
+        slices = [Slice(tree.dit.key_files[k], k) for k in source_keys]
+        for name, shape, sources in _regroup(rule, source_naming, target_naming, slices):
+            outputs.append(OutputTensor(name, shape, policy.resolve(name, source_dtype), source_dtype, "rows",
+                                        tuple(sources), rule.rule_name))
+    return outputs
+
+
+def _regroup(rule: keymap.ParamRule, source_naming: str, target_naming: str, slices: list[Slice]):
+    """(output name, shape, source slices) for one rule: identity, split along dim 0, or concatenation."""
+    if source_naming == target_naming or rule.parts == 1:
+        for name, source in zip(rule.keys(target_naming), slices, strict=True):
+            yield name, rule.shapes(target_naming)[name], [source]
+    elif target_naming == "fastvideo":
+        rows = rule.part_shape()[0]
+        for part, name in enumerate(rule.fastvideo):
+            yield name, rule.part_shape(), [Slice(slices[0].file, slices[0].key, (part * rows, (part + 1) * rows))]
+    else:
+        yield rule.upstream, rule.shape, slices
+
+
+def _shard(outputs: list[OutputTensor], folder: str, prefix: str, max_bytes: int) -> tuple[list[ShardPlan], list[IndexPlan]]:
+    by_name = {t.name: t for t in outputs}
+    groups = group_into_shards([(t.name, t.nbytes) for t in outputs], max_bytes)
+    shards, weight_map = [], {}
+    for number, names in enumerate(groups, start=1):
+        file = f"{folder}/{shard_name(prefix, number, len(groups))}"
+        # widest dtypes first keeps every tensor aligned to its element size, as the reference writer does
+        tensors = sorted((by_name[n] for n in names), key=lambda t: -ITEMSIZE[t.dtype])
+        shards.append(ShardPlan(file, tuple(tensors), {"format": "pt"}))
+        weight_map.update(dict.fromkeys(names, file.rsplit("/", 1)[1]))
+    indexes = []
+    if len(groups) > 1:
+        indexes.append(IndexPlan(f"{folder}/{index_name(prefix)}", weight_map, sum(t.nbytes for t in outputs)))
+    return shards, indexes
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+
+def _adapter_target_file(adapter: Adapter, target_layout: str) -> str:
+    spec = keymap.layout(target_layout)
+    if spec["lora_format"] == "upstream":
+        return f"{spec['lora_dir']}/{adapter.name}.safetensors"
+    subdir = spec["lora_subdirs"].get(adapter.name, adapter.name)
+    return f"{spec['lora_dir']}/{subdir}/{adapter.name}.safetensors"
+
+
+def _fastvideo_alpha(adapter: Adapter, module: str, alpha_scale: float, rank: int, fix: str) -> tuple[float, float | None]:
+    """(lora_alpha, multiplier for B) such that FastVideo's int(alpha)/rank reproduces alpha_scale."""
+    alpha = alpha_scale * rank
+    if alpha == int(alpha):
+        return alpha, None
+    if fix == "rescale":
+        return float(rank), alpha_scale
+    raise LongcatError(f"LoRA module {module!r}: alpha_scale·rank = {alpha_scale}·{rank} = {alpha} is not an integer, "
+                       "and FastVideo applies int(lora_alpha)/rank, which would change the strength",
+                       adapter.header.path, "pass --lora-alpha-fix rescale to fold the scale into lora_B exactly")
+
+
+def _upstream_to_fastvideo(adapter: Adapter, expanded: keymap.ExpandedMap, policy: DtypePolicy,
+                           fix: str) -> tuple[list[OutputTensor], dict[str, int]]:
+    header = adapter.header
+    outputs: list[OutputTensor] = []
+    blocks_used: dict[str, int] = {}
+    for module, record in parse_upstream(header).items():
+        linear = _linear_or_error(expanded, module, adapter)
+        _check_upstream_shapes(adapter, record, linear)
+        n, k, r = record.n_blocks, len(linear.fastvideo), upstream_rank(header, record)
+        if n % k and k % n:
+            raise LongcatError(f"LoRA module {module!r} has {n} up blocks, which do not align with its {k} "
+                               "FastVideo targets", header.path)
+        blocks_used[module] = n
+        alpha_scale = adapter.alphas[record.alpha]
+        ups = record.up_keys()
+        down_dtype = header.tensors[record.down].dtype
+        up_dtype = header.tensors[ups[0]].dtype
+        for t, target in enumerate(linear.fastvideo):
+            a_rows, b_op, b_sources, b_shape, rank_t = _target_factors(record, linear, t, n, k, r, adapter.file)
+            lora_alpha, multiplier = _fastvideo_alpha(adapter, module, alpha_scale, rank_t, fix)
+            a_name, b_name, alpha_name = f"{target}.lora_A", f"{target}.lora_B", f"{target}.lora_alpha"
+            outputs.append(OutputTensor(a_name, (rank_t, linear.in_features), policy.resolve(a_name, down_dtype),
+                                        down_dtype, "rows", (Slice(adapter.file, record.down, a_rows),), "lora_down rows"))
+            outputs.append(OutputTensor(b_name, b_shape, policy.resolve(b_name, up_dtype), up_dtype, b_op,
+                                        tuple(b_sources), f"lora_up {b_op}", multiplier=multiplier))
+            alpha_dtype = adapter.alpha_dtypes[record.alpha]
+            outputs.append(OutputTensor(alpha_name, header.tensors[record.alpha].shape, alpha_dtype, alpha_dtype,
+                                        "scalar", (Slice(adapter.file, record.alpha),), "alpha_scale·rank",
+                                        value=lora_alpha))
+    return outputs, blocks_used
+
+
+def _target_factors(record: UpstreamLoraModule, linear: keymap.LinearModule, t: int, n: int, k: int, r: int, file: str):
+    """A's row block, B's op/sources/shape and the rank for FastVideo target t of a fused module."""
+    out = linear.out_features
+    ups = record.up_keys()
+    if n >= k:
+        g = n // k
+        blocks = range(t * g, (t + 1) * g)
+        a_rows = (t * g * r, (t + 1) * g * r)
+        sources = [Slice(file, ups[j]) for j in blocks]
+        return a_rows, "rows" if g == 1 else "blockdiag", sources, (out // k, g * r), g * r
+    m = k // n
+    j, local, rows = t // m, t % m, out // k
+    return (j * r, (j + 1) * r), "rows", [Slice(file, ups[j], (local * rows, (local + 1) * rows))], (rows, r), r
+
+
+def _linear_or_error(expanded: keymap.ExpandedMap, module: str, adapter: Adapter) -> keymap.LinearModule:
+    linear = expanded.linears.get(module)
+    if linear is None:
+        raise LongcatError(f"LoRA module {module!r} is not a Linear of this DiT", adapter.header.path,
+                           "the adapter was trained for another model or another depth")
+    return linear
+
+
+def _check_upstream_shapes(adapter: Adapter, record: UpstreamLoraModule, linear: keymap.LinearModule) -> None:
+    down = adapter.header.tensors[record.down].shape
+    up = adapter.header.tensors[record.up_keys()[0]].shape
+    if down[1] != linear.in_features or up[0] * record.n_blocks != linear.out_features:
+        raise LongcatError(f"LoRA module {record.module!r} has down {list(down)} and up {list(up)}×{record.n_blocks}, "
+                           f"but the Linear is {linear.in_features}→{linear.out_features}", adapter.header.path)
+
+
+def _fastvideo_to_upstream(adapter: Adapter, expanded: keymap.ExpandedMap, policy: DtypePolicy) -> list[OutputTensor]:
+    header = adapter.header
+    records = parse_fastvideo(header)
+    by_target = expanded.linear_by_fastvideo()
+    grouped: dict[str, dict[int, object]] = {}
+    for name, record in records.items():
+        if name not in by_target:
+            raise LongcatError(f"LoRA module {name!r} is not a Linear of this DiT", header.path,
+                               "the adapter was trained for another model or another depth")
+        linear, part = by_target[name]
+        grouped.setdefault(linear.upstream, {})[part] = record
+    hints = json.loads(header.metadata.get(LORA_BLOCKS_METADATA, "{}"))
+    outputs: list[OutputTensor] = []
+    for module, parts in grouped.items():
+        linear = expanded.linears[module]
+        k = len(linear.fastvideo)
+        if sorted(parts) != list(range(k)):
+            raise LongcatError(f"LoRA for {module!r} covers only {len(parts)} of its {k} FastVideo targets; the "
+                               "upstream format needs all of them", header.path)
+        records_in_order = [parts[t] for t in range(k)]
+        n = int(hints.get(module, _infer_blocks(header, linear, records_in_order)))
+        outputs.extend(_module_to_upstream(adapter, linear, records_in_order, n, policy))
+    return outputs
+
+
+def _infer_blocks(header, linear: keymap.LinearModule, records) -> int:
+    """Without our metadata: one block per target when each B is one target's rows, else the map's hint."""
+    k = len(linear.fastvideo)
+    b_cols = header.tensors[records[0].b].shape[1]
+    a_rows = header.tensors[records[0].a].shape[0]
+    if k > 1:
+        return k if b_cols == a_rows else 1
+    return linear.lora_up_blocks if a_rows % linear.lora_up_blocks == 0 else 1
+
+
+def _module_to_upstream(adapter: Adapter, linear: keymap.LinearModule, records, n: int,
+                        policy: DtypePolicy) -> list[OutputTensor]:
+    header, file = adapter.header, adapter.file
+    k, out, module = len(records), linear.out_features, linear.upstream
+    ranks = {header.tensors[r.a].shape[0] for r in records}
+    scales = {int(adapter.alphas[r.alpha]) / header.tensors[r.a].shape[0] for r in records}
+    if len(ranks) != 1 or len(scales) != 1 or (n % k and k % n):
+        raise LongcatError(f"LoRA for {module!r}: its targets have ranks {sorted(ranks)} and scales {sorted(scales)}, "
+                           f"which one upstream module with {n} up blocks cannot express", header.path)
+    rank_t = ranks.pop()
+    encoded = encode_module(module)
+    up_names = [f"{encoded}.lora_up.weight"] if n == 1 else [f"{encoded}.lora_up.blocks.{j}.weight" for j in range(n)]
+    a_dtype, b_dtype = header.tensors[records[0].a].dtype, header.tensors[records[0].b].dtype
+    if n >= k:
+        g = n // k
+        r = rank_t // g
+        down_sources = [Slice(file, rec.a) for rec in records]
+        ups = []
+        for j in range(n):
+            rec, local = records[j // g], j % g
+            if g == 1:
+                ups.append(("rows", [Slice(file, rec.b)], (out // n, r)))
+            else:
+                rows = (local * out // n, (local + 1) * out // n)
+                ups.append(("rows", [Slice(file, rec.b, rows, (local * r, (local + 1) * r))], (out // n, r)))
+    else:
+        m, r = k // n, rank_t
+        down_sources = [Slice(file, records[j * m].a) for j in range(n)]
+        ups = [("rows", [Slice(file, records[t].b) for t in range(j * m, (j + 1) * m)], (out // n, r)) for j in range(n)]
+    down_name = f"{encoded}.lora_down.weight"
+    outputs = [OutputTensor(down_name, (n * r, linear.in_features), policy.resolve(down_name, a_dtype), a_dtype,
+                            "rows", tuple(down_sources), "lora_A concat")]
+    for name, (op, sources, shape) in zip(up_names, ups, strict=True):
+        outputs.append(OutputTensor(name, shape, policy.resolve(name, b_dtype), b_dtype, op, tuple(sources),
+                                    "lora_B blocks"))
+    alpha_key = records[0].alpha
+    alpha_dtype = adapter.alpha_dtypes[alpha_key]
+    outputs.append(OutputTensor(f"{encoded}.alpha_scale", header.tensors[alpha_key].shape, alpha_dtype, alpha_dtype,
+                                "scalar", (Slice(file, alpha_key),), "int(lora_alpha)/rank", value=scales.pop()))
+    return outputs
+
+
+def _plan_adapter(adapter: Adapter, expanded: keymap.ExpandedMap, options: PlanOptions) -> AdapterPlan:
+    target = keymap.layout(options.target_layout)
+    target_file = _adapter_target_file(adapter, options.target_layout)
+    metadata = {"format": "pt"}
+    notes: list[str] = []
+    if adapter.format == target["lora_format"]:
+        outputs = [OutputTensor(k, i.shape, options.policy.resolve(k, i.dtype) if not k.endswith(("alpha_scale", "lora_alpha")) else i.dtype,
+                                i.dtype, "rows", (Slice(adapter.file, k),), "identity")
+                   for k, i in adapter.header.tensors.items()]
+        modules = len({k.partition(".")[0] if adapter.format == "upstream" else k.rpartition(".")[0] for k in adapter.header.tensors})
+        metadata.update({k: v for k, v in adapter.header.metadata.items() if k == LORA_BLOCKS_METADATA})
+    elif target["lora_format"] == "fastvideo":
+        outputs, blocks = _upstream_to_fastvideo(adapter, expanded, options.policy, options.lora_alpha_fix)
+        metadata[LORA_BLOCKS_METADATA] = json.dumps(blocks, sort_keys=True)
+        modules = len(blocks)
+        notes = [f"{t.name}: B scaled by {t.multiplier} so that int(lora_alpha)/rank is exact"
+                 for t in outputs if t.multiplier is not None]
+    else:
+        outputs = _fastvideo_to_upstream(adapter, expanded, options.policy)
+        modules = sum(1 for t in outputs if t.name.endswith("alpha_scale"))
+    shard = ShardPlan(target_file, tuple(outputs), metadata)
+    return AdapterPlan(adapter.name, adapter.file, adapter.format, target_file, target["lora_format"], modules,
+                       shard, tuple(notes))
+
+
+# ------------------------------------------------------------------------------------------ top level
+
+
+def _census(entries: list[tuple[str, int]]) -> dict[str, dict[str, int]]:
+    counts: Counter = Counter()
+    sizes: Counter = Counter()
+    for dtype, nbytes in entries:
+        counts[dtype] += 1
+        sizes[dtype] += nbytes
+    return {d: {"tensors": counts[d], "bytes": sizes[d]} for d in sorted(counts)}
+
+
+def _model_index(target_layout: str, dit_config: dict) -> dict | None:
+    form = keymap.layout(target_layout)["model_index"]
+    if form is None:
+        return None
+    spec = keymap.load_map_document()["model_index"][form]
+    body = {"_class_name": spec["_class_name"], "_diffusers_version": dit_config.get("_diffusers_version", "0.35.1")}
+    if "workload_type" in spec:
+        body["workload_type"] = spec["workload_type"]
+    body.update({name: list(pair) for name, pair in spec["components"].items()})
+    return body
+
+
+def plan_conversion(tree: Tree, options: PlanOptions) -> ConversionPlan:
+    target = keymap.layout(options.target_layout)
+    source_naming, target_naming = tree.naming, target["naming"]
+    config_where = str(tree.root / tree.dit.folder / "config.json")
+    expanded = keymap.expand(tree.dit.config, source_naming, config_where)
+    drops = _check_dit_keys(tree, expanded)
+    dit_outputs = _dit_outputs(tree, expanded, target_naming, options.policy)
+    prefix = keymap.load_map_document()["shard_prefix"]
+    shards, indexes = _shard(dit_outputs, target["dit_dir"], prefix, options.max_shard_bytes)
+    adapters = [_plan_adapter(adapter, expanded, options) for adapter in tree.adapters]
+    json_files = {f"{target['dit_dir']}/config.json":
+                  keymap.convert_config(tree.dit.config, source_naming, target_naming, config_where)}
+    model_index = _model_index(options.target_layout, tree.dit.config)
+    if model_index is not None:
+        json_files["model_index.json"] = model_index
+    before = [(tree.dit.info(k).dtype, tree.dit.info(k).nbytes) for k in tree.dit.key_files]
+    before += [(i.dtype, i.nbytes) for a in tree.adapters for i in a.header.tensors.values()]
+    after = [(t.dtype, t.nbytes) for s in shards + [a.shard for a in adapters] for t in s.tensors]
+    return ConversionPlan(tree.layout, options.target_layout, shards, indexes, list(tree.other_files), json_files,
+                          adapters, drops, options.policy, _census(before), _census(after))

@@ -1,0 +1,134 @@
+"""The tree being validated: safety checks before anything is opened, and small file helpers.
+
+Nothing here unpickles or follows a symlink out of the tree. Symlink loops, symlinks to an ancestor folder
+and symlinks leaving the tree are refused up front (LongcatError, exit 2).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import LongcatError
+from ..io import SafetensorsHeader
+from .findings import Findings
+
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class Context:
+    """State shared by the checks of one validation run."""
+
+    root: Path  # resolved
+    findings: Findings = field(default_factory=Findings)
+    headers: dict[str, SafetensorsHeader] = field(default_factory=dict)  # relative path -> readable header
+    components: dict[str, dict] = field(default_factory=dict)  # per-component facts for the report
+
+    def rel(self, path: Path) -> str:
+        try:
+            return Path(os.path.abspath(path)).relative_to(self.root).as_posix() or "."
+        except ValueError:
+            return str(path)
+
+
+def check_tree_safety(root: Path, findings: Findings, allow_outside_symlinks: bool = False) -> None:
+    """Walk the tree without following links; refuse loops and escapes, report dangling and special files."""
+
+    def refuse(error: OSError) -> None:
+        raise LongcatError(f"cannot be listed ({error.strerror or error})", error.filename)
+
+    for folder, dirs, files in os.walk(root, onerror=refuse, followlinks=False):
+        for name in sorted(dirs) + sorted(files):
+            path = Path(folder) / name
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                _check_symlink(root, path, findings, allow_outside_symlinks)
+            elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                findings.error("tree", "special_file", "is not a regular file (FIFO, socket or device); "
+                               "it is never opened", _rel(root, path))
+
+
+def _check_symlink(root: Path, path: Path, findings: Findings, allow_outside: bool) -> None:
+    rel = _rel(root, path)
+    try:
+        target = path.resolve(strict=True)
+    except FileNotFoundError:
+        findings.error("tree", "dangling_symlink", f"is a symlink to {os.readlink(path)!r}, which does not exist", rel)
+        return
+    except RuntimeError:  # Python < 3.13 reports loops this way
+        raise LongcatError("is part of a symlink loop; refused", path, "replace the links by real files") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LongcatError("is part of a symlink loop; refused", path, "replace the links by real files") from None
+        raise LongcatError(f"symlink cannot be resolved ({exc.strerror})", path) from None
+    if not target.is_relative_to(root) and not allow_outside:
+        raise LongcatError(f"is a symlink to {target}, outside the tree; refused", path,
+                           "copy the file into the tree, or pass --allow-outside-symlinks if you trust the target")
+    if target.is_dir() and path.parent.resolve().is_relative_to(target):
+        raise LongcatError(f"is a symlink to its ancestor folder {target}: a cycle; refused", path,
+                           "remove the link")
+
+
+def _rel(root: Path, path: Path) -> str:
+    return Path(os.path.abspath(path)).relative_to(root).as_posix()
+
+
+def sniff_pickle(path: Path) -> str | None:
+    """Describe a file whose first bytes show a PyTorch zip checkpoint or a raw pickle (never unpickled)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (a PyTorch torch.save checkpoint)"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a Python pickle"
+    return None
+
+
+def pickle_message(path: Path) -> str:
+    what = sniff_pickle(path) or "a PyTorch pickle checkpoint (by its suffix)"
+    return (f"is {what} where safetensors is expected: refused, never loaded (unpickling runs arbitrary code); "
+            "convert it to .safetensors from a trusted environment")
+
+
+def read_json(ctx: Context, component: str, path: Path, *, required: bool = True) -> dict | None:
+    """A JSON object from `path`, or None after reporting why it cannot be used."""
+    rel = ctx.rel(path)
+    if not path.is_file():
+        if required:
+            what = "is a folder, not a file" if path.is_dir() else "is missing"
+            ctx.findings.error(component, "missing_file", what, rel)
+        return None
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            ctx.findings.error(component, "unreadable_file", f"is {size} bytes, too large for a JSON file", rel)
+            return None
+        if size == 0:
+            ctx.findings.error(component, "unreadable_file", "is empty (0 bytes)", rel)
+            return None
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        ctx.findings.error(component, "unreadable_file", f"is not valid JSON ({_json_problem(exc)})", rel)
+        return None
+    except OSError as exc:
+        ctx.findings.error(component, "unreadable_file", f"cannot be read ({exc.strerror})", rel)
+        return None
+    if not isinstance(document, dict):
+        ctx.findings.error(component, "unreadable_file", f"holds a JSON {type(document).__name__}, not an object", rel)
+        return None
+    return document
+
+
+def _json_problem(exc: Exception) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    return "not UTF-8 text"
