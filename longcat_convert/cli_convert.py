@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .convert import ConvertRequest, convert, prepare
+from .hub import looks_like_repo_id
 from .io.reader import CHUNK_BYTES
 from .plan import ConversionPlan
 from .report import census_lines, human_bytes
@@ -41,7 +42,7 @@ def _plan_lines(plan: ConversionPlan, copy_bytes: int) -> list[str]:
 
 
 @click.command("convert")
-@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("src")
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--to", "to", type=click.Choice(["fastvideo", "diffusers", "raw"]), required=True,
               help="Target layout.")
@@ -58,10 +59,13 @@ def _plan_lines(plan: ConversionPlan, copy_bytes: int) -> list[str]:
 @click.option("--dry-run", is_flag=True, help="Print the plan (outputs, shards, dtypes, memory, disk); write nothing.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the manifest/plan as JSON here.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-def convert_command(src: Path, dst: Path, to: str, dtype: str, keep_fp32: tuple[str, ...], max_shard_size: str,
+def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[str, ...], max_shard_size: str,
                     lora_alpha_fix: str, overwrite: bool, follow_symlinks: bool, dry_run: bool,
                     report_path: Path | None, quiet: bool) -> None:
     """Convert the LongCat-Video tree SRC into a new tree DST in another layout.
+
+    SRC is a folder, or a Hugging Face repo id such as meituan-longcat/LongCat-Video (only the needed
+    folders are downloaded; with HF_HUB_OFFLINE=1 the local cache is used).
 
     Streams tensor bytes (memory stays near one chunk, whatever the model size), splits fused
     q/k/v and k/v projections for FastVideo (and joins them back for raw/diffusers), converts every
@@ -75,7 +79,7 @@ def convert_command(src: Path, dst: Path, to: str, dtype: str, keep_fp32: tuple[
       longcat-convert convert out/fv out/raw --to raw          # reverse: bit-identical tensors
       longcat-convert convert weights/LongCat-Video out/d --to diffusers --dry-run
     """
-    request = ConvertRequest(src, dst, to, dtype, keep_fp32, max_shard_size, lora_alpha_fix, overwrite,
+    request = ConvertRequest(Path(src) if not looks_like_repo_id(src) else src, dst, to, dtype, keep_fp32, max_shard_size, lora_alpha_fix, overwrite,
                              follow_symlinks, quiet)
     if dry_run:
         tree, plan = prepare(request)

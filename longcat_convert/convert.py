@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import LongcatError
 from .execute import execute
+from .hub import resolve_source
 from .plan import ConversionPlan, DtypePolicy, PlanOptions, plan_conversion
 from .sharding import parse_size
 from .tree import Tree, read_tree
@@ -15,7 +16,7 @@ from .tree import Tree, read_tree
 
 @dataclass(frozen=True)
 class ConvertRequest:
-    src: Path
+    src: Path | str  # a folder or a Hugging Face repo id
     dst: Path
     to: str
     dtype: str = "keep"
@@ -40,10 +41,11 @@ def _check_paths(src: Path, dst: Path) -> None:
 
 def prepare(request: ConvertRequest) -> tuple[Tree, ConversionPlan]:
     """Read and plan; no byte is written."""
-    _check_paths(request.src, request.dst)
-    tree = read_tree(request.src, follow_symlinks=request.follow_symlinks)
+    src = resolve_source(request.src)
+    _check_paths(src, request.dst)
+    tree = read_tree(src, follow_symlinks=request.follow_symlinks)
     if tree.layout == request.to and request.dtype == "keep" and not request.keep_fp32:
-        raise LongcatError(f"is already in the {request.to} layout and no dtype change was asked for", request.src,
+        raise LongcatError(f"is already in the {request.to} layout and no dtype change was asked for", src,
                            "choose another --to, or a --dtype to re-cast")
     options = PlanOptions(request.to, DtypePolicy.from_options(request.dtype, request.keep_fp32),
                           parse_size(request.max_shard_size), request.lora_alpha_fix)
