@@ -1,0 +1,109 @@
+"""Pure pieces of planning: key map expansion, shard grouping, sizes, dtype policy, LoRA factor slicing."""
+
+from __future__ import annotations
+
+import pytest
+
+from longcat_convert import keymap
+from longcat_convert.errors import LongcatError
+from longcat_convert.lora import UpstreamLoraModule, decode_module, encode_module
+from longcat_convert.plan import DtypePolicy, _target_factors
+from longcat_convert.sharding import group_into_shards, parse_size
+
+PUBLISHED = dict(hidden_size=4096, depth=48, num_heads=32, caption_channels=4096, adaln_tembed_dim=512,
+                 frequency_embedding_size=256, mlp_ratio=4, in_channels=16, out_channels=16, patch_size=[1, 2, 2])
+
+
+def test_full_size_map_matches_the_published_checkpoint() -> None:
+    expanded = keymap.expand(PUBLISHED)
+    # weights.md §3.1 / §4.3: 1022 raw tensors, 1310 FastVideo tensors, 13,581,071,424 parameters
+    assert len(expanded.expected_shapes("upstream")) == 1022
+    assert len(expanded.expected_shapes("fastvideo")) == 1310
+    assert expanded.num_params == 13_581_071_424
+    assert expanded.config_symbols["F"] == 11008
+    shapes = expanded.expected_shapes("fastvideo")
+    assert shapes["blocks.47.self_attn.to_v.weight"] == (4096, 4096)
+    assert shapes["final_layer.proj.weight"] == (64, 4096)
+    assert expanded.expected_shapes("upstream")["x_embedder.proj.weight"] == (4096, 16, 1, 2, 2)
+
+
+def test_fastvideo_config_naming_gives_the_same_map() -> None:
+    fastvideo = {**{k: v for k, v in PUBLISHED.items() if k != "num_heads"}, "num_attention_heads": 32}
+    assert keymap.expand(fastvideo, "fastvideo").expected_shapes("fastvideo") == \
+        keymap.expand(PUBLISHED).expected_shapes("fastvideo")
+
+
+def test_config_conversion_is_reversible_and_refuses_conflicts() -> None:
+    converted = keymap.convert_config(PUBLISHED, "upstream", "fastvideo")
+    assert converted["num_attention_heads"] == 32 and "num_heads" not in converted
+    back = keymap.convert_config(converted, "fastvideo", "upstream")
+    assert {k: v for k, v in back.items() if k != "_class_name"} == PUBLISHED
+    with pytest.raises(LongcatError, match="disagree"):
+        keymap.convert_config({**PUBLISHED, "num_attention_heads": 16}, "upstream", "fastvideo")
+
+
+@pytest.mark.parametrize("field,value", [("hidden_size", 0), ("depth", "48"), ("num_heads", 33), ("patch_size", [1, 2])])
+def test_bad_config_fields_are_named(field: str, value) -> None:
+    with pytest.raises(LongcatError, match=field if field != "num_heads" else "divisible"):
+        keymap.expand({**PUBLISHED, field: value})
+
+
+def test_ffn_width_rule() -> None:
+    assert keymap.ffn_hidden_size(4096, 4) == 11008
+    assert keymap.ffn_hidden_size(128, 4) == 512
+
+
+def test_shard_grouping_is_greedy_and_keeps_order() -> None:
+    sizes = [("a", 4), ("b", 4), ("c", 10), ("d", 1), ("e", 1)]
+    assert group_into_shards(sizes, 8) == [["a", "b"], ["c"], ["d", "e"]]
+    assert group_into_shards(sizes, 100) == [["a", "b", "c", "d", "e"]]
+
+
+@pytest.mark.parametrize("text,expected", [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30), (123, 123)])
+def test_parse_size(text, expected) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["5 bananas", "", "-1GB", "0"])
+def test_parse_size_rejects(text) -> None:
+    with pytest.raises(LongcatError):
+        parse_size(text)
+
+
+def test_dtype_policy() -> None:
+    policy = DtypePolicy.from_options("bfloat16", ("*adaln*",))
+    assert policy.resolve("blocks.0.adaln_linear_1.weight", "F32") == "F32"
+    assert policy.resolve("blocks.0.ffn.w1.weight", "F32") == "BF16"
+    assert policy.resolve("counter", "I64") == "I64"
+    assert DtypePolicy.from_options("keep", ()).resolve("x", "BF16") == "BF16"
+    with pytest.raises(LongcatError):
+        DtypePolicy.from_options("int8", ())
+
+
+def test_lora_module_names_round_trip() -> None:
+    encoded = encode_module("blocks.7.attn.qkv")
+    assert encoded == "lora___lorahyphen___blocks___lorahyphen___7___lorahyphen___attn___lorahyphen___qkv"
+    assert decode_module(encoded) == "blocks.7.attn.qkv"
+    assert decode_module("blocks.7") is None
+
+
+def _linear(k: int, out: int = 12, blocks: int = 1) -> keymap.LinearModule:
+    return keymap.LinearModule("m", tuple(f"t{i}" for i in range(k)), 5, out, blocks)
+
+
+def test_factors_one_block_per_target() -> None:
+    record = UpstreamLoraModule("m", "down", None, {0: "u0", 1: "u1", 2: "u2"}, "alpha")
+    a_rows, op, sources, shape, rank = _target_factors(record, _linear(3), 1, 3, 3, 4, "f")
+    assert a_rows == (4, 8) and op == "rows" and [s.key for s in sources] == ["u1"] and shape == (4, 4) and rank == 4
+
+
+def test_factors_single_up_shared_by_targets() -> None:
+    record = UpstreamLoraModule("m", "down", "up", {}, "alpha")
+    a_rows, op, sources, shape, rank = _target_factors(record, _linear(3), 2, 1, 3, 4, "f")
+    assert a_rows == (0, 4) and sources[0].rows == (8, 12) and shape == (4, 4) and rank == 4
+
+
+def test_factors_many_blocks_one_target_is_block_diagonal() -> None:
+    record = UpstreamLoraModule("m", "down", None, {j: f"u{j}" for j in range(6)}, "alpha")
+    a_rows, op, sources, shape, rank = _target_factors(record, _linear(1, out=12), 0, 6, 1, 4, "f")
+    assert a_rows == (0, 24) and op == "blockdiag" and len(sources) == 6 and shape == (12, 24) and rank == 24
