@@ -65,15 +65,50 @@ class Demo:
     def run(self) -> bool:
         for dtype in ("float32", "bfloat16"):
             raw = self.tree(f"raw-{dtype}")
-            self.step(f"tiny ({dtype}, LoRAs on every Linear)", lambda raw=raw, dtype=dtype: self._tiny(raw, dtype))
+            if not self.step(f"tiny ({dtype}, LoRAs on every Linear)", lambda raw=raw, dtype=dtype: self._tiny(raw, dtype)):
+                continue
+            self.step(f"validate --deep raw ({dtype})", lambda raw=raw: self._validate(raw))
             for layout in ("fastvideo", "diffusers"):
                 converted = self.tree(f"{layout}-{dtype}")
-                self.step(f"convert raw -> {layout} ({dtype})",
-                          lambda raw=raw, converted=converted, layout=layout: self._convert(raw, converted, layout))
+                if not self.step(f"convert raw -> {layout} ({dtype})",
+                                 lambda raw=raw, converted=converted, layout=layout: self._convert(raw, converted, layout)):
+                    continue
+                self.step(f"validate --deep {layout} ({dtype})", lambda converted=converted: self._validate(converted))
+                self.step(f"parity weights raw vs {layout} ({dtype})",
+                          lambda raw=raw, converted=converted: self._parity_weights(raw, converted))
+                self.step(f"parity forward raw vs {layout} ({dtype})",
+                          lambda raw=raw, converted=converted, dtype=dtype: self._parity_forward(raw, converted, dtype))
                 back = self.tree(f"{layout}-{dtype}-back")
                 self.step(f"convert {layout} -> raw, bitwise equal ({dtype})",
                           lambda raw=raw, converted=converted, back=back: self._round_trip(raw, converted, back))
         return all(r.passed for r in self.results)
+
+    def _validate(self, tree: Path) -> str:
+        from .validate import ValidateOptions, validate_tree
+
+        report = validate_tree(tree, ValidateOptions(deep=True))
+        errors = [f["message"] for f in report["findings"] if f["severity"] == "error"]
+        assert report["valid"], f"{len(errors)} errors, e.g. {errors[0] if errors else '?'}"
+        hashes = report["deep_scan"]["hashed_against_manifest"]
+        return f"valid, {report['counts']['warning']} warnings" + (f", {hashes} manifest hashes verified" if hashes else "")
+
+    def _parity_weights(self, raw: Path, converted: Path) -> str:
+        from longcat_reference.parity import weights_parity
+
+        report = weights_parity(raw, converted)
+        failed = [case["name"] for case in report["cases"] if not case["passed"]]
+        assert report["passed"], f"weights differ in {failed}"
+        dit = next(case for case in report["cases"] if case["name"] == "dit")
+        loras = sum(case["name"].startswith("lora:") for case in report["cases"])
+        return f"{dit['checked']} tensors equal; {loras} LoRAs' deltas equal"
+
+    def _parity_forward(self, raw: Path, converted: Path, dtype: str) -> str:
+        from longcat_reference.parity import forward_parity
+
+        report = forward_parity(raw, converted, dtype=dtype)
+        worst = max(case.get("rel_l2", float("inf")) for case in report["cases"])
+        assert report["passed"], f"forward outputs differ (worst rel L2 {worst:.2e})"
+        return f"{len(report['cases'])} cases, worst rel L2 {worst:.1e}"
 
     def _tiny(self, raw: Path, dtype: str) -> str:
         build_tiny_tree(raw, seed=7, dtype=dtype, lora_targets="all", overwrite=True)

@@ -1,0 +1,62 @@
+"""`longcat-convert parity`: prove a converted tree equal to its source, tensor by tensor or forward."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .errors import LongcatError
+from .jsonschemas import schema_errors
+
+
+def _case_line(case: dict) -> str:
+    verdict = "PASS" if case["passed"] else "FAIL"
+    if "rel_l2" in case:
+        return (f"  {case['name']:<24} max_abs {case['max_abs']:.2e}  rel_l2 {case['rel_l2']:.2e}  "
+                f"cosine {case['cosine']:.8f}  {verdict}")
+    counts = ", ".join(f"{k} {case[k]}" for k in ("checked", "exact", "equal_after_cast", "mismatched", "modules")
+                       if k in case)
+    problem = case.get("error") or (f"e.g. {case['mismatches'][0]}" if case.get("mismatches") else "")
+    return f"  {case['name']:<24} {verdict}  {counts}  {problem}".rstrip()
+
+
+@click.command("parity")
+@click.argument("raw", type=click.Path(path_type=Path))
+@click.argument("converted", type=click.Path(path_type=Path))
+@click.option("--level", type=click.Choice(["weights", "forward"]), default="weights", show_default=True,
+              help="weights: every converted tensor equals its source slices and every LoRA delta matches; "
+                   "forward: the same seeded inputs through both models, per case errors.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Forward level: compute dtype (thresholds: float32 rel L2 <= 1e-5, bfloat16 <= 2e-2).")
+@click.option("--threshold", type=float, help="Forward level: override the rel L2 threshold for --dtype.")
+@click.option("--cases", multiple=True, help="Forward level: plain, cond, kvcache, lora, lora:<name> (default all).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
+def parity_command(raw: Path, converted: Path, level: str, dtype: str, threshold: float | None,
+                   cases: tuple[str, ...], report_path: Path | None) -> None:
+    """Compare CONVERTED against its source RAW (raw or diffusers layout); exit 1 on any miss.
+
+    \b
+    Examples:
+      longcat-convert parity weights/LongCat-Video out/fv
+      longcat-convert parity /tmp/raw /tmp/fv --level forward --dtype bfloat16 --report parity.json
+    """
+    from longcat_reference.parity import forward_parity, weights_parity
+
+    if level == "weights":
+        report = weights_parity(raw, converted)
+        lines = ["weights: every converted tensor against its source slices, every LoRA delta:"]
+    else:
+        report = forward_parity(raw, converted, cases=list(cases) or None, dtype=dtype,
+                                thresholds={dtype: threshold} if threshold is not None else None)
+        lines = [f"forward ({report['dtype']}, threshold rel L2 <= {report['threshold']:.0e}):"]
+    lines += [_case_line(case) for case in report["cases"]]
+    problems = schema_errors("parity-report", report)
+    if problems:
+        raise LongcatError(f"internal: the parity report does not match its schema: {problems[0]}")
+    if report_path:
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+    click.echo("\n".join(lines))
+    click.echo(f"parity {level}: {'PASS' if report['passed'] else 'FAIL'}")
+    raise SystemExit(0 if report["passed"] else 1)
