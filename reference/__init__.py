@@ -1,0 +1,23 @@
+"""Reference runner for the LongCat-Video DiT: a small, readable re-implementation used to check
+converted checkpoints (weights- and forward-level parity) against the raw upstream tree."""
+
+from .bsa import BsaParams, block_sparse_attention
+from .dit import KVCache, LongcatDiT
+from .loading import LoraFile, Tree, apply_loras, load_dit, lora_paths, open_tree, read_lora
+from .lora import (
+    FastvideoLoraTarget,
+    UpstreamLoraModule,
+    clear_loras,
+    enable_runtime_loras,
+    merge_fastvideo_lora,
+    read_fastvideo_lora,
+    read_upstream_lora,
+)
+from .parity import compare_outputs, forward_parity, weights_parity
+
+__all__ = [
+    "BsaParams", "FastvideoLoraTarget", "KVCache", "LongcatDiT", "LoraFile", "Tree", "UpstreamLoraModule",
+    "apply_loras", "block_sparse_attention", "clear_loras", "compare_outputs", "enable_runtime_loras",
+    "forward_parity", "load_dit", "lora_paths", "merge_fastvideo_lora", "open_tree", "read_fastvideo_lora",
+    "read_lora", "read_upstream_lora", "weights_parity",
+]

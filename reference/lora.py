@@ -1,0 +1,217 @@
+"""LoRA adapters in both on-disk formats.
+
+Upstream format (weights.md §1): per target Linear `lora___lorahyphen___<path>` with `lora_down.weight`
+[n·r, in], `lora_up.weight` [out, r] or `lora_up.blocks.<j>.weight` [out/n, r], and `alpha_scale`.
+It is applied at run time, never merged: y = W x + b + cast(up(down(x)))·multiplier·alpha_scale, with
+the adapter cast to the model dtype and fp32 islands computing the branch in fp32.
+
+FastVideo format: per target `<module>.lora_A` [r, in], `.lora_B` [out, r], `.lora_alpha` (0-d), merged as
+W += (B·A)·(int(alpha)/r)·strength in the weight's dtype (scale 1 when int(alpha) is 0).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from longcat_convert.errors import LongcatError
+
+from .dit import LongcatDiT
+
+PREFIX = "lora___lorahyphen___"
+HYPHEN = "___lorahyphen___"
+_UPSTREAM_TAIL = re.compile(r"^(lora_down\.weight|lora_up\.weight|lora_up\.blocks\.(\d+)\.weight|alpha_scale)$")
+_FASTVIDEO_TAIL = ("lora_A", "lora_B", "lora_alpha")
+
+
+def encode_module_name(module: str) -> str:
+    return PREFIX + module.replace(".", HYPHEN)
+
+
+def decode_module_name(encoded: str) -> str:
+    if not encoded.startswith(PREFIX):
+        raise LongcatError(f"LoRA module name {encoded!r} does not start with {PREFIX!r}")
+    return encoded[len(PREFIX):].replace(HYPHEN, ".")
+
+
+@dataclass
+class UpstreamLoraModule:
+    """One target Linear of an upstream-format LoRA. `ups` has one entry, or one per row block."""
+
+    module: str
+    down: torch.Tensor
+    ups: list[torch.Tensor]
+    alpha_scale: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.ups[0].shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return sum(up.shape[0] for up in self.ups)
+
+    def row_terms(self) -> list[tuple[int, torch.Tensor, torch.Tensor, float]]:
+        """ΔW as (first row, up, down, scale) terms: block j owns its rows and the j-th rank slice of down."""
+        scale = float(self.alpha_scale)
+        if len(self.ups) == 1:
+            return [(0, self.ups[0], self.down, scale)]
+        terms, row, rank = [], 0, self.rank
+        for j, up in enumerate(self.ups):
+            terms.append((row, up, self.down[j * rank:(j + 1) * rank], scale))
+            row += up.shape[0]
+        return terms
+
+
+@dataclass
+class FastvideoLoraTarget:
+    module: str
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    alpha: torch.Tensor | None
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[0]
+
+    @property
+    def scale(self) -> float:
+        """FastVideo's effective scale: int(alpha)/rank, or 1 when alpha is absent or truncates to 0."""
+        alpha = self.rank if self.alpha is None else int(float(self.alpha))
+        return alpha / self.rank if alpha and self.rank else 1.0
+
+
+def read_upstream_lora(path: str | Path) -> dict[str, UpstreamLoraModule]:
+    """Parse an upstream-format LoRA file strictly (unknown keys, missing parts or bad shapes are errors)."""
+    tensors = _load(path)
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        encoded, _, tail = key.partition(".")
+        if not _UPSTREAM_TAIL.match(tail):
+            raise LongcatError(f"unexpected key {key!r} in an upstream-format LoRA", path)
+        grouped.setdefault(decode_module_name(encoded), {})[tail] = tensor
+    return {module: _upstream_module(module, parts, path) for module, parts in sorted(grouped.items())}
+
+
+def _upstream_module(module: str, parts: dict[str, torch.Tensor], path) -> UpstreamLoraModule:
+    down = parts.get("lora_down.weight")
+    alpha = parts.get("alpha_scale")
+    blocks = sorted((int(m.group(2)), t) for tail, t in parts.items() if (m := _UPSTREAM_TAIL.match(tail)) and m.group(2))
+    if "lora_up.weight" in parts and blocks:
+        raise LongcatError(f"{module}: has both lora_up.weight and lora_up.blocks.*", path)
+    ups = [parts["lora_up.weight"]] if "lora_up.weight" in parts else [t for _, t in blocks]
+    present = {"lora_down.weight": down is not None, "lora_up": bool(ups), "alpha_scale": alpha is not None}
+    missing = [name for name, found in present.items() if not found]
+    if missing:
+        raise LongcatError(f"{module}: missing {', '.join(missing)}", path)
+    if [j for j, _ in blocks] != list(range(len(blocks))):
+        raise LongcatError(f"{module}: lora_up.blocks are not numbered 0..{len(blocks) - 1}", path)
+    rank = ups[0].shape[1] if ups[0].ndim == 2 else -1
+    bad = (down.ndim != 2 or alpha.numel() != 1 or any(u.ndim != 2 or u.shape != ups[0].shape for u in ups)
+           or down.shape[0] != rank * len(ups))
+    if bad:
+        raise LongcatError(f"{module}: inconsistent shapes down {list(down.shape)}, up "
+                           f"{[list(u.shape) for u in ups]}", path)
+    return UpstreamLoraModule(module, down, ups, alpha.reshape(()))
+
+
+def read_fastvideo_lora(path: str | Path) -> dict[str, FastvideoLoraTarget]:
+    """Parse a FastVideo-format LoRA file strictly (each target needs lora_A and lora_B; alpha optional)."""
+    tensors = _load(path)
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, _, tail = key.rpartition(".")
+        if tail not in _FASTVIDEO_TAIL or not module:
+            raise LongcatError(f"unexpected key {key!r} in a FastVideo-format LoRA", path)
+        grouped.setdefault(module, {})[tail] = tensor
+    targets = {}
+    for module, parts in sorted(grouped.items()):
+        a, b = parts.get("lora_A"), parts.get("lora_B")
+        if a is None or b is None:
+            raise LongcatError(f"{module}: has {sorted(parts)} but needs lora_A and lora_B", path)
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+            raise LongcatError(f"{module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not chain", path)
+        targets[module] = FastvideoLoraTarget(module, a, b, parts.get("lora_alpha"))
+    return targets
+
+
+def _load(path: str | Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise LongcatError("LoRA file does not exist", path) from None
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise LongcatError(f"cannot read LoRA file ({exc.__class__.__name__}: {exc})", path) from None
+
+
+class RuntimeLora:
+    """An upstream-format adapter as applied by upstream's forward wrapper."""
+
+    def __init__(self, module: UpstreamLoraModule, dtype: torch.dtype, device: torch.device, multiplier: float):
+        self.down = module.down.to(device, dtype)
+        self.ups = [up.to(device, dtype) for up in module.ups]
+        self.alpha_scale = module.alpha_scale.to(device, dtype)
+        self.multiplier = multiplier
+
+    def __call__(self, x: torch.Tensor, fp32: bool) -> torch.Tensor:
+        u = x.to(self.down.dtype)
+        down, ups = self.down, self.ups
+        if fp32:  # inside an fp32 island the branch is computed in fp32 from the adapter-dtype input
+            u, down, ups = u.float(), down.float(), [up.float() for up in ups]
+        z = F.linear(u, down)
+        if len(ups) == 1:
+            y = F.linear(z, ups[0])
+        else:
+            y = torch.cat([F.linear(chunk, up) for chunk, up in zip(z.chunk(len(ups), dim=-1), ups, strict=True)], dim=-1)
+        return y.to(x.dtype) * self.multiplier * self.alpha_scale
+
+
+def check_upstream_targets(dit: LongcatDiT, lora: dict[str, UpstreamLoraModule], where: str | Path) -> None:
+    for module, adapter in lora.items():
+        slot = dit.slots.get(module)
+        if slot is None or slot.kind != "linear":
+            raise LongcatError(f"LoRA targets {module!r}, which is not a Linear of the DiT", where)
+        out_features, in_features = slot.shapes["weight"]
+        if adapter.down.shape[1] != in_features or adapter.out_features != out_features:
+            raise LongcatError(f"LoRA for {module} maps {adapter.down.shape[1]}->{adapter.out_features}, "
+                               f"the Linear {in_features}->{out_features}", where)
+
+
+def enable_runtime_loras(dit: LongcatDiT, loras: list[dict[str, UpstreamLoraModule]], multiplier: float = 1.0,
+                         where: str | Path = "LoRA") -> None:
+    """Replace the active runtime adapters with `loras` (several on one module are summed)."""
+    for lora in loras:
+        check_upstream_targets(dit, lora, where)
+    dit.runtime_loras = {}
+    for lora in loras:
+        for module, adapter in lora.items():
+            dit.runtime_loras.setdefault(module, []).append(RuntimeLora(adapter, dit.dtype, dit.device, multiplier))
+
+
+def merge_fastvideo_lora(dit: LongcatDiT, targets: dict[str, FastvideoLoraTarget], strength: float = 1.0,
+                         where: str | Path = "LoRA") -> None:
+    """Merge into effective weights (stacking on earlier merges), as FastVideo's LoRA layers do."""
+    linears = {path for slot in dit.slots.values() if slot.kind == "linear" for path in slot.paths}
+    deltas = {}
+    for module, target in targets.items():
+        if module not in linears:
+            raise LongcatError(f"LoRA targets {module!r}, which is not a Linear of the {dit.naming} layout", where)
+        key = f"{module}.weight"
+        weight = dit.merged_weights.get(key, dit.get_parameter(key))
+        if tuple(target.lora_b.shape[:1]) + tuple(target.lora_a.shape[1:]) != tuple(weight.shape):
+            raise LongcatError(f"LoRA for {module}: B·A is {[target.lora_b.shape[0], target.lora_a.shape[1]]}, "
+                               f"the weight {list(weight.shape)}", where)
+        delta = target.lora_b.to(weight) @ target.lora_a.to(weight)
+        delta *= target.scale * strength
+        deltas[key] = weight + delta
+    dit.merged_weights.update(deltas)
+
+
+def clear_loras(dit: LongcatDiT) -> None:
+    dit.runtime_loras = {}
+    dit.merged_weights = {}

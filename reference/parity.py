@@ -1,0 +1,380 @@
+"""Parity between a raw (upstream-named) tree and a converted tree, at two levels.
+
+weights: every converted DiT tensor must equal, bit for bit (after a dtype cast if the converted tree
+changed dtypes), the rows of its source tensor that the key map assigns to it; every LoRA module's
+effective ΔW = scale·B·A must match the source's (relative Frobenius error, computed from the low-rank
+factors so it stays cheap for the full model).
+
+forward: the same seeded inputs go through the upstream-layout model on the raw weights and the
+target-layout model on the converted weights (plain, conditioned, KV-cache and one case per LoRA).
+
+Both return plain JSON-able dicts with a top-level `passed`. Problems with the raw side or the
+arguments raise LongcatError; problems found in the converted tree are reported, not raised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from longcat_convert import keymap
+from longcat_convert.dtypes import SAFETENSORS_NAME
+from longcat_convert.errors import LongcatError
+from longcat_convert.io import read_tensor
+
+from .config import DiTConfig
+from .dit import LongcatDiT
+from .loading import Tree, apply_loras, dit_tensors, load_dit, lora_paths, open_tree, read_lora
+from .lora import clear_loras, read_upstream_lora
+from .lora_delta import Term, relative_delta_error
+
+LIST_LIMIT = 20
+DEFAULT_THRESHOLDS = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+BASE_CASES = ("plain", "cond", "kvcache")
+# tolerance on the relative ΔW error, by the least precise dtype involved
+LORA_RTOL = {"F64": 1e-6, "F32": 1e-6, "F16": 2e-3, "BF16": 1e-2}
+
+
+# ==== weights level =================================================================================
+
+def weights_parity(raw_tree: str | Path, converted_tree: str | Path, lora_rtol: float | None = None) -> dict:
+    """Cases: `config` (architecture fields), `dit` (every tensor) and `lora:<name>` per LoRA of either tree."""
+    raw, converted = _open_pair(raw_tree, converted_tree)
+    source_map = keymap.expand(raw.config, "upstream", str(raw.config_path))
+    cases = [{"name": "config", **_compare_configs(raw, converted)},
+             {"name": "dit", **_compare_tensors(raw, converted, source_map)}]
+    cases += [{"name": f"lora:{name}", **entry}
+              for name, entry in _compare_loras(raw, converted, source_map, lora_rtol).items()]
+    return {"level": "weights", "raw": _tree_info(raw), "converted": _tree_info(converted), "cases": cases,
+            "passed": all(case["passed"] for case in cases)}
+
+
+def _open_pair(raw_tree: str | Path, converted_tree: str | Path) -> tuple[Tree, Tree]:
+    raw = open_tree(raw_tree)
+    if raw.naming != "upstream":
+        raise LongcatError(f"the raw side is a {raw.layout} tree; it must use upstream names (raw or diffusers)",
+                           raw.root)
+    return raw, open_tree(converted_tree)
+
+
+def _tree_info(tree: Tree) -> dict:
+    return {"path": str(tree.root), "layout": tree.layout, "naming": tree.naming}
+
+
+def _compare_configs(raw: Tree, converted: Tree) -> dict:
+    try:
+        got = keymap.config_symbols(converted.config, converted.naming, str(converted.config_path))
+    except LongcatError as exc:
+        return {"passed": False, "error": exc.one_line()}
+    want = keymap.config_symbols(raw.config, "upstream", str(raw.config_path))
+    differences = {name: [want[name], got[name]] for name in want if want[name] != got[name]}
+    for name in ("text_tokens_zero_pad",):
+        if raw.config.get(name, False) != converted.config.get(name, False):
+            differences[name] = [raw.config.get(name, False), converted.config.get(name, False)]
+    return {"passed": not differences, "differences": differences}
+
+
+@dataclass
+class _TensorTally:
+    checked: int = 0
+    exact: int = 0
+    cast: int = 0
+
+    def as_dict(self) -> dict:
+        return {"checked": self.checked, "exact": self.exact, "equal_after_cast": self.cast}
+
+
+def _compare_tensors(raw: Tree, converted: Tree, source_map: keymap.ExpandedMap) -> dict:
+    source = dit_tensors(raw)
+    try:
+        target = dit_tensors(converted)
+    except LongcatError as exc:
+        return {"passed": False, "error": exc.one_line()}
+    expected = {key for rule in source_map.params for key in rule.keys(converted.naming)}
+    missing = sorted(expected - set(target))
+    unexpected = sorted(set(target) - expected)
+    absent_source = sorted(rule.upstream for rule in source_map.params if rule.upstream not in source)
+    if absent_source:
+        raise LongcatError(f"raw tree lacks {len(absent_source)} DiT tensors ({', '.join(absent_source[:5])})",
+                           raw.dit_dir)
+    tally, mismatches = _TensorTally(), []
+    for rule in source_map.params:
+        keys = rule.keys(converted.naming)
+        for part, key in enumerate(keys):
+            if key not in target:
+                continue
+            tally.checked += 1
+            rows = _part_rows(rule, part, len(keys))
+            want = read_tensor(source[rule.upstream], rule.upstream, rows)
+            got = read_tensor(target[key], key)
+            verdict = _tensor_verdict(want, got)
+            if verdict == "exact":
+                tally.exact += 1
+            elif verdict == "cast":
+                tally.cast += 1
+            else:
+                mismatches.append({"key": key, "source": rule.upstream, "rows": list(rows) if rows else None,
+                                   "problem": verdict + _diagnose(rule, source, got, keys)})
+    passed = not (missing or unexpected or mismatches)
+    return {"passed": passed, **tally.as_dict(), "mismatched": len(mismatches), "mismatches": mismatches[:LIST_LIMIT],
+            "missing": missing[:LIST_LIMIT], "missing_count": len(missing),
+            "unexpected": unexpected[:LIST_LIMIT], "unexpected_count": len(unexpected)}
+
+
+def _part_rows(rule: keymap.ParamRule, part: int, count: int) -> tuple[int, int] | None:
+    """Rows of the fused source tensor held by part `part` of `count` (None: the whole tensor)."""
+    if count == 1:
+        return None
+    size = rule.shape[0] // count
+    return part * size, (part + 1) * size
+
+
+def _tensor_verdict(want: torch.Tensor, got: torch.Tensor) -> str:
+    """'exact', 'cast' (equal after casting the source to the converted dtype) or what differs."""
+    if tuple(want.shape) != tuple(got.shape):
+        return f"shape {list(got.shape)} != {list(want.shape)}"
+    if want.dtype == got.dtype:
+        return "exact" if _bits_equal(want, got) else _value_difference(want, got)
+    if not (want.is_floating_point() and got.is_floating_point()):
+        return f"dtype {got.dtype} != {want.dtype}"
+    return "cast" if _bits_equal(want.to(got.dtype), got) else _value_difference(want.to(got.dtype), got)
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def _value_difference(want: torch.Tensor, got: torch.Tensor) -> str:
+    diff = (got.double() - want.double()).abs()
+    return f"values differ (max abs {float(diff.max()):.3e}, {int((diff > 0).sum())} of {diff.numel()} elements)"
+
+
+def _diagnose(rule: keymap.ParamRule, source: dict, got: torch.Tensor, keys: tuple[str, ...]) -> str:
+    """Name the likely mistake: a transposed weight, or rows that belong to another part."""
+    for part, key in enumerate(keys):
+        rows = _part_rows(rule, part, len(keys))
+        candidate = read_tensor(source[rule.upstream], rule.upstream, rows).to(got.dtype)
+        if candidate.shape == got.shape and _bits_equal(candidate, got):
+            return f"; holds the source rows meant for {key}"
+        if got.ndim == 2 and candidate.shape == got.T.shape and _bits_equal(candidate.T, got):
+            return f"; is the transpose of the source for {key}"
+    return ""
+
+
+# ---- LoRA ΔW -----------------------------------------------------------------------------------------
+
+def _compare_loras(raw: Tree, converted: Tree, source_map: keymap.ExpandedMap, lora_rtol: float | None) -> dict:
+    sources = lora_paths(raw)
+    try:
+        targets = lora_paths(converted)
+    except LongcatError as exc:
+        return {"*": {"passed": False, "error": exc.one_line()}}
+    report = {}
+    for name, path in sources.items():
+        source = read_upstream_lora(path)
+        if name not in targets:
+            report[name] = {"passed": False, "error": f"no converted LoRA named {name} under {converted.lora_dir}"}
+            continue
+        try:
+            lora = read_lora(converted, name)
+            terms, unexpected = _converted_terms(lora.modules, lora.format, source_map)
+        except LongcatError as exc:
+            report[name] = {"passed": False, "error": exc.one_line()}
+            continue
+        report[name] = _compare_lora(source, terms, unexpected, lora_rtol, str(lora.path))
+    for name in sorted(set(targets) - set(sources)):
+        report[name] = {"passed": False, "error": f"converted LoRA {targets[name]} has no source in {raw.lora_dir}"}
+    return report
+
+
+def _source_terms(module) -> list[Term]:
+    return [Term(row, up, down, scale) for row, up, down, scale in module.row_terms()]
+
+
+def _converted_terms(modules: dict, lora_format: str, source_map: keymap.ExpandedMap
+                     ) -> tuple[dict[str, list[Term]], list[str]]:
+    """Group the converted file's pieces by upstream module; also return targets the key map does not know."""
+    if lora_format == "upstream":
+        return {name: _source_terms(module) for name, module in modules.items()}, []
+    by_fastvideo = source_map.linear_by_fastvideo()
+    grouped: dict[str, list[Term]] = {}
+    unexpected = []
+    for name, target in modules.items():
+        if name not in by_fastvideo:
+            unexpected.append(name)
+            continue
+        linear, part = by_fastvideo[name]
+        row = part * linear.out_features // len(linear.fastvideo)
+        grouped.setdefault(linear.upstream, []).append(Term(row, target.lora_b, target.lora_a, target.scale))
+    return grouped, sorted(unexpected)
+
+
+def _compare_lora(source: dict, converted: dict[str, list[Term]], unexpected_targets: list[str],
+                  lora_rtol: float | None, where: str) -> dict:
+    missing = sorted(set(source) - set(converted))
+    unexpected = sorted(set(converted) - set(source)) + unexpected_targets
+    mismatches, worst = [], 0.0
+    for module in sorted(set(source) & set(converted)):
+        want, got = _source_terms(source[module]), converted[module]
+        in_features = source[module].down.shape[1]
+        wrong = sorted({tuple(t.down.shape) for t in got if t.down.shape[1] != in_features})
+        if wrong:
+            mismatches.append({"module": module, "problem": f"lora_A shapes {wrong} do not take {in_features} inputs"})
+            continue
+        tolerance = lora_rtol if lora_rtol is not None else _lora_tolerance(want + got)
+        rel = relative_delta_error(want, got, source[module].out_features)
+        worst = max(worst, rel)
+        if not rel <= tolerance:
+            mismatches.append({"module": module, "rel_fro": _json_number(rel), "tolerance": tolerance})
+    passed = not (missing or unexpected or mismatches)
+    return {"passed": passed, "file": where, "modules_checked": len(set(source) & set(converted)),
+            "max_rel_fro": worst, "mismatched": len(mismatches), "mismatches": mismatches[:LIST_LIMIT],
+            "missing": missing[:LIST_LIMIT], "missing_count": len(missing),
+            "unexpected": unexpected[:LIST_LIMIT], "unexpected_count": len(unexpected)}
+
+
+def _lora_tolerance(terms: list[Term]) -> float:
+    names = {SAFETENSORS_NAME.get(t.dtype, "F32") for term in terms for t in (term.up, term.down)}
+    return max(LORA_RTOL.get(name, 1e-6) for name in names)
+
+
+# ==== forward level =================================================================================
+
+@dataclass(frozen=True)
+class ForwardInputs:
+    latents: torch.Tensor  # [2, C_in, 4, 2·p_h, 3·p_w]
+    timestep: torch.Tensor  # [2]
+    frame_timestep: torch.Tensor  # [2, 4], frame 0 conditioning (t = 0)
+    cache_timestep: torch.Tensor  # [2]
+    text: torch.Tensor  # [2, 1, 8, C_cap]
+    mask: torch.Tensor  # [2, 8], padded tails
+    num_cond_latents: int = 1
+    cache_latents: int = 2
+
+
+def make_inputs(config: DiTConfig, seed: int = 0) -> ForwardInputs:
+    generator = torch.Generator().manual_seed(seed)
+    _, ph, pw = config.patch_size
+    latents = torch.randn(2, config.in_channels, 4, 2 * ph, 3 * pw, generator=generator)
+    text = torch.randn(2, 1, 8, config.caption_channels, generator=generator)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, 5:] = 0
+    mask[1, 7:] = 0
+    frame_timestep = torch.tensor([[0.0, 450.0, 450.0, 450.0], [0.0, 820.0, 820.0, 820.0]])
+    return ForwardInputs(latents, torch.tensor([700.0, 300.0]), frame_timestep, torch.tensor([300.0, 600.0]),
+                         text, mask)
+
+
+def forward_parity(raw_tree: str | Path, converted_tree: str | Path, cases: Iterable[str] | None = None,
+                   dtype: str | torch.dtype = "float32", thresholds: dict[str, float] | None = None, seed: int = 0,
+                   device: str | torch.device = "cpu") -> dict:
+    """cases: any of plain, cond, kvcache, lora (= every LoRA of the raw tree), lora:<name>; default all."""
+    raw, converted = _open_pair(raw_tree, converted_tree)
+    torch_dtype, dtype_name = _resolve_dtype(dtype)
+    limits = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    if dtype_name not in limits:
+        raise LongcatError(f"no threshold for dtype {dtype_name}; pass thresholds={{'{dtype_name}': ...}}")
+    names = _case_names(cases, sorted(lora_paths(raw)))
+    inputs = make_inputs(DiTConfig.from_dict(raw.config, "upstream", str(raw.config_path)), seed)
+    reference = _run_cases(load_dit(raw, torch_dtype, device), raw, names, inputs)
+    failures = [name for name, out in reference.items() if isinstance(out, str)]
+    if failures:
+        raise LongcatError(f"the raw tree cannot run case {failures[0]}: {reference[failures[0]]}", raw.root)
+    try:
+        outputs = _run_cases(load_dit(converted, torch_dtype, device), converted, names, inputs)
+    except LongcatError as exc:
+        outputs = dict.fromkeys(names, f"cannot load the converted DiT: {exc.one_line()}")
+    threshold = limits[dtype_name]
+    results = [{"name": name, **_case_result(outputs[name], reference[name], threshold), "tolerance": threshold,
+                "dtype": dtype_name} for name in names]
+    return {"level": "forward", "raw": _tree_info(raw), "converted": _tree_info(converted), "dtype": dtype_name,
+            "threshold": threshold, "seed": seed, "cases": results,
+            "passed": all(result["passed"] for result in results)}
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> tuple[torch.dtype, str]:
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype, str(dtype).removeprefix("torch.")
+        raise LongcatError(f"unsupported dtype {dtype}")
+    if dtype not in DTYPES:
+        raise LongcatError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype], str(DTYPES[dtype]).removeprefix("torch.")
+
+
+def _case_names(cases: Iterable[str] | None, loras: list[str]) -> list[str]:
+    requested = list(cases) if cases is not None else [*BASE_CASES, "lora"]
+    names: list[str] = []
+    for case in requested:
+        if case == "lora":
+            expanded = [f"lora:{name}" for name in loras]
+        elif case in BASE_CASES:
+            expanded = [case]
+        elif case.startswith("lora:") and case[5:] in loras:
+            expanded = [case]
+        else:
+            raise LongcatError(f"unknown forward case {case!r}; use plain, cond, kvcache, lora or lora:<name> "
+                               f"(LoRAs in the raw tree: {', '.join(loras) or 'none'})")
+        names += [name for name in expanded if name not in names]
+    return names
+
+
+def _run_cases(dit: LongcatDiT, tree: Tree, names: list[str], inputs: ForwardInputs) -> dict[str, torch.Tensor | str]:
+    """Outputs per case (on CPU), or an error line for a case the tree cannot run."""
+    outputs: dict[str, torch.Tensor | str] = {}
+    with torch.no_grad():
+        for name in names:
+            clear_loras(dit)
+            if name.startswith("lora:"):
+                try:
+                    apply_loras(dit, [read_lora(tree, name[5:])])
+                except LongcatError as exc:
+                    outputs[name] = exc.one_line()
+                    continue
+            outputs[name] = _run_case(dit, name, inputs).cpu()
+        clear_loras(dit)
+    return outputs
+
+
+def _run_case(dit: LongcatDiT, name: str, inputs: ForwardInputs) -> torch.Tensor:
+    if name == "cond":
+        return dit(inputs.latents, inputs.frame_timestep, inputs.text, inputs.mask,
+                   num_cond_latents=inputs.num_cond_latents)
+    if name == "kvcache":
+        split = inputs.cache_latents
+        cache = dit.build_kv_cache(inputs.latents[:1, :, :split])
+        return dit(inputs.latents[:, :, split:], inputs.cache_timestep, inputs.text, inputs.mask, kv_cache=cache)
+    return dit(inputs.latents, inputs.timestep, inputs.text, inputs.mask)
+
+
+def compare_outputs(output: torch.Tensor, reference: torch.Tensor) -> dict:
+    """max abs, relative L2 and cosine similarity of two outputs (computed in float64)."""
+    out, ref = output.double().flatten(), reference.double().flatten()
+    diff = out - ref
+    ref_norm, out_norm = float(ref.norm()), float(out.norm())
+    rel = float(diff.norm()) / ref_norm if ref_norm else (0.0 if float(diff.norm()) == 0 else math.inf)
+    cosine = float(out @ ref) / (out_norm * ref_norm) if out_norm and ref_norm else 0.0
+    return {"max_abs": float(diff.abs().max()), "rel_l2": rel, "cosine": cosine}
+
+
+def _case_result(output: torch.Tensor | str, reference: torch.Tensor, threshold: float) -> dict:
+    if isinstance(output, str):
+        return {"passed": False, "error": output}
+    if output.shape != reference.shape:
+        return {"passed": False, "error": f"output shape {list(output.shape)} != {list(reference.shape)}"}
+    metrics = compare_outputs(output, reference)
+    finite = all(math.isfinite(value) for value in metrics.values())
+    passed = finite and metrics["rel_l2"] <= threshold
+    return {**{name: _json_number(value) for name, value in metrics.items()}, "passed": passed,
+            "shape": list(output.shape)}
+
+
+def _json_number(value: float) -> float | None:
+    """Strict JSON has no NaN or infinity; report those as null (the case has failed anyway)."""
+    return value if math.isfinite(value) else None
