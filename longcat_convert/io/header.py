@@ -74,6 +74,8 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         raise HeaderError("cannot be read (permission denied)", path, "check the file's permissions") from None
     except FileNotFoundError:
         raise HeaderError("does not exist", path) from None
+    except NotADirectoryError:
+        raise HeaderError("cannot be opened: a parent of it is a file, not a folder", path) from None
 
 
 def _parse(path: Path, handle, file_size: int) -> SafetensorsHeader:
@@ -90,7 +92,7 @@ def _parse(path: Path, handle, file_size: int) -> SafetensorsHeader:
     raw = handle.read(header_len)
     try:
         parsed = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, >4300-digit ints, deep nesting
         raise HeaderError(f"header is not valid JSON ({exc.__class__.__name__})", path,
                           "the file is corrupt or not a safetensors file") from None
     if not isinstance(parsed, dict):
@@ -114,7 +116,7 @@ def _parse_entry(path: Path, name: str, entry) -> TensorInfo:
     if not isinstance(entry, dict):
         raise HeaderError(f"entry {name!r} is not an object", path, "the file is corrupt")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
         raise HeaderError(f"tensor {name!r} has unknown dtype {dtype!r}", path,
                           f"supported dtypes: {', '.join(sorted(ITEMSIZE))}")
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):

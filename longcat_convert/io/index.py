@@ -38,7 +38,9 @@ def read_index(path: str | Path) -> ShardIndex:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LongcatError("index file does not exist", path) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except IsADirectoryError:
+        raise LongcatError("index path is a directory, not a file", path) from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, >4300-digit ints, deep nesting
         raise LongcatError(f"index is not valid JSON ({exc.__class__.__name__})", path,
                            "re-create it, e.g. with `longcat-convert convert`") from None
     if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
@@ -60,7 +62,7 @@ def read_index(path: str | Path) -> ShardIndex:
 def check_relative_name(name: str, where: Path) -> None:
     """Refuse a file reference that could leave the folder holding the index."""
     pure = PurePosixPath(name)
-    if pure.is_absolute() or "\\" in name or any(part in ("..", "") for part in pure.parts) or len(pure.parts) != 1:
+    if pure.is_absolute() or "/" in name or "\\" in name or any(part in ("..", "") for part in pure.parts) or len(pure.parts) != 1:
         raise LongcatError(f"weight_map names {name!r}, which is not a plain file name inside the folder", where,
                            "shard references must be bare file names next to the index")
 

@@ -61,10 +61,11 @@ def read_bytes(byte_range: ByteRange) -> bytes:
 def read_tensor(header: SafetensorsHeader, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Materialise one tensor (or a row block of it) as a torch tensor."""
     info: TensorInfo = header.tensors[name]
+    byte_range = tensor_range(header, name, rows)  # checks `rows` before shape[0] is touched (0-d tensors)
     shape = list(info.shape)
     if rows is not None:
         shape[0] = rows[1] - rows[0]
-    data = bytearray(read_bytes(tensor_range(header, name, rows)))
+    data = bytearray(read_bytes(byte_range))
     if not data:
         return torch.empty(shape, dtype=TORCH_DTYPE[info.dtype])
     return torch.frombuffer(data, dtype=TORCH_DTYPE[info.dtype]).reshape(shape)

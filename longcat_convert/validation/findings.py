@@ -33,11 +33,11 @@ KINDS: dict[str, str] = {
     "no_index": "several weight files without an index",
     "total_size_mismatch": "index total_size mismatch",
     "duplicate_key": "key in several files",
-    # key report
+    # key report (root causes first: the summary lists kinds in this order)
+    "wrong_naming": "keys follow another layout's naming",
     "missing_key": "missing key",
     "unexpected_key": "unexpected key",
     "droppable_key": "parameter-free norm key (dropped by conversion)",
-    "wrong_naming": "keys follow another layout's naming",
     "shape_mismatch": "shape mismatch",
     "dtype_mismatch": "dtype mismatch",
     # LoRA

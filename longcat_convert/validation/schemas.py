@@ -40,6 +40,9 @@ def _describe(error: ValidationError) -> list[SchemaProblem]:
         return [SchemaProblem(path[0] if path else name, f"required field {prefix}{name} is missing")
                 for name in missing]
     field = path[0] if path else None
+    description = error.schema.get("description") if isinstance(error.schema, dict) else None
+    if description and error.validator in ("pattern", "not", "minLength", "maxLength"):
+        return [SchemaProblem(field, f"{where} is {_short(error.instance)}, expected {description}")]
     if error.validator == "const":
         return [SchemaProblem(field, f"{where} is {_short(error.instance)}, expected {error.validator_value!r}")]
     if error.validator == "type":
@@ -51,7 +54,7 @@ def _describe(error: ValidationError) -> list[SchemaProblem]:
         return [SchemaProblem(field, f"{where} {_short(error.instance)} does not contain the required "
                                      f"{error.validator_value.get('const', error.validator_value)!r}")]
     subject = where or "the document"
-    return [SchemaProblem(field, f"{subject}: {error.message}")]
+    return [SchemaProblem(field, f"{subject}: {_short(error.message, 200)}")]
 
 
 def _article(type_name: str) -> str:

@@ -69,7 +69,7 @@ def _check_symlink(root: Path, path: Path, findings: Findings, allow_outside: bo
         raise LongcatError(f"symlink cannot be resolved ({exc.strerror})", path) from None
     if not target.is_relative_to(root) and not allow_outside:
         raise LongcatError(f"is a symlink to {target}, outside the tree; refused", path,
-                           "copy the file into the tree, or pass --allow-outside-symlinks if you trust the target")
+                           "copy the file into the tree, or pass --follow-symlinks if you trust the target")
     if target.is_dir() and path.parent.resolve().is_relative_to(target):
         raise LongcatError(f"is a symlink to its ancestor folder {target}: a cycle; refused", path,
                            "remove the link")
@@ -126,6 +126,15 @@ def read_json(ctx: Context, component: str, path: Path, *, required: bool = True
         ctx.findings.error(component, "unreadable_file", f"holds a JSON {type(document).__name__}, not an object", rel)
         return None
     return document
+
+
+def read_json_quietly(path: Path) -> dict | None:
+    """A JSON object from `path`, or None without reporting anything (for second opinions)."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return document if isinstance(document, dict) else None
 
 
 def _json_problem(exc: Exception) -> str:

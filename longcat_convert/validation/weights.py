@@ -54,13 +54,15 @@ class FolderRules:
 def scan_weight_folder(ctx: Context, component: str, folder: Path, rules: FolderRules) -> WeightSet:
     weights = WeightSet(component, folder)
     files = sorted(p for p in folder.iterdir() if p.is_file())
+    shard_paths = [p for p in files if p.name.endswith(".safetensors")]
     for path in files:
         if path.suffix in PICKLE_SUFFIXES:
-            ctx.findings.error(component, "pickle_file", pickle_message(path), ctx.rel(path))
-    shard_paths = [p for p in files if p.name.endswith(".safetensors")]
+            # Next to safetensors weights loaders ignore a pickle; in their place it is what they would load.
+            severity = "warning" if shard_paths else "error"
+            ctx.findings.add(severity, component, "pickle_file", pickle_message(path), ctx.rel(path))
     index_paths = [p for p in files if p.name.endswith(".safetensors.index.json")]
     for path in shard_paths:
-        header = _read_header(ctx, component, path)
+        header = read_header_or_report(ctx, component, path)
         if header is not None:
             weights.headers[path.name] = header
             ctx.headers[ctx.rel(path)] = header
@@ -75,7 +77,7 @@ def scan_weight_folder(ctx: Context, component: str, folder: Path, rules: Folder
     return weights
 
 
-def _read_header(ctx: Context, component: str, path: Path) -> SafetensorsHeader | None:
+def read_header_or_report(ctx: Context, component: str, path: Path) -> SafetensorsHeader | None:
     try:
         return read_header(path)
     except HeaderError as exc:
@@ -111,7 +113,7 @@ def _read_index(ctx: Context, component: str, path: Path) -> ShardIndex | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         ctx.findings.error(component, "bad_index", f"is not valid JSON ({exc.__class__.__name__})", rel)
         return None
-    problems = schema_findings("safetensors-index", document)
+    problems = schema_findings("safetensors-index", _one_entry_per_shard(document))
     if problems:
         for problem in problems:
             ctx.findings.error(component, "bad_index", f"does not match the index schema: {problem.text}", rel)
@@ -121,6 +123,22 @@ def _read_index(ctx: Context, component: str, path: Path) -> ShardIndex | None:
     except LongcatError as exc:
         ctx.findings.error(component, "bad_index", exc.message, rel)
         return None
+
+
+def _one_entry_per_shard(document):
+    """The index with one weight_map entry per distinct shard name: the schema's per-entry rules are about
+    the shard name, so this checks the same thing without walking thousands of identical entries."""
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
+    if not isinstance(weight_map, dict):
+        return document
+    kept: dict = {}
+    seen: set = set()
+    for key, value in weight_map.items():
+        marker = value if isinstance(value, str) else repr(value)
+        if marker not in seen or key == "":
+            seen.add(marker)
+            kept[key] = value
+    return {**document, "weight_map": kept}
 
 
 def _check_index(ctx: Context, component: str, weights: WeightSet, shard_names: list[str]) -> None:
@@ -230,7 +248,7 @@ def compare_keys(ctx: Context, weights: WeightSet, expected: dict[str, tuple[int
 class DtypePolicy:
     expected: str | None = None  # safetensors dtype name every floating tensor must have (--dtype)
     allow_mixed: bool = False
-    recorded: dict[str, str] | None = None  # key -> dtype recorded by a conversion manifest
+    recorded: dict[str, dict[str, str]] = field(default_factory=dict)  # file -> key -> dtype in the manifest
 
 
 def check_dtypes(ctx: Context, component: str, folder: Path, tensors: dict[str, tuple[str, TensorInfo]],
@@ -238,9 +256,10 @@ def check_dtypes(ctx: Context, component: str, folder: Path, tensors: dict[str, 
     """Integer parameters, tensors off the --dtype or manifest dtype, and mixed dtypes."""
     census = Counter(info.dtype for _, info in tensors.values())
     dominant = census.most_common(1)[0][0] if census else None
+    rels: dict[str, str] = {}
     for key, (name, info) in tensors.items():
-        rel = ctx.rel(folder / name)
-        recorded = (policy.recorded or {}).get(key)
+        rel = rels.get(name) or rels.setdefault(name, ctx.rel(folder / name))
+        recorded = policy.recorded.get(rel, {}).get(key)
         if info.dtype not in FLOATING:
             ctx.findings.error(component, "dtype_mismatch", f"{key} is {info.dtype}, not a floating-point dtype",
                                rel, key)

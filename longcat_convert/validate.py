@@ -1,0 +1,97 @@
+"""Validate a LongCat-Video checkpoint tree (raw, fastvideo or diffusers layout) and build the report.
+
+Header-only by default: configs against their schemas and cross-file rules, every safetensors header,
+indexes against shards, the expected key set and shapes from the config and the key map, dtypes, LoRA
+adapters (plus their 0-d alpha values) and the conversion manifest. `deep=True` also streams every
+tensor (NaN/Inf, all-zero, sha256 against the manifest). Tree-level refusals (not a tree, no layout,
+symlink loops or escapes) raise LongcatError; everything else becomes a finding in the report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__, keymap
+from .dtypes import POLICY_NAMES
+from .layout_detect import check_root, detect_layout
+from .validation.adapters import check_lora_folder
+from .validation.components import check_dit, check_text_encoder, check_vae, drop_expectations
+from .validation.configs import check_cross_rules, check_model_index, check_scheduler_config, check_tokenizer
+from .validation.deep import deep_scan
+from .validation.findings import Findings
+from .validation.manifest import check_manifest_headers, load_manifest
+from .validation.tree import Context, check_tree_safety
+from .validation.weights import DtypePolicy
+
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ValidateOptions:
+    layout: str | None = None  # force a layout instead of detecting it
+    deep: bool = False
+    dtype: str | None = None  # float32 / bfloat16 / float16: every floating DiT and LoRA weight must have it
+    allow_mixed_dtypes: bool = False
+    follow_symlinks: bool = False  # accept symlinks pointing outside the tree
+
+
+def validate_tree(root: str | Path, options: ValidateOptions = ValidateOptions()) -> dict:
+    """The validation report (see schemas/validation-report.schema.json)."""
+    started = time.perf_counter()
+    root = Path(root)
+    check_root(root)
+    resolved = root.resolve()
+    findings = Findings()
+    check_tree_safety(resolved, findings, options.follow_symlinks)
+    detected = detect_layout(resolved, options.layout)
+    layout = keymap.layout(detected.name)
+    ctx = Context(resolved, findings)
+    manifest = load_manifest(ctx)
+    policy = DtypePolicy(POLICY_NAMES[options.dtype] if options.dtype else None, options.allow_mixed_dtypes,
+                         manifest.dtypes_by_file() if manifest else {})
+
+    _check_model_index(ctx, layout)
+    dit = check_dit(ctx, layout, policy)
+    check_lora_folder(ctx, layout, dit.expanded, policy)
+    copied = DtypePolicy(None, options.allow_mixed_dtypes, policy.recorded)  # conversion copies these as they are
+    text_encoder = check_text_encoder(ctx, copied)
+    tokenizer = ctx.root / "tokenizer"
+    if tokenizer.is_dir():
+        check_tokenizer(ctx, tokenizer)
+    else:
+        findings.error("tokenizer", "missing_component", "folder is missing", "tokenizer/")
+    vae = check_vae(ctx, copied)
+    check_scheduler_config(ctx, ctx.root / "scheduler" / "scheduler_config.json", detected.name)
+    check_cross_rules(ctx, (dit.config, dit.config_rel) if dit.config else None,
+                      (text_encoder, "text_encoder/config.json") if text_encoder else None,
+                      (vae, "vae/config.json") if vae else None)
+    if manifest is not None:
+        check_manifest_headers(ctx, manifest, detected.name)
+    deep = deep_scan(ctx, manifest, drop_expectations(ctx, dit)) if options.deep else None
+
+    return {
+        "report": "longcat-convert validation",
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "tool_version": __version__,
+        "root": str(resolved),
+        "layout": {"name": detected.name, "reason": detected.reason, "forced": detected.forced},
+        "deep": options.deep,
+        "valid": not findings.has_errors,
+        "counts": {severity: findings.count(severity) for severity in ("error", "warning", "info")},
+        "components": ctx.components,
+        "manifest": manifest.to_json(ctx) if manifest else None,
+        "deep_scan": deep.to_json() if deep else None,
+        "findings": [finding.to_json() for finding in findings.items],
+        "elapsed_seconds": round(time.perf_counter() - started, 4),
+    }
+
+
+def _check_model_index(ctx: Context, layout: dict) -> None:
+    path = ctx.root / "model_index.json"
+    if layout["model_index"] is not None:
+        check_model_index(ctx, path, layout["model_index"])
+    elif path.exists():
+        ctx.findings.info("model_index", "model_index", "the raw layout has no model_index.json; this one is "
+                          "ignored", "model_index.json")
