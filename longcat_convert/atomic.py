@@ -13,9 +13,11 @@ import re
 import shutil
 import signal
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import LongcatError
+from .faults import checkpoint
 
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.longcat-(?:partial|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
@@ -30,14 +32,23 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_partials(dst: Path) -> list[Path]:
-    removed = []
+def stale_partials(dst: Path) -> list[Path]:
+    """Leftovers of runs for `dst` whose process is gone, newest first."""
     parent = dst.parent
     if not parent.is_dir():
-        return removed
+        return []
+    found = []
     for entry in parent.iterdir():
         match = _PARTIAL.match(entry.name)
         if match and match.group("name") == dst.name and not _process_alive(int(match.group("pid"))):
+            found.append(entry)
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def remove_stale_partials(dst: Path, keep: Path | None = None) -> list[Path]:
+    removed = []
+    for entry in stale_partials(dst):
+        if entry != keep:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
@@ -58,9 +69,13 @@ class _Terminated(BaseException):
 class AtomicDirectory:
     """`with AtomicDirectory(dst) as work:` write into `work`; on success it becomes `dst`."""
 
-    def __init__(self, dst: Path, overwrite: bool = False):
+    def __init__(self, dst: Path, overwrite: bool = False, adopt: Callable[[Path], bool] | None = None):
+        """`adopt`, for --resume: called on the partial folders of dead runs, newest first; the first one it
+        accepts becomes the work folder (with its content), every other leftover is deleted."""
         self.dst = Path(os.path.abspath(dst))
         self.overwrite = overwrite
+        self.adopt = adopt
+        self.adopted = False
         self.work: Path | None = None
         self._previous_handler = None
 
@@ -75,9 +90,16 @@ class AtomicDirectory:
                 raise LongcatError("exists and is not a directory", self.dst, "remove it or choose another path")
         try:
             self.dst.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_partials(self.dst)
             self.work = self._sibling("partial")
-            self.work.mkdir()
+            candidate = next((p for p in stale_partials(self.dst)
+                              if p.name.startswith(f".{self.dst.name}.longcat-partial-") and self.adopt and self.adopt(p)),
+                             None)
+            remove_stale_partials(self.dst, keep=candidate)
+            if candidate is not None:
+                os.rename(candidate, self.work)
+                self.adopted = True
+            else:
+                self.work.mkdir()
         except OSError as exc:
             raise LongcatError(f"cannot create the output folder ({exc.strerror})", self.dst.parent,
                                "check that the parent folder is writable") from None
@@ -115,6 +137,7 @@ class AtomicDirectory:
             if self.dst.exists():
                 old = self._sibling("old")
                 os.rename(self.dst, old)
+                checkpoint("old destination moved aside")
                 os.rename(self.work, self.dst)
                 shutil.rmtree(old, ignore_errors=True)
             else:

@@ -55,12 +55,15 @@ def _plan_lines(plan: ConversionPlan, copy_bytes: int) -> list[str]:
               help="When alpha_scale·rank is not an integer, FastVideo's int(lora_alpha) would change the strength: "
                    "refuse, or rescale lora_B and set lora_alpha = rank (exact, reported).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new tree is complete).")
+@click.option("--resume", is_flag=True,
+              help="After an interrupted run (killed, power loss): reuse the output files its journal proves complete "
+                   "(re-hashed), redo the rest. The result is byte-identical to an uninterrupted run.")
 @click.option("--follow-symlinks", is_flag=True, help="Accept symlinks in SRC that point outside it.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (outputs, shards, dtypes, memory, disk); write nothing.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the manifest/plan as JSON here.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[str, ...], max_shard_size: str,
-                    lora_alpha_fix: str, overwrite: bool, follow_symlinks: bool, dry_run: bool,
+                    lora_alpha_fix: str, overwrite: bool, resume: bool, follow_symlinks: bool, dry_run: bool,
                     report_path: Path | None, quiet: bool) -> None:
     """Convert the LongCat-Video tree SRC into a new tree DST in another layout.
 
@@ -80,14 +83,14 @@ def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[s
       longcat-convert convert weights/LongCat-Video out/d --to diffusers --dry-run
     """
     request = ConvertRequest(Path(src) if not looks_like_repo_id(src) else src, dst, to, dtype, keep_fp32, max_shard_size, lora_alpha_fix, overwrite,
-                             follow_symlinks, quiet)
+                             follow_symlinks, quiet, resume)
     if dry_run:
         tree, plan = prepare(request)
         copy_bytes = sum((tree.root / f).stat().st_size for f in plan.copies)
         click.echo("\n".join(_plan_lines(plan, copy_bytes)))
         click.echo("dry run: nothing was written")
         if report_path:
-            report_path.write_text(json.dumps({"dry_run": True, "plan": _plan_json(plan)}, indent=2) + "\n")
+            report_path.write_text(json.dumps({"dry_run": True, "plan": plan.to_json()}, indent=2) + "\n")
         return
     started = time.perf_counter()
     manifest = convert(request)
@@ -96,13 +99,6 @@ def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[s
         report_path.write_text(json.dumps(manifest, indent=2) + "\n")
     if not quiet:
         click.echo("\n".join(_summary_lines(manifest, dst, elapsed)))
-
-
-def _plan_json(plan: ConversionPlan) -> dict:
-    return {"source_layout": plan.source_layout, "target_layout": plan.target_layout,
-            "shards": [{"file": s.file, "tensors": [t.name for t in s.tensors], "bytes": s.nbytes} for s in plan.shards],
-            "copies": plan.copies, "written": list(plan.json_files), "dtype_policy": plan.policy.describe(),
-            "census": {"before": plan.census_before, "after": plan.census_after}}
 
 
 def _summary_lines(manifest: dict, dst: Path, elapsed: float) -> list[str]:

@@ -26,6 +26,7 @@ class ConvertRequest:
     overwrite: bool = False
     follow_symlinks: bool = False
     quiet: bool = False
+    resume: bool = False
 
 
 def _check_paths(src: Path, dst: Path) -> None:
@@ -54,4 +55,4 @@ def prepare(request: ConvertRequest) -> tuple[Tree, ConversionPlan]:
 
 def convert(request: ConvertRequest) -> dict:
     tree, plan = prepare(request)
-    return execute(plan, tree, request.dst, overwrite=request.overwrite, quiet=request.quiet)
+    return execute(plan, tree, request.dst, overwrite=request.overwrite, quiet=request.quiet, resume=request.resume)

@@ -10,16 +10,16 @@ import os
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from . import __version__, jsonschemas, keymap
+from . import __version__, journal, jsonschemas, keymap
 from .atomic import AtomicDirectory
 from .dtypes import TORCH_DTYPE
 from .errors import LongcatError
+from .faults import checkpoint
 from .io import (
     SafetensorsHeader,
     ShardWriter,
@@ -31,6 +31,8 @@ from .io import (
     write_index,
 )
 from .io.reader import CHUNK_BYTES
+from .io.writer import BackgroundSink
+from .journal import Journal, plan_fingerprint
 from .lora_check import compare, responses
 from .plan import ConversionPlan, OutputTensor, ShardPlan, Slice
 from .tree import Tree
@@ -123,10 +125,12 @@ def _check_drops(plan: ConversionPlan, headers: HeaderCache) -> None:
 def _write_shard(work: Path, shard: ShardPlan, headers: HeaderCache, progress: tqdm) -> list[dict]:
     path = work / shard.file
     path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)  # an unfinished file from an adopted partial folder
     entries = [TensorEntry(t.name, t.dtype, t.shape) for t in shard.tensors]
     records = []
     with ShardWriter(path, entries, shard.metadata) as writer:
         for tensor in shard.tensors:
+            checkpoint(f"tensor {tensor.name} of {shard.file}")
             digest = writer.write_tensor(tensor.name, _counted(output_chunks(headers, tensor), progress))
             records.append({"name": tensor.name, "file": shard.file, "dtype": tensor.dtype, "shape": list(tensor.shape),
                             "source_dtype": tensor.source_dtype, "rule": tensor.rule, "op": tensor.op,
@@ -142,16 +146,22 @@ def _counted(chunks: Iterable[bytes], progress: tqdm) -> Iterator[bytes]:
 
 def _copy_file(source: Path, target: Path, progress: tqdm) -> dict:
     target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
     digest = hashlib.sha256()
     with open(source, "rb") as reader, open(target, "xb") as writer:
-        while chunk := reader.read(CHUNK_BYTES):
-            digest.update(chunk)
-            writer.write(chunk)
-            progress.update(len(chunk))
+        sink = BackgroundSink(writer, target, "copy")  # writes in a thread while the next chunk is read and hashed
+        try:
+            while chunk := reader.read(CHUNK_BYTES):
+                digest.update(chunk)
+                sink.write(chunk)
+                progress.update(len(chunk))
+            sink.finish()
+        finally:
+            sink.close_quietly()
         writer.flush()
         os.fsync(writer.fileno())
     shutil.copymode(source, target)
-    return {"path": str(target.name), "sha256": digest.hexdigest(), "bytes": source.stat().st_size}
+    return {"sha256": digest.hexdigest(), "bytes": source.stat().st_size}
 
 
 def _write_text(path: Path, text: str) -> dict:
@@ -186,26 +196,64 @@ def _progress(total: int, quiet: bool) -> tqdm:
                 disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
 
 
-def execute(plan: ConversionPlan, tree: Tree, dst: Path, *, overwrite: bool = False, quiet: bool = False) -> dict:
-    """Write the converted tree to `dst` atomically; returns the manifest."""
+def _write_outputs(plan: ConversionPlan, tree: Tree, work: Path, headers: HeaderCache, journal: Journal,
+                   progress: tqdm) -> tuple[list[dict], list[dict]]:
+    """Shards and copied files, skipping those an adopted journal proves complete."""
+    tensors: list[dict] = []
+    files: list[dict] = []
+    for shard in plan.shards:
+        records = journal.completed(shard.file)
+        if records is None:
+            records = _write_shard(work, shard, headers, progress)
+            journal.record(shard.file, records)
+        else:
+            progress.update(shard.nbytes)
+        tensors.extend(records)
+        checkpoint(f"shard {shard.file} complete")
+    for relative in plan.copies:
+        records = journal.completed(relative)
+        if records is None:
+            records = [{**_copy_file(tree.root / relative, work / relative, progress), "path": relative, "how": "copied"}]
+            journal.record(relative, records)
+        else:
+            progress.update(records[0]["bytes"])
+        files.extend(records)
+        checkpoint(f"copied {relative}")
+    return tensors, files
+
+
+def execute(plan: ConversionPlan, tree: Tree, dst: Path, *, overwrite: bool = False, quiet: bool = False,
+            resume: bool = False) -> dict:
+    """Write the converted tree to `dst` atomically; returns the manifest.
+
+    resume: adopt the partial folder of an interrupted run of the same plan and keep what it proves done."""
     headers = HeaderCache(tree)
     _check_drops(plan, headers)
+    checkpoint("planned")
     copy_bytes = sum((tree.root / f).stat().st_size for f in plan.copies)
-    with AtomicDirectory(dst, overwrite=overwrite) as work, _progress(plan.tensor_bytes + copy_bytes, quiet) as progress:
-        tensors = [record for shard in plan.shards for record in _write_shard(work, shard, headers, progress)]
-        files = []
-        for relative in plan.copies:
-            files.append({**_copy_file(tree.root / relative, work / relative, progress), "path": relative, "how": "copied"})
+    sources = sorted({tree.root / piece.file for s in plan.shards for t in s.tensors for piece in t.sources})
+    fingerprint = plan_fingerprint(plan.to_json(), sources + [tree.root / f for f in plan.copies])
+    adopt = (lambda folder: journal.adopt(folder, fingerprint) is not None) if resume else None
+    atomic = AtomicDirectory(dst, overwrite=overwrite, adopt=adopt)
+    with atomic as work, _progress(plan.tensor_bytes + copy_bytes, quiet) as progress:
+        log = (journal.adopt(work, fingerprint) if atomic.adopted else None) or journal.start(work, fingerprint)
+        tensors, files = _write_outputs(plan, tree, work, headers, log, progress)
         for relative, content in plan.json_files.items():
             files.append({**_write_text(work / relative, json.dumps(content, indent=2) + "\n"), "path": relative,
                           "how": "written"})
+        checkpoint("configs written")
         for index in plan.indexes:
             write_index(work / index.file, index.weight_map, index.total_size)
             files.append({**_file_digest(work / index.file), "path": index.file, "how": "written"})
+        checkpoint("index written")
         lora_checks = _check_loras(plan, tree, work)
+        checkpoint("LoRAs checked")
         manifest = _manifest(plan, tree, tensors, files, lora_checks)
         jsonschemas.check("manifest", manifest, work / MANIFEST)
         _write_text(work / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        checkpoint("manifest written")
+        log.discard()
+    checkpoint("renamed into place")
     return manifest
 
 
@@ -218,7 +266,6 @@ def _manifest(plan: ConversionPlan, tree: Tree, tensors: list[dict], files: list
     return {
         "tool": "longcat-convert",
         "version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": {"path": str(tree.root), "layout": plan.source_layout},
         "target": {"layout": plan.target_layout},
         "dtype_policy": plan.policy.describe(),

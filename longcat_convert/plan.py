@@ -145,6 +145,20 @@ class ConversionPlan:
     def tensor_bytes(self) -> int:
         return sum(s.nbytes for s in self.shards)
 
+    def to_json(self) -> dict:
+        """Everything the plan decides, as JSON (the dry-run report, and the fingerprint --resume checks)."""
+        return {
+            "source_layout": self.source_layout, "target_layout": self.target_layout,
+            "shards": [{"file": s.file, "metadata": s.metadata, "bytes": s.nbytes,
+                        "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "op": t.op,
+                                     "source_dtype": t.source_dtype, "value": t.value, "multiplier": t.multiplier,
+                                     "sources": [x.to_json() for x in t.sources]} for t in s.tensors]}
+                       for s in self.shards],
+            "indexes": [{"file": i.file, "total_size": i.total_size} for i in self.indexes],
+            "copies": self.copies, "written": sorted(self.json_files), "dtype_policy": self.policy.describe(),
+            "census": {"before": self.census_before, "after": self.census_after},
+        }
+
     def largest_tensor_bytes(self) -> int:
         return max((t.nbytes for s in self.shards for t in s.tensors), default=0)
 

@@ -1,0 +1,79 @@
+"""The progress journal of an unfinished conversion, for `--resume`.
+
+While a conversion runs, its partial folder holds `.longcat-journal.json`: the plan's fingerprint and,
+for every output file already complete, its sha256 and manifest records. A rerun with --resume adopts
+the newest partial folder of a dead process whose fingerprint matches, keeps only the files whose bytes
+still hash to the journal's value, and redoes the rest; anything else is deleted, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .io.reader import CHUNK_BYTES
+
+JOURNAL = ".longcat-journal.json"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Journal:
+    folder: Path
+    fingerprint: str
+    done: dict[str, dict] = field(default_factory=dict)  # relative path -> {"sha256", "records"}
+
+    def record(self, relative: str, records: list[dict]) -> None:
+        self.done[relative] = {"sha256": file_sha256(self.folder / relative), "records": records}
+        self._save()
+
+    def _save(self) -> None:
+        temporary = self.folder / (JOURNAL + ".tmp")
+        temporary.write_text(json.dumps({"fingerprint": self.fingerprint, "done": self.done}))
+        os.replace(temporary, self.folder / JOURNAL)
+
+    def completed(self, relative: str) -> list[dict] | None:
+        """The records of a file that is complete and intact, else None."""
+        entry = self.done.get(relative)
+        path = self.folder / relative
+        if entry is None or not path.is_file() or file_sha256(path) != entry["sha256"]:
+            return None
+        return entry["records"]
+
+    def discard(self) -> None:
+        for name in (JOURNAL, JOURNAL + ".tmp"):
+            (self.folder / name).unlink(missing_ok=True)
+
+
+def start(folder: Path, fingerprint: str) -> Journal:
+    journal = Journal(folder, fingerprint)
+    journal._save()
+    return journal
+
+
+def adopt(folder: Path, fingerprint: str) -> Journal | None:
+    """The journal of a partial folder if it belongs to the same plan; None otherwise."""
+    try:
+        data = json.loads((folder / JOURNAL).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("fingerprint") != fingerprint or not isinstance(data.get("done"), dict):
+        return None
+    return Journal(folder, fingerprint, data["done"])
+
+
+def plan_fingerprint(plan_json: dict, source_files: list[Path]) -> str:
+    """Identifies the plan and the exact source bytes it reads (by size and modification time)."""
+    stats = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in source_files]
+    body = json.dumps({"plan": plan_json, "sources": stats}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
