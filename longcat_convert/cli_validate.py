@@ -42,6 +42,13 @@ def validate_command(tree: Path, layout: str | None, deep: bool, dtype: str | No
 
     \b
     Exit codes: 0 valid, 1 findings (errors), 2 unreadable input or usage error.
+
+    \b
+    Examples:
+      longcat-convert validate weights/LongCat-Video             # the published raw tree
+      longcat-convert validate out/fv --dtype bfloat16           # a FastVideo conversion, bf16 DiT and LoRAs
+      longcat-convert validate out/fv --deep --report v.json     # + NaN/Inf/zero scan and manifest sha256s
+      longcat-convert validate out/fv --json | jq .findings      # the report on stdout
     """
     options = ValidateOptions(layout, deep, dtype, allow_mixed_dtypes, follow_symlinks)
     report = validate_tree(tree, options)

@@ -59,7 +59,7 @@ def validate_tree(root: str | Path, options: ValidateOptions = ValidateOptions()
     text_encoder = check_text_encoder(ctx, copied)
     tokenizer = ctx.root / "tokenizer"
     if tokenizer.is_dir():
-        check_tokenizer(ctx, tokenizer)
+        check_tokenizer(ctx, tokenizer, options.deep)
     else:
         findings.error("tokenizer", "missing_component", "folder is missing", "tokenizer/")
     vae = check_vae(ctx, copied)

@@ -26,6 +26,7 @@ UP_BLOCK = re.compile(r"^lora_up\.blocks\.(\d+)\.weight$")
 UPSTREAM_TAILS = "lora_down.weight, lora_up.weight, lora_up.blocks.N.weight or alpha_scale"
 FASTVIDEO_PREFIX = "diffusion_model."  # FastVideo strips it, and a trailing `.weight`, before matching
 BLOCK_INDEX = re.compile(r"\.\d+\.")
+ALPHA_KEYS = ("alpha_scale", "lora_alpha")  # scalars, often kept in fp32 whatever the weights' dtype
 
 
 @dataclass
@@ -296,9 +297,11 @@ def check_fastvideo_adapter(checker: AdapterChecker) -> AdapterFacts:
             continue
         alphas.add(alpha)
         if alpha != int(alpha):
-            effective = f"{int(alpha)}/{rank}" if int(alpha) else "1.0 (int(alpha) is 0, which FastVideo reads as 'no scaling')"
+            rank_text = rank if rank is not None else "rank"
+            effective = (f"{int(alpha)}/{rank_text}" if int(alpha)
+                         else "1.0 (int(alpha) is 0, which FastVideo reads as 'no scaling')")
             checker.error("lora_non_integer_alpha", f"{parts.alpha.name} is {alpha:g}: FastVideo scales by "
-                          f"int(lora_alpha)/rank = {effective} instead of {alpha:g}/{rank}", parts.alpha.name)
+                          f"int(lora_alpha)/rank = {effective} instead of {alpha:g}/{rank_text}", parts.alpha.name)
     return checker.finish(alphas, alphas)
 
 
@@ -349,7 +352,7 @@ def check_lora_folder(ctx: Context, layout: dict, expanded: keymap.ExpandedMap |
         facts = _check_adapter(ctx, path, header, layout, expanded)
         if facts is not None:
             adapters.append(facts.to_json())
-            weights = {k: (path.name, i) for k, i in header.tensors.items() if i.numel != 1 or i.shape}
+            weights = {k: (path.name, i) for k, i in header.tensors.items() if not k.endswith(ALPHA_KEYS)}
             check_dtypes(ctx, "lora", path.parent, weights, policy, what="tensors of the adapter")
     ctx.components["lora"] = {"path": ctx.rel(folder), "adapters": adapters}
 

@@ -242,14 +242,16 @@ def _check_component_folders(ctx: Context, rel: str, document: dict, expected: d
                                rel)
 
 
-def check_tokenizer(ctx: Context, folder: Path) -> None:
-    """The tokenizer files AutoTokenizer needs, checked without loading them."""
+def check_tokenizer(ctx: Context, folder: Path, deep: bool = False) -> None:
+    """The tokenizer files AutoTokenizer needs, checked without loading them (`deep` parses tokenizer.json)."""
     read_json(ctx, "tokenizer", folder / "tokenizer_config.json")
     fast, slow = folder / "tokenizer.json", folder / "spiece.model"
     if not fast.is_file() and not slow.is_file():
         ctx.findings.error("tokenizer", "missing_file", "has neither tokenizer.json nor spiece.model", ctx.rel(folder))
     if fast.is_file() and not _looks_like_json_object(fast):
         ctx.findings.error("tokenizer", "unreadable_file", "is empty or truncated (not a JSON object)", ctx.rel(fast))
+    elif fast.is_file() and deep:
+        read_json(ctx, "tokenizer", fast)
     if slow.is_file() and slow.stat().st_size == 0:
         ctx.findings.error("tokenizer", "unreadable_file", "is empty (0 bytes)", ctx.rel(slow))
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
