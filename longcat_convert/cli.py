@@ -19,6 +19,10 @@ class _Group(click.Group):
         except LongcatError as exc:
             click.echo(f"error: {exc.one_line()}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # disk full, permissions, vanished files: still one line, never a traceback
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("error: interrupted; nothing was left at the destination", err=True)
             sys.exit(130)
