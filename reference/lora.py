@@ -20,23 +20,20 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from longcat_convert.errors import LongcatError
+from longcat_convert.lora import PREFIX, decode_module, encode_module
 
 from .dit import LongcatDiT
 
-PREFIX = "lora___lorahyphen___"
-HYPHEN = "___lorahyphen___"
 _UPSTREAM_TAIL = re.compile(r"^(lora_down\.weight|lora_up\.weight|lora_up\.blocks\.(\d+)\.weight|alpha_scale)$")
 _FASTVIDEO_TAIL = ("lora_A", "lora_B", "lora_alpha")
-
-
-def encode_module_name(module: str) -> str:
-    return PREFIX + module.replace(".", HYPHEN)
+encode_module_name = encode_module
 
 
 def decode_module_name(encoded: str) -> str:
-    if not encoded.startswith(PREFIX):
+    module = decode_module(encoded)
+    if module is None:
         raise LongcatError(f"LoRA module name {encoded!r} does not start with {PREFIX!r}")
-    return encoded[len(PREFIX):].replace(HYPHEN, ".")
+    return module
 
 
 @dataclass

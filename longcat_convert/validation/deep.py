@@ -12,17 +12,16 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..dtypes import FLOATING, TORCH_DTYPE
 from ..io import SafetensorsHeader, TensorInfo
+from ..journal import file_sha256
 from .manifest import Manifest
 from .tree import Context
 
 CHUNK_BYTES = 16 * 1024 * 1024
-FILE_HASH_BLOCK = 1024 * 1024
 # float8 kinds have no isnan/isinf kernels on every torch build; they are widened per chunk.
 WIDEN = {"F8_E4M3", "F8_E5M2"}
 
@@ -163,16 +162,8 @@ def _hash_other_files(ctx: Context, manifest: Manifest) -> None:
         full = ctx.root / path
         if path in ctx.headers or not record.sha256 or not full.is_file() or not full.resolve().is_relative_to(ctx.root):
             continue
-        if _file_sha256(full) != record.sha256:
+        if file_sha256(full) != record.sha256:
             ctx.findings.error("manifest", "hash_mismatch", "sha256 of the file differs from the manifest's", path)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(FILE_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _component_of(rel: str) -> str:
