@@ -87,6 +87,8 @@ def mutate(data: st.DataObject, blob: bytes) -> bytes:
         return struct.pack("<Q", length) + blob[8:]
     (length,) = struct.unpack("<Q", blob[:8])
     body = json.loads(blob[8 : 8 + length])
+    if not isinstance(body, dict):  # an earlier mutation left no JSON object to edit
+        return blob
     rest = blob[8 + length :]
     if kind == "splice":  # the header gains or loses bytes while its length prefix stays
         text = json.dumps(body).encode()
@@ -99,7 +101,7 @@ def mutate(data: st.DataObject, blob: bytes) -> bytes:
         return with_prefix(text) + rest
     if kind in ("same-size dtype", "reshape", "swap offsets") and tensors:
         target = body[data.draw(st.sampled_from(tensors))]
-        if kind == "same-size dtype" and target.get("dtype") in ITEMSIZE:
+        if kind == "same-size dtype" and isinstance(target.get("dtype"), str) and target["dtype"] in ITEMSIZE:
             size = ITEMSIZE[target["dtype"]]
             target["dtype"] = data.draw(st.sampled_from(sorted(d for d, n in ITEMSIZE.items() if n == size)))
         elif kind == "reshape" and isinstance(target.get("shape"), list):
