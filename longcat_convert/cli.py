@@ -53,11 +53,12 @@ def _register() -> None:
     from .cli_demo import demo_command
     from .cli_inspect import inspect_command
     from .cli_parity import parity_command
+    from .cli_run import run_command
     from .cli_tiny import tiny_command
     from .cli_validate import validate_command
 
     for command in (tiny_command, inspect_command, convert_command, demo_command, validate_command,
-                    parity_command):
+                    parity_command, run_command):
         main_group.add_command(command)
 
 

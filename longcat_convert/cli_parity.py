@@ -25,32 +25,43 @@ def _case_line(case: dict) -> str:
 @click.command("parity")
 @click.argument("raw", type=click.Path(path_type=Path))
 @click.argument("converted", type=click.Path(path_type=Path))
-@click.option("--level", type=click.Choice(["weights", "forward"]), default="weights", show_default=True,
+@click.option("--level", type=click.Choice(["weights", "forward", "task"]), default="weights", show_default=True,
               help="weights: every converted tensor equals its source slices and every LoRA delta matches; "
-                   "forward: the same seeded inputs through both models, per case errors.")
+                   "forward: the same seeded inputs through both models, per case errors; "
+                   "task: every pipeline task from both trees, per-step latents and decoded frames.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Forward level: compute dtype (thresholds: float32 rel L2 <= 1e-5, bfloat16 <= 2e-2).")
 @click.option("--threshold", type=float, help="Forward level: override the rel L2 threshold for --dtype.")
 @click.option("--cases", multiple=True, help="Forward level: plain, cond, kvcache, lora, lora:<name> (default all).")
+@click.option("--tasks", multiple=True,
+              help="Task level: t2v, t2v-distill, i2v, vc, vc-nokv, refine, long (default all). Repeatable.")
+@click.option("--steps", default=3, show_default=True, help="Task level: sampling steps per task.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
 def parity_command(raw: Path, converted: Path, level: str, dtype: str, threshold: float | None,
-                   cases: tuple[str, ...], report_path: Path | None) -> None:
+                   cases: tuple[str, ...], tasks: tuple[str, ...], steps: int, report_path: Path | None) -> None:
     """Compare CONVERTED against its source RAW (raw or diffusers layout); exit 1 on any miss.
 
     \b
     Examples:
       longcat-convert parity weights/LongCat-Video out/fv
       longcat-convert parity /tmp/raw /tmp/fv --level forward --dtype bfloat16 --report parity.json
+      longcat-convert parity /tmp/raw /tmp/fv --level task --tasks t2v --tasks vc
     """
     from longcat_reference.parity import forward_parity, weights_parity
 
     if level == "weights":
         report = weights_parity(raw, converted)
         lines = ["weights: every converted tensor against its source slices, every LoRA delta:"]
-    else:
+    elif level == "forward":
         report = forward_parity(raw, converted, cases=list(cases) or None, dtype=dtype,
                                 thresholds={dtype: threshold} if threshold is not None else None)
         lines = [f"forward ({report['dtype']}, threshold rel L2 <= {report['threshold']:.0e}):"]
+    else:
+        from longcat_reference.pipeline.parity import TASKS, task_parity
+
+        report = task_parity(raw, converted, tasks=list(tasks) or TASKS, steps=steps, dtype=dtype,
+                             thresholds={dtype: threshold} if threshold is not None else None)
+        lines = [f"task ({dtype}, {steps} steps; per-step latents and decoded frames):"]
     lines += [_case_line(case) for case in report["cases"]]
     problems = schema_errors("parity-report", report)
     if problems:

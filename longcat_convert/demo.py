@@ -78,6 +78,9 @@ class Demo:
                           lambda raw=raw, converted=converted: self._parity_weights(raw, converted))
                 self.step(f"parity forward raw vs {layout} ({dtype})",
                           lambda raw=raw, converted=converted, dtype=dtype: self._parity_forward(raw, converted, dtype))
+                if dtype == "float32":
+                    self.step(f"parity task, every task, raw vs {layout}",
+                              lambda raw=raw, converted=converted: self._parity_tasks(raw, converted))
                 back = self.tree(f"{layout}-{dtype}-back")
                 self.step(f"convert {layout} -> raw, bitwise equal ({dtype})",
                           lambda raw=raw, converted=converted, back=back: self._round_trip(raw, converted, back))
@@ -127,6 +130,16 @@ class Demo:
             assert not differing, f"{len(differing)} tensors differ, e.g. {differing[0]}"
             total += count
         return f"{total} tensors identical"
+
+    def _parity_tasks(self, raw: Path, converted: Path) -> str:
+        from longcat_reference.pipeline.parity import task_parity
+
+        report = task_parity(raw, converted)
+        failed = [case["name"] for case in report["cases"] if not case["passed"]]
+        assert report["passed"], f"tasks differ: {failed[:4]}"
+        worst = max((case.get("rel_l2") or 0.0) for case in report["cases"])
+        tasks = sorted({case["name"].split(":")[0] for case in report["cases"]})
+        return f"{len(tasks)} tasks ({', '.join(tasks)}), worst rel L2 {worst:.1e}"
 
     def table(self) -> list[str]:
         passed = sum(r.passed for r in self.results)

@@ -1,0 +1,163 @@
+"""Everything a task needs, loaded from a checkpoint tree of any layout (raw, diffusers, fastvideo).
+
+The DiT comes from the reference runner (`loading.load_dit`, either naming); the tokenizer and text
+encoder through transformers (`AutoTokenizer`, `UMT5EncoderModel`), the VAE through diffusers'
+`AutoencoderKLWan`. All layouts keep these four in `tokenizer/`, `text_encoder/`, `vae/`, `scheduler/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longcat_convert.errors import LongcatError
+
+from ..bsa import BsaParams
+from ..dit import LongcatDiT
+from ..loading import LoraFile, Tree, apply_loras, load_dit, open_tree, read_lora
+from ..lora import clear_loras
+from .schedule import SchedulerConfig
+
+DISTILL_LORA = "cfg_step_lora"
+REFINE_LORA = "refinement_lora"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Pipeline:
+    tree: Tree
+    dit: LongcatDiT
+    tokenizer: Any  # a transformers tokenizer
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: SchedulerConfig
+    device: torch.device
+    _loras: dict[str, LoraFile] = field(default_factory=dict)
+
+    @property
+    def dit_dtype(self) -> torch.dtype:
+        return self.dit.dtype
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @property
+    def caption_channels(self) -> int:
+        return self.dit.config.caption_channels
+
+    def lora(self, name: str) -> LoraFile:
+        if name not in self._loras:
+            self._loras[name] = read_lora(self.tree, name)
+        return self._loras[name]
+
+    @contextlib.contextmanager
+    def adapters(self, names: Iterable[str] = (), bsa: BsaParams | None = None) -> Iterator[None]:
+        """Enable exactly `names` (and BSA when given) for the block; none and no BSA afterwards, as the demos do."""
+        apply_loras(self.dit, [self.lora(name) for name in names])
+        if bsa is not None:
+            self.dit.enable_bsa(bsa)
+        try:
+            yield
+        finally:
+            clear_loras(self.dit)
+            self.dit.disable_bsa()
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise LongcatError(f"unsupported dtype {dtype!r}; choose float32 or bfloat16")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LongcatError(f"unknown device {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LongcatError(f"device {device} requested but torch sees no CUDA device", fix="use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise LongcatError(f"device {device} requested but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def load_pipeline(tree: str | Path | Tree, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu",
+                  vae_dtype: str | torch.dtype | None = None, text_dtype: str | torch.dtype | None = None) -> Pipeline:
+    """Load all components. Upstream runs every component in bf16; `vae_dtype`/`text_dtype` default to `dtype`."""
+    tree = tree if isinstance(tree, Tree) else open_tree(tree)
+    dit_dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
+    folders = {name: _component_dir(tree, name) for name in ("tokenizer", "text_encoder", "vae", "scheduler")}
+    dit = load_dit(tree, dit_dtype, device)
+    with quiet_libraries():
+        from diffusers import AutoencoderKLWan
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        tokenizer = _load(AutoTokenizer.from_pretrained, folders["tokenizer"])
+        text_encoder = _load(UMT5EncoderModel.from_pretrained, folders["text_encoder"],
+                             dtype=resolve_dtype(text_dtype or dit_dtype))
+        vae = _load(AutoencoderKLWan.from_pretrained, folders["vae"], torch_dtype=resolve_dtype(vae_dtype or dit_dtype),
+                    low_cpu_mem_usage=False)
+    # transformers may keep `wo` in fp32 for some dtypes; upstream's stack ran the whole encoder in one dtype
+    text_encoder = text_encoder.to(device, resolve_dtype(text_dtype or dit_dtype)).eval()
+    vae = vae.to(device).eval()
+    _check_shapes(tree, dit, text_encoder, vae)
+    scheduler = SchedulerConfig.from_file(folders["scheduler"] / "scheduler_config.json")
+    return Pipeline(tree, dit, tokenizer, text_encoder, vae, scheduler, device)
+
+
+def _component_dir(tree: Tree, name: str) -> Path:
+    folder = tree.root / name
+    if not folder.is_dir():
+        raise LongcatError(f"the tree has no {name}/ folder; running tasks needs the full pipeline", tree.root)
+    return folder
+
+
+def _load(loader, folder: Path, **kwargs):
+    try:
+        return loader(str(folder), **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise LongcatError(f"cannot load ({exc.__class__.__name__}: {message})", folder) from None
+
+
+def _check_shapes(tree: Tree, dit: LongcatDiT, text_encoder: torch.nn.Module, vae: torch.nn.Module) -> None:
+    if text_encoder.config.d_model != dit.config.caption_channels:
+        raise LongcatError(f"text encoder d_model {text_encoder.config.d_model} != DiT caption_channels "
+                           f"{dit.config.caption_channels}", tree.root / "text_encoder")
+    if vae.config.z_dim != dit.config.in_channels:
+        raise LongcatError(f"VAE z_dim {vae.config.z_dim} != DiT in_channels {dit.config.in_channels}",
+                           tree.root / "vae")
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence transformers/diffusers load chatter (progress bars, notices) for the block."""
+    from transformers.utils import logging as transformers_logging
+
+    loggers = [logging.getLogger(name) for name in ("transformers", "diffusers")]
+    levels = [logger.level for logger in loggers]
+    bars = transformers_logging.is_progress_bar_enabled()
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    if bars:
+        transformers_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        if bars:
+            transformers_logging.enable_progress_bar()

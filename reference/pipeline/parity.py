@@ -1,0 +1,239 @@
+"""Task-level parity: run every task from a raw tree and from a converted tree with the same seeds and
+inputs, and compare the latent state after every step and the decoded frames.
+
+Runs on tiny sizes by default (32x48 pixels, 9 frames, 3 steps, 32 text tokens). Refinement and long
+video use BSA with sparsity 0.5: the published 0.9375 keeps ⌊0.0625·M⌋ key blocks, which is none on
+grids this small, so block selection would not be exercised at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from longcat_convert.errors import LongcatError
+
+from ..bsa import BsaParams
+from ..loading import open_tree
+from .components import Pipeline, load_pipeline, resolve_dtype
+from .i2v import image_to_video
+from .long import long_video
+from .refine import refine
+from .rng import RandomStreams
+from .sampler import TaskResult
+from .t2v import text_to_video
+from .vc import video_continuation
+
+TASKS = ("t2v", "t2v-distill", "i2v", "vc", "vc-nokv", "refine", "long")
+THRESHOLDS = {"float32": 1e-4, "bfloat16": 5e-2}  # rel L2, for latents and frames alike
+PARITY_BSA = BsaParams(sparsity=0.5, chunk_q=(4, 4, 4), chunk_k=(4, 4, 4))
+
+
+@dataclass(frozen=True)
+class TaskSizes:
+    height: int = 32
+    width: int = 48
+    num_frames: int = 9
+    num_cond_frames: int = 5
+    vc_frames: int = 13
+    refine_height: int = 64
+    refine_width: int = 128
+    max_sequence_length: int = 32
+
+
+@dataclass(frozen=True)
+class Inputs:
+    image: Image.Image
+    video: list[Image.Image]
+    refine_cond: list[Image.Image]
+
+
+def synthetic_inputs(sizes: TaskSizes, seed: int) -> Inputs:
+    """Deterministic RGB inputs: smooth gradients plus seeded noise, the same for both trees."""
+    rs = np.random.RandomState(seed)
+
+    def frame(height: int, width: int, phase: float) -> Image.Image:
+        y, x = np.mgrid[0:height, 0:width]
+        base = np.stack([np.sin(x / width * 6 + phase), np.cos(y / height * 5 - phase), np.sin((x + y) / 9 + phase)],
+                        axis=-1)
+        pixels = 127.5 + 90 * base + rs.normal(0, 20, (height, width, 3))
+        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+    image = frame(sizes.height + 8, sizes.width + 12, 0.0)
+    video = [frame(sizes.height, sizes.width, 0.3 * k) for k in range(sizes.num_frames)]
+    refine_cond = [frame(sizes.refine_height, sizes.refine_width, 0.2 * k) for k in range(4)]
+    return Inputs(image, video, refine_cond)
+
+
+def run_task(pipe: Pipeline, task: str, inputs: Inputs, sizes: TaskSizes, steps: int, seed: int) -> list[TaskResult]:
+    """One task at parity sizes; long video gives one result per call it made."""
+    rng = RandomStreams.from_seed(seed, pipe.device)
+    size, common = (sizes.height, sizes.width), {"max_sequence_length": sizes.max_sequence_length}
+    prompt = "a cat sits on a wooden table next to a window"
+    if task in ("t2v", "t2v-distill"):
+        return [text_to_video(pipe, prompt, rng, height=sizes.height, width=sizes.width, num_frames=sizes.num_frames,
+                              steps=steps, distill=task == "t2v-distill", **common)]
+    if task == "i2v":
+        return [image_to_video(pipe, inputs.image, prompt, rng, size=size, num_frames=sizes.num_frames, steps=steps,
+                               **common)]
+    if task in ("vc", "vc-nokv"):
+        return [video_continuation(pipe, inputs.video, prompt, rng, size=size, num_frames=sizes.vc_frames,
+                                   num_cond_frames=sizes.num_cond_frames, steps=steps, use_kv_cache=task == "vc",
+                                   **common)]
+    if task == "refine":
+        stage1 = inputs.video[:5]
+        return [refine(pipe, stage1, rng, prompt=prompt, video=inputs.refine_cond, num_cond_frames=2,
+                       size=(sizes.refine_height, sizes.refine_width), steps=max(steps, 2), bsa=PARITY_BSA, **common)]
+    if task == "long":
+        result = long_video(pipe, prompt, rng, segments=1, height=sizes.height, width=sizes.width,
+                            num_frames=sizes.num_frames, num_cond_frames=sizes.num_cond_frames, steps=steps,
+                            vc_size=size, refine_size=(sizes.refine_height, sizes.refine_height),
+                            refine_steps=max(steps, 2), spatial_refine_only=True, bsa=PARITY_BSA, **common)
+        return result.segments
+    raise LongcatError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+
+
+# ---- metrics -----------------------------------------------------------------------------------------
+
+def metrics(output: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor, peak: float | None = None) -> dict:
+    """max abs, relative L2, cosine (float64); PSNR in dB against `peak` if given (None when identical).
+
+    Frames use peak 1 (they lie in [0, 1]); latents use the reference's largest magnitude.
+    """
+    out = torch.as_tensor(np.asarray(output, dtype=np.float64)).flatten()
+    ref = torch.as_tensor(np.asarray(reference, dtype=np.float64)).flatten()
+    diff = out - ref
+    ref_norm, out_norm, diff_norm = float(ref.norm()), float(out.norm()), float(diff.norm())
+    rel = diff_norm / ref_norm if ref_norm else (0.0 if diff_norm == 0 else math.inf)
+    result = {"max_abs": float(diff.abs().max()) if diff.numel() else 0.0, "rel_l2": rel,
+              "cosine": float(out @ ref) / (out_norm * ref_norm) if out_norm and ref_norm else 0.0}
+    if peak is not None:
+        mse = float((diff**2).mean()) if diff.numel() else 0.0
+        result["psnr"] = 10 * math.log10(peak**2 / mse) if mse else None
+    return result
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None
+
+
+def _case(name: str, fields: dict, tolerance: float, dtype: str) -> dict:
+    rel = fields.get("rel_l2")
+    passed = rel is not None and math.isfinite(rel) and rel <= tolerance and "error" not in fields
+    return {"name": name, "passed": bool(passed), **{k: _finite(v) if isinstance(v, float) else v
+                                                       for k, v in fields.items()},
+            "tolerance": tolerance, "dtype": dtype}
+
+
+def compare_steps(got: list[TaskResult], want: list[TaskResult]) -> dict:
+    """Worst per-step comparison over every call of the task (the final state is the last step)."""
+    if [len(r.steps) for r in got] != [len(r.steps) for r in want]:
+        return {"error": f"step counts differ: {[len(r.steps) for r in got]} vs {[len(r.steps) for r in want]}"}
+    per_step, worst = [], None
+    for call, (mine, theirs) in enumerate(zip(got, want, strict=True)):
+        for index, (a, b) in enumerate(zip(mine.steps, theirs.steps, strict=True)):
+            if a.shape != b.shape:
+                return {"error": f"call {call} step {index}: shape {list(a.shape)} != {list(b.shape)}"}
+            found = metrics(a, b, peak=float(b.abs().max()))
+            per_step.append(found["rel_l2"])
+            if worst is None or not found["rel_l2"] <= worst[1]["rel_l2"]:
+                worst = ((call, index), found)
+    final = metrics(got[-1].latents.float(), want[-1].latents.float())
+    return {**worst[1], "worst_step": list(worst[0]), "final_rel_l2": final["rel_l2"],
+            "per_step_rel_l2": [_finite(v) for v in per_step], "shape": list(want[-1].latents.shape)}
+
+
+def compare_frames(got: list[TaskResult], want: list[TaskResult]) -> dict:
+    mine, theirs = got[-1].frames, want[-1].frames
+    if mine.shape != theirs.shape:
+        return {"error": f"frame shapes differ: {list(mine.shape)} vs {list(theirs.shape)}"}
+    return {**metrics(mine, theirs, peak=1.0), "shape": list(theirs.shape)}
+
+
+# ---- the report --------------------------------------------------------------------------------------
+
+def _tree_info(root: str | Path) -> dict:
+    try:
+        tree = open_tree(root)
+    except LongcatError:
+        return {"path": str(root)}
+    return {"path": str(tree.root), "layout": tree.layout, "naming": tree.naming}
+
+
+@contextlib.contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """Tiny tensors run faster on one thread; restore the caller's setting afterwards."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_all(load: Callable[[], Pipeline], tasks: list[str], inputs: Inputs, sizes: TaskSizes, steps: int,
+             seed: int) -> dict[str, list[TaskResult] | str]:
+    try:
+        pipe = load()
+    except LongcatError as exc:
+        return dict.fromkeys(tasks, f"cannot load the pipeline: {exc.one_line()}")
+    results: dict[str, list[TaskResult] | str] = {}
+    for task in tasks:
+        try:
+            results[task] = run_task(pipe, task, inputs, sizes, steps, seed)
+        except LongcatError as exc:
+            results[task] = exc.one_line()
+    return results
+
+
+def task_parity(raw_tree: str | Path, converted_tree: str | Path, tasks: Iterable[str] = TASKS, steps: int = 3,
+                seed: int = 0, dtype: str = "float32", device: str = "cpu", thresholds: dict[str, float] | None = None,
+                sizes: TaskSizes | None = None, threads: int | None = 1) -> dict:
+    """Run `tasks` from both trees and compare; a report shaped like schemas/parity-report.schema.json.
+
+    Cases per task: `<task>:latents` (worst rel L2 over the state after every step) and `<task>:frames`
+    (decoded frames, with PSNR). Problems in the raw tree or the arguments raise LongcatError; problems in
+    the converted tree are reported as failed cases.
+    """
+    tasks = list(dict.fromkeys(tasks))
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown or not tasks:
+        raise LongcatError(f"unknown task(s) {unknown or '(none given)'}; choose from {', '.join(TASKS)}")
+    if steps < 1:
+        raise LongcatError(f"steps must be positive, got {steps}")
+    torch_dtype = resolve_dtype(dtype)
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    tolerance = {**THRESHOLDS, **(thresholds or {})}[dtype_name]
+    sizes = sizes or TaskSizes()
+    inputs = synthetic_inputs(sizes, seed)
+    raw = open_tree(raw_tree)
+    started = time.perf_counter()
+    with _threads(threads):
+        reference = _run_all(lambda: load_pipeline(raw, torch_dtype, device), tasks, inputs, sizes, steps, seed)
+        failed = {task: out for task, out in reference.items() if isinstance(out, str)}
+        if failed:
+            task, error = next(iter(failed.items()))
+            raise LongcatError(f"the raw tree cannot run task {task}: {error}", raw.root)
+        outputs = _run_all(lambda: load_pipeline(converted_tree, torch_dtype, device), tasks, inputs, sizes, steps,
+                           seed)
+    cases = []
+    for task in tasks:
+        got, want = outputs[task], reference[task]
+        if isinstance(got, str):
+            cases += [_case(f"{task}:{part}", {"error": got}, tolerance, dtype_name) for part in ("latents", "frames")]
+            continue
+        cases.append(_case(f"{task}:latents", compare_steps(got, want), tolerance, dtype_name))
+        cases.append(_case(f"{task}:frames", compare_frames(got, want), tolerance, dtype_name))
+    return {"level": "task", "raw": _tree_info(raw_tree), "converted": _tree_info(converted_tree), "dtype": dtype_name,
+            "device": str(device), "seed": seed, "steps": steps, "tolerance": tolerance,
+            "sizes": sizes.__dict__, "seconds": round(time.perf_counter() - started, 2), "cases": cases,
+            "passed": all(case["passed"] for case in cases)}

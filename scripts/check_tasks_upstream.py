@@ -1,0 +1,415 @@
+"""Run the UPSTREAM LongCat-Video pipeline and ours on the same tiny tree, seed and inputs; compare.
+
+usage (from the repo, in the project venv):
+    /root/venv/bin/python scripts/check_tasks_upstream.py [TREE] [--work DIR] [--seed 0] [--tol 1e-4]
+        [--upstream-python ~/.cache/longcat-oracle/venv/bin/python] [--oracle-dir ../shared/oracle]
+
+Without TREE a tiny raw tree is built in --work. The script runs our tasks in this process, then runs
+itself with `--upstream` in the upstream venv (which never imports our package), exchanging `.pt` files
+through --work. Everything is fp32 on the CPU, at 32x48 pixels (refinement 64x128), 3 steps, 32 text
+tokens. Cases: t2v, t2v-distill (cfg_step_lora, distilled schedule, guidance 1), i2v, vc (KV cache,
+enhance_hf), vc-nokv, refine with video conditioning, refine with image conditioning and
+spatial_refine_only, refine without conditioning, and the long-video demo's loop (t2v, 1 continuation,
+2 refinement windows; frames through the demo's uint8 round trips). Refinement uses BSA with sparsity 0.5 on both sides
+(the published 0.9375 selects no block on grids this small).
+
+Per case it prints rel L2 / max abs of the final latents (the verdict, tolerance --tol), the worst step
+and the frames. Exit 0 when every case passes, 1 otherwise, 2 on bad input.
+
+CPU shims for the upstream side (our own code, applied only in the --upstream process):
+* shared/oracle/upstream_env.py: stubs the Triton BSA module, self/cross attention through SDPA;
+* self-attention again, now with a torch block-sparse attention when BSA is on (same grid bookkeeping
+  as upstream's `_process_attn`);
+* `torch_gc` (calls torch.cuda.ipc_collect) made a no-op; `pipe.to("cpu")`; CPU generators;
+* the DiT loaded with `cp_split_hw=[1, 1]`; everything in fp32, so upstream's autocast('cuda') islands
+  are no-ops;
+* `get_condition_shape` returns the explicit tiny size (the published buckets start at 320 pixels);
+* refinement draws from the global RNG: it is seeded with the task seed right before the call, which
+  is what our `RandomStreams.default` stream stands for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_UPSTREAM_PYTHON = Path(os.environ.get("ORACLE_HOME", Path.home() / ".cache/longcat-oracle")) / "venv/bin/python"
+PROMPT = "a cat sits on a wooden table next to a window"
+NEGATIVE = "blurred details, low quality"
+SIZE = (32, 48)
+REFINE_SIZE = (64, 128)
+MAX_LEN = 32
+STEPS = 3
+BSA = {"sparsity": 0.5, "cdf_threshold": None, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]}
+
+# name -> what to run; shared by both sides so they cannot drift apart
+CASES = {
+    "t2v": {"task": "t2v", "num_frames": 9, "steps": STEPS, "guidance": 4.0},
+    "t2v-distill": {"task": "t2v", "num_frames": 9, "steps": 4, "guidance": 1.0, "distill": True},
+    "i2v": {"task": "i2v", "num_frames": 9, "steps": STEPS, "guidance": 4.0},
+    "vc": {"task": "vc", "num_frames": 13, "num_cond_frames": 5, "steps": STEPS, "guidance": 4.0, "kv": True},
+    "vc-nokv": {"task": "vc", "num_frames": 13, "num_cond_frames": 5, "steps": STEPS, "guidance": 4.0, "kv": False},
+    "refine": {"task": "refine", "steps": STEPS, "cond": "video", "num_cond_frames": 2},
+    "refine-image": {"task": "refine", "steps": STEPS, "cond": "image", "num_cond_frames": 1,
+                     "spatial_refine_only": True},
+    "refine-plain": {"task": "refine", "steps": STEPS, "cond": None, "num_cond_frames": 0},
+    # the long-video demo's loop: t2v, `segments` continuations, then segments + 1 refinement windows
+    "long": {"task": "long", "segments": 1, "num_frames": 9, "num_cond_frames": 5, "steps": STEPS, "guidance": 4.0},
+}
+
+
+# ---- inputs (numpy + PIL only, identical in both venvs) -------------------------------------------
+
+def _frame(rs: np.random.RandomState, height: int, width: int, phase: float):
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([np.sin(x / width * 6 + phase), np.cos(y / height * 5 - phase), np.sin((x + y) / 9 + phase)], -1)
+    return Image.fromarray(np.clip(127.5 + 90 * base + rs.normal(0, 20, (height, width, 3)), 0, 255).astype(np.uint8))
+
+
+def make_inputs(seed: int) -> dict:
+    rs = np.random.RandomState(seed)
+    return {"image": _frame(rs, 40, 60, 0.0),
+            "video": [_frame(rs, *SIZE, 0.3 * k) for k in range(9)],
+            "stage1": [_frame(rs, *SIZE, 0.25 * k) for k in range(5)],
+            "refine_video": [_frame(rs, *REFINE_SIZE, 0.2 * k) for k in range(4)],
+            "refine_image": _frame(rs, *REFINE_SIZE, 1.0)}
+
+
+# ---- our side -----------------------------------------------------------------------------------------
+
+def run_ours(tree: Path, seed: int) -> dict:
+    from longcat_reference.bsa import BsaParams
+    from longcat_reference.pipeline import RandomStreams, load_pipeline
+
+    pipe = load_pipeline(tree, "float32")
+    inputs = make_inputs(seed)
+    bsa = BsaParams(BSA["sparsity"], BSA["cdf_threshold"], tuple(BSA["chunk_3d_shape_q"]),
+                    tuple(BSA["chunk_3d_shape_k"]))
+    results = {}
+    for name, case in CASES.items():
+        calls, frames = _our_case(pipe, case, inputs, bsa, RandomStreams.from_seed(seed))
+        # what upstream's scheduler returns each step: the stepped (non-conditioning) frames, call after call
+        steps = [state[:, :, call.info["num_cond_latents"]:] for call in calls for state in call.steps]
+        results[name] = {"latents": calls[-1].latents.float(), "frames": torch.from_numpy(frames), "steps": steps}
+    return results
+
+
+def _our_case(pipe, case: dict, inputs: dict, bsa, rng) -> tuple[list, np.ndarray]:
+    from longcat_reference.pipeline import (
+        image_to_video,
+        long_video,
+        refine,
+        text_to_video,
+        video_continuation,
+    )
+
+    common = {"max_sequence_length": MAX_LEN}
+    if case["task"] == "long":
+        result = long_video(pipe, PROMPT, rng, negative_prompt=NEGATIVE, segments=case["segments"], height=SIZE[0],
+                            width=SIZE[1], num_frames=case["num_frames"], num_cond_frames=case["num_cond_frames"],
+                            steps=case["steps"], guidance=case["guidance"], vc_size=SIZE, refine_size=REFINE_SIZE,
+                            refine_steps=case["steps"], bsa=bsa, **common)
+        return result.segments, result.refined_frames.astype(np.float32) / 255
+    if case["task"] == "t2v":
+        result = text_to_video(pipe, PROMPT, rng, negative_prompt=NEGATIVE, height=SIZE[0], width=SIZE[1],
+                               num_frames=case["num_frames"], steps=case["steps"], guidance=case["guidance"],
+                               distill=case.get("distill", False), **common)
+    elif case["task"] == "i2v":
+        result = image_to_video(pipe, inputs["image"], PROMPT, rng, negative_prompt=NEGATIVE, size=SIZE,
+                                num_frames=case["num_frames"], steps=case["steps"], guidance=case["guidance"],
+                                **common)
+    elif case["task"] == "vc":
+        result = video_continuation(pipe, inputs["video"], PROMPT, rng, negative_prompt=NEGATIVE, size=SIZE,
+                                    num_frames=case["num_frames"], num_cond_frames=case["num_cond_frames"],
+                                    steps=case["steps"], guidance=case["guidance"], use_kv_cache=case["kv"], **common)
+    else:
+        result = refine(pipe, inputs["stage1"], rng, prompt=PROMPT, num_cond_frames=case["num_cond_frames"],
+                        image=inputs["refine_image"] if case["cond"] == "image" else None,
+                        video=inputs["refine_video"] if case["cond"] == "video" else None,
+                        size=REFINE_SIZE, steps=case["steps"], bsa=bsa,
+                        spatial_refine_only=case.get("spatial_refine_only", False), **common)
+    return [result], result.frames
+
+
+# ---- upstream side (runs in the upstream venv; never imports our package) ---------------------------
+
+def bsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_q, grid_k, sparsity: float,
+                  cdf_threshold=None, chunk_3d_shape_q=(4, 4, 4), chunk_3d_shape_k=(4, 4, 4)) -> torch.Tensor:
+    """Block-sparse attention in plain torch (pipeline.md §10): block means, top-k blocks, exact softmax."""
+    if cdf_threshold is not None:
+        raise SystemExit("this shim implements the top-k selection only")
+
+    def to_blocks(x, grid, chunk):
+        b, h, _, d = x.shape
+        n = [g // c for g, c in zip(grid, chunk, strict=True)]
+        x = x.reshape(b, h, n[0], chunk[0], n[1], chunk[1], n[2], chunk[2], d)
+        return x.permute(0, 1, 2, 4, 6, 3, 5, 7, 8).reshape(b, h, n[0] * n[1] * n[2], -1, d)
+
+    def from_blocks(x, grid, chunk):
+        b, h, _, _, d = x.shape
+        n = [g // c for g, c in zip(grid, chunk, strict=True)]
+        x = x.reshape(b, h, n[0], n[1], n[2], chunk[0], chunk[1], chunk[2], d)
+        return x.permute(0, 1, 2, 5, 3, 6, 4, 7, 8).reshape(b, h, -1, d)
+
+    qb, kb, vb = to_blocks(q, grid_q, chunk_3d_shape_q), to_blocks(k, grid_k, chunk_3d_shape_k), \
+        to_blocks(v, grid_k, chunk_3d_shape_k)
+    scores = qb.mean(3) @ kb.mean(3).transpose(-1, -2)
+    keep = int((1 - sparsity) * kb.shape[2])
+    chosen = torch.zeros_like(scores, dtype=torch.bool)
+    if keep:
+        chosen.scatter_(-1, scores.topk(keep, dim=-1).indices, True)
+    cq, ck = qb.shape[3], kb.shape[3]
+    mask = chosen.repeat_interleave(cq, dim=2).repeat_interleave(ck, dim=3)
+    qf, kf, vf = qb.flatten(2, 3), kb.flatten(2, 3), vb.flatten(2, 3)
+    logits = (qf @ kf.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+    out = (weights @ vf).reshape(qb.shape)
+    return from_blocks(out, grid_q, chunk_3d_shape_q)
+
+
+def install_upstream_shims(oracle_dir: Path) -> None:
+    sys.path.insert(0, str(oracle_dir))
+    import torch.nn.functional as F
+    import upstream_env  # noqa: F401  (stubs Triton, routes attention through SDPA)
+    from longcat_video import pipeline_longcat_video
+    from longcat_video.modules import attention
+
+    def self_attention(self, q, k, v, shape):
+        if self.enable_bsa and shape[0] > 1:
+            _, height, width = shape
+            grid_q = (q.shape[2] // (height * width), height, width)
+            grid_k = (k.shape[2] // (height * width), height, width)
+            return bsa_attention(q, k, v, grid_q, grid_k, **self.bsa_params)
+        return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+
+    attention.Attention._process_attn = self_attention
+    pipeline_longcat_video.torch_gc = lambda: None
+
+
+def load_upstream(tree: Path):
+    from longcat_video.modules.autoencoder_kl_wan import AutoencoderKLWan
+    from longcat_video.modules.longcat_video_dit import LongCatVideoTransformer3DModel
+    from longcat_video.modules.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
+    from longcat_video.pipeline_longcat_video import LongCatVideoPipeline
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    fp32 = torch.float32
+    pipe = LongCatVideoPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(str(tree), subfolder="tokenizer"),
+        text_encoder=UMT5EncoderModel.from_pretrained(str(tree), subfolder="text_encoder", dtype=fp32),
+        vae=AutoencoderKLWan.from_pretrained(str(tree), subfolder="vae", torch_dtype=fp32),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(tree), subfolder="scheduler"),
+        dit=LongCatVideoTransformer3DModel.from_pretrained(str(tree), subfolder="dit", cp_split_hw=[1, 1],
+                                                           torch_dtype=fp32),
+    )
+    return pipe.to("cpu")
+
+
+def _lora_rank(path: Path) -> int:
+    from safetensors.torch import load_file
+
+    for key, tensor in load_file(str(path)).items():
+        if ".lora_up." in key:
+            return tensor.shape[1]
+    raise SystemExit(f"{path}: no lora_up tensors")
+
+
+class Recorder:
+    """Captures what upstream's loop produces: every scheduler step's output and the final latents."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.steps: list[torch.Tensor] = []
+        self.final: torch.Tensor | None = None
+
+    def __enter__(self) -> Recorder:
+        step, denormalize = self.pipe.scheduler.step, self.pipe.denormalize_latents
+
+        def recording_step(*args, **kwargs):
+            out = step(*args, **kwargs)
+            self.steps.append(out[0].detach().float().clone())
+            return out
+
+        def recording_denormalize(latents):
+            self.final = latents.detach().float().clone()  # fp32 VAE: the cast before it is a no-op
+            return denormalize(latents)
+
+        self.pipe.scheduler.step = recording_step
+        self.pipe.denormalize_latents = recording_denormalize
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.pipe.scheduler.step, self.pipe.denormalize_latents  # back to the class methods
+
+
+def _upstream_case(pipe, case: dict, inputs: dict, seed: int) -> np.ndarray:
+    generator = torch.Generator("cpu").manual_seed(seed)
+    common = {"generator": generator, "max_sequence_length": MAX_LEN, "num_inference_steps": case["steps"]}
+    pipe.get_condition_shape = lambda condition, resolution, scale_factor_spatial=32: (
+        REFINE_SIZE if resolution == "720p" else SIZE)
+    if case["task"] == "long":
+        return _upstream_long(pipe, case, generator)
+    if case["task"] == "t2v":
+        if case.get("distill"):
+            pipe.dit.enable_loras(["cfg_step_lora"])
+        frames = pipe.generate_t2v(prompt=PROMPT, negative_prompt=NEGATIVE, height=SIZE[0], width=SIZE[1],
+                                   num_frames=case["num_frames"], use_distill=case.get("distill", False),
+                                   guidance_scale=case["guidance"], **common)[0]
+        pipe.dit.disable_all_loras()
+        return frames
+    if case["task"] == "i2v":
+        return pipe.generate_i2v(image=inputs["image"], prompt=PROMPT, negative_prompt=NEGATIVE,
+                                 num_frames=case["num_frames"], guidance_scale=case["guidance"], **common)[0]
+    if case["task"] == "vc":
+        return pipe.generate_vc(video=inputs["video"], prompt=PROMPT, negative_prompt=NEGATIVE,
+                                num_frames=case["num_frames"], num_cond_frames=case["num_cond_frames"],
+                                guidance_scale=case["guidance"], use_kv_cache=case["kv"], **common)[0]
+    pipe.dit.enable_loras(["refinement_lora"])
+    pipe.dit.enable_bsa()
+    for block in pipe.dit.blocks:
+        block.attn.bsa_params = dict(BSA)
+    torch.manual_seed(seed)  # upstream's refinement draws from the global RNG
+    frames = pipe.generate_refine(
+        image=inputs["refine_image"] if case["cond"] == "image" else None,
+        video=inputs["refine_video"] if case["cond"] == "video" else None,
+        prompt=PROMPT, stage1_video=inputs["stage1"], num_cond_frames=case["num_cond_frames"],
+        spatial_refine_only=case.get("spatial_refine_only", False), **common)[0]
+    pipe.dit.disable_all_loras()
+    pipe.dit.disable_bsa()
+    return frames
+
+
+def _uint8_frames(output: np.ndarray) -> list:
+    from PIL import Image
+
+    return [Image.fromarray((output[i] * 255).astype(np.uint8)) for i in range(output.shape[0])]
+
+
+def _upstream_long(pipe, case: dict, generator: torch.Generator) -> np.ndarray:
+    """run_demo_long_video's loop at tiny sizes (our own driver of the upstream pipeline methods)."""
+    from PIL import Image
+
+    common = {"generator": generator, "max_sequence_length": MAX_LEN, "num_inference_steps": case["steps"]}
+    count, cond_count = case["num_frames"], case["num_cond_frames"]
+    video = _uint8_frames(pipe.generate_t2v(prompt=PROMPT, negative_prompt=NEGATIVE, height=SIZE[0], width=SIZE[1],
+                                            num_frames=count, guidance_scale=case["guidance"], **common)[0])
+    target, current, frames = video[0].size, video, list(video)
+    for _ in range(case["segments"]):
+        output = pipe.generate_vc(video=current, prompt=PROMPT, negative_prompt=NEGATIVE, resolution="480p",
+                                  num_frames=count, num_cond_frames=cond_count, guidance_scale=case["guidance"],
+                                  use_kv_cache=True, offload_kv_cache=False, enhance_hf=True, **common)[0]
+        current = [frame.resize(target, Image.BICUBIC) for frame in _uint8_frames(output)]
+        frames.extend(current[cond_count:])
+    pipe.dit.enable_loras(["refinement_lora"])
+    pipe.dit.enable_bsa()
+    for block in pipe.dit.blocks:
+        block.attn.bsa_params = dict(BSA)
+    torch.manual_seed(common["generator"].initial_seed())  # the global RNG, first used here
+    condition, current_count, start, refined = None, 0, 0, []
+    for _ in range(case["segments"] + 1):
+        output = pipe.generate_refine(video=condition, prompt="", stage1_video=frames[start:start + count],
+                                      num_cond_frames=current_count, **common)[0]
+        window = _uint8_frames(output)
+        refined.extend(window[current_count:])
+        condition, current_count, start = window, 2 * cond_count, start + count - cond_count
+    pipe.dit.disable_all_loras()
+    pipe.dit.disable_bsa()
+    return np.stack([np.asarray(frame) for frame in refined]).astype(np.float32) / 255
+
+
+def run_upstream(tree: Path, seed: int, oracle_dir: Path) -> dict:
+    install_upstream_shims(oracle_dir)
+    pipe = load_upstream(tree)
+    for name in ("cfg_step_lora", "refinement_lora"):
+        path = tree / "lora" / f"{name}.safetensors"
+        rank = _lora_rank(path)
+        pipe.dit.load_lora(str(path), name, lora_network_dim=rank, lora_network_alpha=rank / 2)
+    inputs = make_inputs(seed)
+    results = {}
+    for name, case in CASES.items():
+        with Recorder(pipe) as recorder:
+            frames = _upstream_case(pipe, case, inputs, seed)
+        results[name] = {"latents": recorder.final, "frames": torch.from_numpy(np.asarray(frames)),
+                         "steps": recorder.steps}
+    return results
+
+
+# ---- comparison ----------------------------------------------------------------------------------------
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    a, b = a.double().flatten(), b.double().flatten()
+    norm = float(b.norm())
+    return (float((a - b).norm()) / norm if norm else float((a - b).norm())), float((a - b).abs().max())
+
+
+def compare(ours: dict, upstream: dict, tol: float) -> bool:
+    passed = True
+    print(f"{'case':<14} {'latents rel_l2':>15} {'max_abs':>10} {'worst step':>11} {'frames rel_l2':>14}  verdict")
+    for name in CASES:
+        mine, theirs = ours[name], upstream[name]
+        if mine["latents"].shape != theirs["latents"].shape or len(mine["steps"]) != len(theirs["steps"]):
+            print(f"{name:<14} shape/steps differ: {list(mine['latents'].shape)} vs {list(theirs['latents'].shape)}, "
+                  f"{len(mine['steps'])} vs {len(theirs['steps'])} steps  FAIL")
+            passed = False
+            continue
+        rel, max_abs = rel_l2(mine["latents"], theirs["latents"])
+        worst = max(rel_l2(a, b)[0] for a, b in zip(mine["steps"], theirs["steps"], strict=True))
+        frames, _ = rel_l2(mine["frames"], theirs["frames"])
+        ok = rel <= tol and worst <= tol and frames <= tol
+        passed &= ok
+        print(f"{name:<14} {rel:>15.3e} {max_abs:>10.2e} {worst:>11.3e} {frames:>14.3e}  {'ok' if ok else 'FAIL'}"
+              f"   ({len(mine['steps'])} steps, latents {list(mine['latents'].shape)})")
+    print("PASS" if passed else "FAIL")
+    return passed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("tree", nargs="?", type=Path, help="raw tiny tree (built in --work when omitted)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/longcat-task-check"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tol", type=float, default=1e-4, help="rel L2 tolerance (fp32)")
+    parser.add_argument("--upstream-python", type=Path, default=DEFAULT_UPSTREAM_PYTHON)
+    parser.add_argument("--oracle-dir", type=Path, default=REPO.parent / "shared" / "oracle")
+    parser.add_argument("--upstream", metavar="OUT", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    if args.upstream:
+        torch.save(run_upstream(args.tree, args.seed, args.oracle_dir), args.upstream)
+        return 0
+    args.work.mkdir(parents=True, exist_ok=True)
+    tree = args.tree
+    if tree is None:
+        from longcat_convert.tiny import build_tiny_tree
+
+        tree = build_tiny_tree(args.work / "tiny", overwrite=True)
+    if not (tree / "dit").is_dir():
+        print(f"error: {tree} is not a raw tree (no dit/)", file=sys.stderr)
+        return 2
+    ours = run_ours(tree, args.seed)
+    out = args.work / "upstream.pt"
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
+    command = [str(args.upstream_python), __file__, str(tree), "--seed", str(args.seed), "--oracle-dir",
+               str(args.oracle_dir), "--upstream", str(out)]
+    if subprocess.run(command, env=env).returncode != 0:
+        print("error: the upstream run failed (see above)", file=sys.stderr)
+        return 2
+    upstream = torch.load(out, weights_only=False)
+    (args.work / "cases.json").write_text(json.dumps(CASES, indent=2) + "\n")
+    return 0 if compare(ours, upstream, args.tol) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
