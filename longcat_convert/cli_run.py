@@ -101,8 +101,14 @@ def _check_options(task: str, options: dict) -> None:
         raise LongcatError(f"--distill applies to t2v, i2v and vc, not {task}")
     if (options["height"] is None) != (options["width"] is None):
         raise LongcatError("give both --height and --width, or neither")
+    if (options["refine_height"] is None) != (options["refine_width"] is None):
+        raise LongcatError("give both --refine-height and --refine-width, or neither")
     if options["image"] is not None and options["cond_video"] is not None:
         raise LongcatError("refine takes --image or --cond-video as conditioning, not both")
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _size(options: dict) -> tuple[int, int] | None:
@@ -126,7 +132,7 @@ def _run(task: str, pipe, rng, options: dict) -> tuple[dict[str, np.ndarray], di
     elif task == "vc":
         result = video_continuation(pipe, load_video(options["video"]), prompt, rng,
                                     resolution=options["resolution"], size=_size(options),
-                                    num_cond_frames=options["num_cond_frames"] or 13,
+                                    num_cond_frames=_or(options["num_cond_frames"], 13),
                                     use_kv_cache=not options["no_kv_cache"],
                                     enhance_hf_schedule=False if options["no_enhance_hf"] else None, **common)
     elif task == "refine":
@@ -153,7 +159,7 @@ def _refine(pipe, rng, options: dict, load_image, load_video) -> tuple[dict[str,
     if count is None:
         count = 1 if image is not None else (len(condition) if condition is not None else 0)
     result = refine(pipe, load_video(options["video"]), rng, prompt=options["prompt"], image=image, video=condition,
-                    num_cond_frames=count, size=_size(options), steps=options["steps"] or 50,
+                    num_cond_frames=count, size=_size(options), steps=_or(options["steps"], 50),
                     t_thresh=options["t_thresh"], spatial_refine_only=options["spatial_refine_only"],
                     bsa=not options["no_bsa"], max_sequence_length=options["max_sequence_length"])
     return _single(result, options), result.info, 15 if options["spatial_refine_only"] else 30
@@ -163,23 +169,19 @@ def _long(pipe, rng, options: dict) -> tuple[dict[str, np.ndarray], dict, int]:
     from longcat_reference.pipeline import long_video
 
     size = _size(options)
-    refine_size = None
-    if options["refine_height"] is not None or options["refine_width"] is not None:
-        if options["refine_height"] is None or options["refine_width"] is None:
-            raise LongcatError("give both --refine-height and --refine-width, or neither")
-        refine_size = (options["refine_height"], options["refine_width"])
+    refine_size = None if options["refine_height"] is None else (options["refine_height"], options["refine_width"])
     height, width = size or (480, 832)
     result = long_video(pipe, options["prompt"], rng, negative_prompt=options["negative_prompt"],
                         segments=options["segments"], height=height, width=width, num_frames=options["num_frames"],
-                        num_cond_frames=options["num_cond_frames"] or 13, steps=options["steps"] or 50,
-                        guidance=options["guidance"] if options["guidance"] is not None else 4.0, vc_size=size,
+                        num_cond_frames=_or(options["num_cond_frames"], 13), steps=_or(options["steps"], 50),
+                        guidance=_or(options["guidance"], 4.0), vc_size=size,
                         refine_stage=not options["no_refine"], refine_size=refine_size,
-                        refine_steps=options["steps"] or 50, spatial_refine_only=options["spatial_refine_only"],
+                        refine_steps=_or(options["steps"], 50), spatial_refine_only=options["spatial_refine_only"],
                         bsa=not options["no_bsa"], max_sequence_length=options["max_sequence_length"])
     frames = result.refined_frames if result.refined_frames is not None else result.stage1_frames
     arrays = {"frames": frames, "stage1_frames": result.stage1_frames}
     for index, segment in enumerate(result.segments):
         arrays[f"latents_{index:03d}_{segment.task}"] = segment.latents.float().numpy()
-    info = {"segments": [segment.info for segment in result.segments], "steps": options["steps"] or 50}
+    info = {"segments": [segment.info for segment in result.segments], "steps": _or(options["steps"], 50)}
     refined = result.refined_frames is not None and not options["spatial_refine_only"]
     return arrays, info, 30 if refined else 15

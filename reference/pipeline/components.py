@@ -49,10 +49,6 @@ class Pipeline:
     def vae_dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
-    @property
-    def caption_channels(self) -> int:
-        return self.dit.config.caption_channels
-
     def lora(self, name: str) -> LoraFile:
         if name not in self._loras:
             self._loras[name] = read_lora(self.tree, name)
@@ -60,15 +56,20 @@ class Pipeline:
 
     @contextlib.contextmanager
     def adapters(self, names: Iterable[str] = (), bsa: BsaParams | None = None) -> Iterator[None]:
-        """Enable exactly `names` (and BSA when given) for the block; none and no BSA afterwards, as the demos do."""
-        apply_loras(self.dit, [self.lora(name) for name in names])
-        if bsa is not None:
-            self.dit.enable_bsa(bsa)
+        """Enable exactly `names` for the block and no LoRA afterwards, as the demos do around each call.
+
+        With `bsa`, block-sparse attention is switched on for the block and off afterwards (the demos'
+        enable_bsa/disable_bsa around refinement); without it the DiT's BSA state is left alone.
+        """
         try:
+            apply_loras(self.dit, [self.lora(name) for name in names])
+            if bsa is not None:
+                self.dit.enable_bsa(bsa)
             yield
         finally:
             clear_loras(self.dit)
-            self.dit.disable_bsa()
+            if bsa is not None:
+                self.dit.disable_bsa()
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -46,6 +46,7 @@ class TaskSizes:
     vc_frames: int = 13
     refine_height: int = 64
     refine_width: int = 128
+    long_refine_size: tuple[int, int] = (64, 64)  # long video refines 2 windows; kept small
     max_sequence_length: int = 32
 
 
@@ -95,7 +96,7 @@ def run_task(pipe: Pipeline, task: str, inputs: Inputs, sizes: TaskSizes, steps:
     if task == "long":
         result = long_video(pipe, prompt, rng, segments=1, height=sizes.height, width=sizes.width,
                             num_frames=sizes.num_frames, num_cond_frames=sizes.num_cond_frames, steps=steps,
-                            vc_size=size, refine_size=(sizes.refine_height, sizes.refine_height),
+                            vc_size=size, refine_size=sizes.long_refine_size,
                             refine_steps=max(steps, 2), spatial_refine_only=True, bsa=PARITY_BSA, **common)
         return result.segments
     raise LongcatError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")

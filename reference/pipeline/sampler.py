@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from longcat_convert.errors import LongcatError
+
 from ..dit import KVCache
 from .components import Pipeline
 from .guidance import cfg_zero_star, uses_cfg
@@ -51,7 +53,7 @@ def denoise(pipe: Pipeline, latents: torch.Tensor, schedule: Schedule, text: Tex
     cfg = uses_cfg(guidance)
     model_batch = 2 if cfg else 1
     if text.batch != model_batch:
-        raise ValueError(f"text batch {text.batch} does not match the model batch {model_batch}")
+        raise LongcatError(f"internal: text batch {text.batch} does not match the model batch {model_batch}")
     dit_cond = kv_cache.num_latents if kv_cache is not None else num_cond
     steps: list[torch.Tensor] = []
     for index, t in enumerate(schedule.timesteps.to(pipe.device)):
