@@ -77,7 +77,7 @@ def test_sigkill_anywhere_leaves_nothing_half_written(tiny_raw: Path, reference:
             continue
         rerun = _run(tiny_raw, dst, "--overwrite")
         assert rerun.returncode == 0, rerun.stderr
-        leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+        leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{dst.name}.")]
         assert leftovers == [], (point, leftovers)
         assert _digests(dst) == _digests(expected), point
     assert outcomes["absent"] and outcomes["complete"]
