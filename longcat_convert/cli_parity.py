@@ -36,9 +36,14 @@ def _case_line(case: dict) -> str:
 @click.option("--tasks", multiple=True,
               help="Task level: t2v, t2v-distill, i2v, vc, vc-nokv, refine, long (default all). Repeatable.")
 @click.option("--steps", default=3, show_default=True, help="Task level: sampling steps per task.")
+@click.option("--original-src", type=click.Path(path_type=Path),
+              help="Task level: a LongCat-Video checkout (the folder holding longcat_video/); the RAW side is run by "
+                   "its own upstream pipeline (CPU/SDPA shims on CPU or without flash-attn) instead of ours. Needs "
+                   "upstream's dependencies: pip install -r PATH/requirements.txt.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
 def parity_command(raw: Path, converted: Path, level: str, dtype: str, threshold: float | None,
-                   cases: tuple[str, ...], tasks: tuple[str, ...], steps: int, report_path: Path | None) -> None:
+                   cases: tuple[str, ...], tasks: tuple[str, ...], steps: int, original_src: Path | None,
+                   report_path: Path | None) -> None:
     """Compare CONVERTED against its source RAW (raw or diffusers layout); exit 1 on any miss.
 
     \b
@@ -46,7 +51,10 @@ def parity_command(raw: Path, converted: Path, level: str, dtype: str, threshold
       longcat-convert parity weights/LongCat-Video out/fv
       longcat-convert parity /tmp/raw /tmp/fv --level forward --dtype bfloat16 --report parity.json
       longcat-convert parity /tmp/raw /tmp/fv --level task --tasks t2v --tasks vc
+      longcat-convert parity /tmp/raw /tmp/fv --level task --original-src ~/src/LongCat-Video
     """
+    if original_src is not None and level != "task":
+        raise LongcatError(f"--original-src works with --level task only, not --level {level}")
     from longcat_reference.parity import forward_parity, weights_parity
 
     if level == "weights":
@@ -60,8 +68,10 @@ def parity_command(raw: Path, converted: Path, level: str, dtype: str, threshold
         from longcat_reference.pipeline.parity import TASKS, task_parity
 
         report = task_parity(raw, converted, tasks=list(tasks) or TASKS, steps=steps, dtype=dtype,
-                             thresholds={dtype: threshold} if threshold is not None else None)
-        lines = [f"task ({dtype}, {steps} steps; per-step latents and decoded frames):"]
+                             thresholds={dtype: threshold} if threshold is not None else None,
+                             original_src=original_src)
+        against = f"; raw side: upstream pipeline from {original_src}" if original_src is not None else ""
+        lines = [f"task ({dtype}, {steps} steps; per-step latents and decoded frames{against}):"]
     lines += [_case_line(case) for case in report["cases"]]
     problems = schema_errors("parity-report", report)
     if problems:

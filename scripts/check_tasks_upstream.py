@@ -2,11 +2,12 @@
 
 usage (from the repo, in the project venv):
     /root/venv/bin/python scripts/check_tasks_upstream.py [TREE] [--work DIR] [--seed 0] [--tol 1e-4]
-        [--upstream-python ~/.cache/longcat-oracle/venv/bin/python] [--oracle-dir ../shared/oracle]
+        [--upstream-python ~/.cache/longcat-oracle/venv/bin/python] [--original-src ~/.cache/longcat-oracle/longcat]
 
 Without TREE a tiny raw tree is built in --work. The script runs our tasks in this process, then runs
-itself with `--upstream` in the upstream venv (which never imports our package), exchanging `.pt` files
-through --work. Everything is fp32 on the CPU, at 32x48 pixels (refinement 64x128), 3 steps, 32 text
+itself with `--upstream` in the upstream venv, exchanging `.pt` files through --work. That process does not
+import our package: it loads reference/pipeline/original.py by file path (the upstream engine behind
+`longcat-convert parity --level task --original-src`), whose shims and loader it uses. Everything is fp32 on the CPU, at 32x48 pixels (refinement 64x128), 3 steps, 32 text
 tokens. Cases: t2v, t2v-distill (cfg_step_lora, distilled schedule, guidance 1), i2v, vc (KV cache,
 enhance_hf), vc-nokv, refine with video conditioning, refine with image conditioning and
 spatial_refine_only, refine without conditioning, and the long-video demo's loop (t2v, 1 continuation,
@@ -16,10 +17,10 @@ spatial_refine_only, refine without conditioning, and the long-video demo's loop
 Per case it prints rel L2 / max abs of the final latents (the verdict, tolerance --tol), the worst step
 and the frames. Exit 0 when every case passes, 1 otherwise, 2 on bad input.
 
-CPU shims for the upstream side (our own code, applied only in the --upstream process):
-* shared/oracle/upstream_env.py: stubs the Triton BSA module, self/cross attention through SDPA;
-* self-attention again, now with a torch block-sparse attention when BSA is on (same grid bookkeeping
-  as upstream's `_process_attn`);
+CPU shims for the upstream side (our own code in reference/pipeline/original.py, applied only in the
+--upstream process):
+* the Triton BSA module stubbed; self/cross attention through SDPA, self-attention through a torch
+  block-sparse attention when BSA is on (same grid bookkeeping as upstream's `_process_attn`);
 * `torch_gc` (calls torch.cuda.ipc_collect) made a no-op; `pipe.to("cpu")`; CPU generators;
 * the DiT loaded with `cp_split_hw=[1, 1]`; everything in fp32, so upstream's autocast('cuda') islands
   are no-ops;
@@ -42,7 +43,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_UPSTREAM_PYTHON = Path(os.environ.get("ORACLE_HOME", Path.home() / ".cache/longcat-oracle")) / "venv/bin/python"
+ORACLE_HOME = Path(os.environ.get("ORACLE_HOME", Path.home() / ".cache/longcat-oracle"))
+DEFAULT_UPSTREAM_PYTHON = ORACLE_HOME / "venv/bin/python"
+DEFAULT_CHECKOUT = Path(os.environ.get("LONGCAT_UPSTREAM") or ORACLE_HOME / "longcat")
 PROMPT = "a cat sits on a wooden table next to a window"
 NEGATIVE = "blurred details, low quality"
 SIZE = (32, 48)
@@ -142,115 +145,18 @@ def _our_case(pipe, case: dict, inputs: dict, bsa, rng) -> tuple[list, np.ndarra
     return [result], result.frames
 
 
-# ---- upstream side (runs in the upstream venv; never imports our package) ---------------------------
+# ---- upstream side (runs in the upstream venv) ---------------------------------------------------------
 
-def bsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_q, grid_k, sparsity: float,
-                  cdf_threshold=None, chunk_3d_shape_q=(4, 4, 4), chunk_3d_shape_k=(4, 4, 4)) -> torch.Tensor:
-    """Block-sparse attention in plain torch (pipeline.md §10): block means, top-k blocks, exact softmax."""
-    if cdf_threshold is not None:
-        raise SystemExit("this shim implements the top-k selection only")
+def _original_module():
+    """reference/pipeline/original.py (the upstream engine and its CPU shims), loaded by file path: the
+    upstream venv does not have our package installed, only `longcat_convert.errors` from the repo is needed."""
+    import importlib.util
 
-    def to_blocks(x, grid, chunk):
-        b, h, _, d = x.shape
-        n = [g // c for g, c in zip(grid, chunk, strict=True)]
-        x = x.reshape(b, h, n[0], chunk[0], n[1], chunk[1], n[2], chunk[2], d)
-        return x.permute(0, 1, 2, 4, 6, 3, 5, 7, 8).reshape(b, h, n[0] * n[1] * n[2], -1, d)
-
-    def from_blocks(x, grid, chunk):
-        b, h, _, _, d = x.shape
-        n = [g // c for g, c in zip(grid, chunk, strict=True)]
-        x = x.reshape(b, h, n[0], n[1], n[2], chunk[0], chunk[1], chunk[2], d)
-        return x.permute(0, 1, 2, 5, 3, 6, 4, 7, 8).reshape(b, h, -1, d)
-
-    qb, kb, vb = to_blocks(q, grid_q, chunk_3d_shape_q), to_blocks(k, grid_k, chunk_3d_shape_k), \
-        to_blocks(v, grid_k, chunk_3d_shape_k)
-    scores = qb.mean(3) @ kb.mean(3).transpose(-1, -2)
-    keep = int((1 - sparsity) * kb.shape[2])
-    chosen = torch.zeros_like(scores, dtype=torch.bool)
-    if keep:
-        chosen.scatter_(-1, scores.topk(keep, dim=-1).indices, True)
-    cq, ck = qb.shape[3], kb.shape[3]
-    mask = chosen.repeat_interleave(cq, dim=2).repeat_interleave(ck, dim=3)
-    qf, kf, vf = qb.flatten(2, 3), kb.flatten(2, 3), vb.flatten(2, 3)
-    logits = (qf @ kf.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
-    out = (weights @ vf).reshape(qb.shape)
-    return from_blocks(out, grid_q, chunk_3d_shape_q)
-
-
-def install_upstream_shims(oracle_dir: Path) -> None:
-    sys.path.insert(0, str(oracle_dir))
-    import torch.nn.functional as F
-    import upstream_env  # noqa: F401  (stubs Triton, routes attention through SDPA)
-    from longcat_video import pipeline_longcat_video
-    from longcat_video.modules import attention
-
-    def self_attention(self, q, k, v, shape):
-        if self.enable_bsa and shape[0] > 1:
-            _, height, width = shape
-            grid_q = (q.shape[2] // (height * width), height, width)
-            grid_k = (k.shape[2] // (height * width), height, width)
-            return bsa_attention(q, k, v, grid_q, grid_k, **self.bsa_params)
-        return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-
-    attention.Attention._process_attn = self_attention
-    pipeline_longcat_video.torch_gc = lambda: None
-
-
-def load_upstream(tree: Path):
-    from longcat_video.modules.autoencoder_kl_wan import AutoencoderKLWan
-    from longcat_video.modules.longcat_video_dit import LongCatVideoTransformer3DModel
-    from longcat_video.modules.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
-    from longcat_video.pipeline_longcat_video import LongCatVideoPipeline
-    from transformers import AutoTokenizer, UMT5EncoderModel
-
-    fp32 = torch.float32
-    pipe = LongCatVideoPipeline(
-        tokenizer=AutoTokenizer.from_pretrained(str(tree), subfolder="tokenizer"),
-        text_encoder=UMT5EncoderModel.from_pretrained(str(tree), subfolder="text_encoder", dtype=fp32),
-        vae=AutoencoderKLWan.from_pretrained(str(tree), subfolder="vae", torch_dtype=fp32),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(tree), subfolder="scheduler"),
-        dit=LongCatVideoTransformer3DModel.from_pretrained(str(tree), subfolder="dit", cp_split_hw=[1, 1],
-                                                           torch_dtype=fp32),
-    )
-    return pipe.to("cpu")
-
-
-def _lora_rank(path: Path) -> int:
-    from safetensors.torch import load_file
-
-    for key, tensor in load_file(str(path)).items():
-        if ".lora_up." in key:
-            return tensor.shape[1]
-    raise SystemExit(f"{path}: no lora_up tensors")
-
-
-class Recorder:
-    """Captures what upstream's loop produces: every scheduler step's output and the final latents."""
-
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self.steps: list[torch.Tensor] = []
-        self.final: torch.Tensor | None = None
-
-    def __enter__(self) -> Recorder:
-        step, denormalize = self.pipe.scheduler.step, self.pipe.denormalize_latents
-
-        def recording_step(*args, **kwargs):
-            out = step(*args, **kwargs)
-            self.steps.append(out[0].detach().float().clone())
-            return out
-
-        def recording_denormalize(latents):
-            self.final = latents.detach().float().clone()  # fp32 VAE: the cast before it is a no-op
-            return denormalize(latents)
-
-        self.pipe.scheduler.step = recording_step
-        self.pipe.denormalize_latents = recording_denormalize
-        return self
-
-    def __exit__(self, *exc) -> None:
-        del self.pipe.scheduler.step, self.pipe.denormalize_latents  # back to the class methods
+    sys.path.insert(0, str(REPO))
+    spec = importlib.util.spec_from_file_location("longcat_original", REPO / "reference" / "pipeline" / "original.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _upstream_case(pipe, case: dict, inputs: dict, seed: int) -> np.ndarray:
@@ -328,17 +234,14 @@ def _upstream_long(pipe, case: dict, generator: torch.Generator) -> np.ndarray:
     return np.stack([np.asarray(frame) for frame in refined]).astype(np.float32) / 255
 
 
-def run_upstream(tree: Path, seed: int, oracle_dir: Path) -> dict:
-    install_upstream_shims(oracle_dir)
-    pipe = load_upstream(tree)
-    for name in ("cfg_step_lora", "refinement_lora"):
-        path = tree / "lora" / f"{name}.safetensors"
-        rank = _lora_rank(path)
-        pipe.dit.load_lora(str(path), name, lora_network_dim=rank, lora_network_alpha=rank / 2)
+def run_upstream(tree: Path, seed: int, checkout: Path) -> dict:
+    original = _original_module()
+    original.import_upstream(checkout, shims=True)
+    pipe = original.load_upstream(tree)  # fp32 on the CPU, both LoRAs loaded
     inputs = make_inputs(seed)
     results = {}
     for name, case in CASES.items():
-        with Recorder(pipe) as recorder:
+        with original.Recorder(pipe) as recorder:
             frames = _upstream_case(pipe, case, inputs, seed)
         results[name] = {"latents": recorder.final, "frames": torch.from_numpy(np.asarray(frames)),
                          "steps": recorder.steps}
@@ -381,13 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tol", type=float, default=1e-4, help="rel L2 tolerance (fp32)")
     parser.add_argument("--upstream-python", type=Path, default=DEFAULT_UPSTREAM_PYTHON)
-    parser.add_argument("--oracle-dir", type=Path, default=REPO.parent / "shared" / "oracle")
+    parser.add_argument("--original-src", type=Path, default=DEFAULT_CHECKOUT,
+                        help="the upstream LongCat-Video checkout (holds longcat_video/)")
     parser.add_argument("--upstream", metavar="OUT", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     if args.upstream:
-        torch.save(run_upstream(args.tree, args.seed, args.oracle_dir), args.upstream)
+        torch.save(run_upstream(args.tree, args.seed, args.original_src), args.upstream)
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     tree = args.tree
@@ -401,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     ours = run_ours(tree, args.seed)
     out = args.work / "upstream.pt"
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
-    command = [str(args.upstream_python), __file__, str(tree), "--seed", str(args.seed), "--oracle-dir",
-               str(args.oracle_dir), "--upstream", str(out)]
+    command = [str(args.upstream_python), __file__, str(tree), "--seed", str(args.seed), "--original-src",
+               str(args.original_src), "--upstream", str(out)]
     if subprocess.run(command, env=env).returncode != 0:
         print("error: the upstream run failed (see above)", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from ..loading import open_tree
 from .components import Pipeline, load_pipeline, resolve_dtype
 from .i2v import image_to_video
 from .long import long_video
+from .original import check_checkout, original_task_results
 from .refine import refine
 from .rng import RandomStreams
 from .sampler import TaskResult
@@ -198,8 +199,11 @@ def _run_all(load: Callable[[], Pipeline], tasks: list[str], inputs: Inputs, siz
 
 def task_parity(raw_tree: str | Path, converted_tree: str | Path, tasks: Iterable[str] = TASKS, steps: int = 3,
                 seed: int = 0, dtype: str = "float32", device: str = "cpu", thresholds: dict[str, float] | None = None,
-                sizes: TaskSizes | None = None, threads: int | None = 1) -> dict:
+                sizes: TaskSizes | None = None, threads: int | None = 1, original_src: str | Path | None = None) -> dict:
     """Run `tasks` from both trees and compare; a report shaped like schemas/parity-report.schema.json.
+
+    `original_src`: a LongCat-Video checkout; the raw side is then run by upstream's own pipeline from it
+    (`original.original_task_results`) instead of ours, the converted side still by ours.
 
     Cases per task: `<task>:latents` (worst rel L2 over the state after every step) and `<task>:frames`
     (decoded frames, with PSNR). Problems in the raw tree or the arguments raise LongcatError; problems in
@@ -216,10 +220,18 @@ def task_parity(raw_tree: str | Path, converted_tree: str | Path, tasks: Iterabl
     tolerance = {**THRESHOLDS, **(thresholds or {})}[dtype_name]
     sizes = sizes or TaskSizes()
     inputs = synthetic_inputs(sizes, seed)
+    checkout = check_checkout(original_src) if original_src is not None else None
     raw = open_tree(raw_tree)
+    if checkout is not None and raw.layout != "raw":
+        raise LongcatError(f"the upstream pipeline (--original-src) reads raw trees only, this one is {raw.layout}",
+                           raw.root)
     started = time.perf_counter()
     with _threads(threads):
-        reference = _run_all(lambda: load_pipeline(raw, torch_dtype, device), tasks, inputs, sizes, steps, seed)
+        if checkout is None:
+            reference = _run_all(lambda: load_pipeline(raw, torch_dtype, device), tasks, inputs, sizes, steps, seed)
+        else:
+            reference = original_task_results(checkout, raw.root, tasks, inputs, sizes, steps, seed, torch_dtype,
+                                              device)
         failed = {task: out for task, out in reference.items() if isinstance(out, str)}
         if failed:
             task, error = next(iter(failed.items()))
@@ -234,7 +246,10 @@ def task_parity(raw_tree: str | Path, converted_tree: str | Path, tasks: Iterabl
             continue
         cases.append(_case(f"{task}:latents", compare_steps(got, want), tolerance, dtype_name))
         cases.append(_case(f"{task}:frames", compare_frames(got, want), tolerance, dtype_name))
-    return {"level": "task", "raw": _tree_info(raw_tree), "converted": _tree_info(converted_tree), "dtype": dtype_name,
+    raw_info = _tree_info(raw_tree)
+    if checkout is not None:
+        raw_info["engine"] = f"upstream LongCat-Video pipeline from {checkout}"
+    return {"level": "task", "raw": raw_info, "converted": _tree_info(converted_tree), "dtype": dtype_name,
             "device": str(device), "seed": seed, "steps": steps, "tolerance": tolerance,
             "sizes": sizes.__dict__, "seconds": round(time.perf_counter() - started, 2), "cases": cases,
             "passed": all(case["passed"] for case in cases)}

@@ -1,0 +1,394 @@
+"""Run the user's own upstream LongCat-Video checkout (module `longcat_video`) on a raw tree.
+
+`original_task_results` drives upstream's `LongCatVideoPipeline` through the same tasks, sizes, seeds
+and inputs as `parity.run_task` drives ours, and returns the same shape (`{task: [TaskResult, ...]}`,
+one result per pipeline call), so `compare_steps` / `compare_frames` work unchanged.
+
+Shims (our own code, applied only when the device is the CPU or flash-attn is not importable; on CUDA
+with flash-attn upstream's real kernels run):
+* the Triton block-sparse-attention module is replaced by a stub when it cannot be imported;
+* self-attention through torch SDPA, or through `bsa_attention` (block-sparse attention in plain
+  torch, the same grid bookkeeping as upstream's `_process_attn`) when BSA is on;
+* cross-attention through SDPA, one sample at a time (upstream uses varlen flash-attn);
+* on the CPU, `torch_gc` (torch.cuda.ipc_collect) is a no-op.
+Always (these are about driving, not about the hardware): the DiT is loaded with `cp_split_hw=[1, 1]`
+(no context parallelism); `get_condition_shape` returns the explicit parity size instead of the
+published 480p/720p buckets; refinement's global RNG is seeded with the task seed right before the
+first refinement call, which is what our `RandomStreams.default` stream stands for.
+
+This module never imports upstream at import time, and `scripts/check_tasks_upstream.py` loads it by
+file path in the upstream venv, so keep its module-level imports to torch, numpy and `longcat_convert.errors`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from longcat_convert.errors import LongcatError
+
+PROMPT = "a cat sits on a wooden table next to a window"  # parity.run_task's prompt
+BSA_INTERFACE = "longcat_video.block_sparse_attention.bsa_interface"
+
+
+# ---- importing the checkout -------------------------------------------------------------------------
+
+def check_checkout(checkout: str | Path) -> Path:
+    """The checkout folder, resolved; a one-line LongcatError when it is not a LongCat-Video checkout."""
+    path = Path(checkout).expanduser()
+    if not path.exists():
+        raise LongcatError("the upstream LongCat-Video checkout does not exist", path,
+                           fix="pass --original-src the folder of a LongCat-Video clone (it holds longcat_video/)")
+    if not path.is_dir():
+        raise LongcatError("the upstream LongCat-Video checkout is not a folder", path)
+    if not (path / "longcat_video" / "pipeline_longcat_video.py").is_file():
+        raise LongcatError("not a LongCat-Video checkout: no longcat_video/pipeline_longcat_video.py in it", path,
+                           fix="pass the folder of a clone of github.com/meituan-longcat/LongCat-Video")
+    return path.resolve()
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def needs_shims(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cpu" or not flash_attn_available()
+
+
+def import_upstream(checkout: str | Path, shims: bool) -> types.ModuleType:
+    """Import `longcat_video` from `checkout` (first on sys.path); install the shims when `shims`."""
+    root = check_checkout(checkout)
+    loaded = sys.modules.get("longcat_video")
+    if loaded is not None:
+        where = Path(loaded.__file__ or "").resolve().parent.parent
+        if where != root:
+            raise LongcatError(f"longcat_video is already imported from {where}", root,
+                               fix="run in a fresh process")
+    elif str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    fix = f"pip install -r {root / 'requirements.txt'}"
+    try:
+        _import_bsa_interface(shims)
+        module = importlib.import_module("longcat_video.pipeline_longcat_video")
+        importlib.import_module("longcat_video.modules.attention")
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or str(exc)).split(".")[0]
+        raise LongcatError(f"the upstream checkout needs the Python package {missing!r}, which is not installed",
+                           root, fix=fix) from exc
+    except ImportError as exc:
+        raise LongcatError(f"cannot import longcat_video from the checkout: {exc}", root, fix=fix) from exc
+    if shims:
+        install_shims()
+    return module
+
+
+def _import_bsa_interface(shims: bool) -> None:
+    """Upstream's BSA module needs Triton at import time; with the shims a stub stands in when it is missing."""
+    if BSA_INTERFACE in sys.modules:
+        return
+    try:
+        importlib.import_module(BSA_INTERFACE)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or ""
+        if not shims or not missing.startswith("triton"):
+            raise
+        stub = types.ModuleType(BSA_INTERFACE)
+        stub.flash_attn_bsa_3d = None  # never called: the self-attention shim takes the BSA path
+        sys.modules[BSA_INTERFACE] = stub
+
+
+# ---- the shims ----------------------------------------------------------------------------------------
+
+def bsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_q: tuple[int, int, int],
+                  grid_k: tuple[int, int, int], sparsity: float, cdf_threshold: float | None = None,
+                  chunk_3d_shape_q: Iterable[int] = (4, 4, 4), chunk_3d_shape_k: Iterable[int] = (4, 4, 4),
+                  **_: Any) -> torch.Tensor:
+    """Block-sparse attention in plain torch (pipeline.md §10): block means, top-k blocks, exact softmax."""
+    if cdf_threshold is not None:
+        raise LongcatError("the CPU block-sparse-attention shim implements the top-k selection only "
+                           "(cdf_threshold must be None)")
+    chunk_q, chunk_k = tuple(chunk_3d_shape_q), tuple(chunk_3d_shape_k)
+
+    def to_blocks(x: torch.Tensor, grid: tuple[int, ...], chunk: tuple[int, ...]) -> torch.Tensor:
+        b, h, _, d = x.shape
+        n = [g // c for g, c in zip(grid, chunk, strict=True)]
+        x = x.reshape(b, h, n[0], chunk[0], n[1], chunk[1], n[2], chunk[2], d)
+        return x.permute(0, 1, 2, 4, 6, 3, 5, 7, 8).reshape(b, h, n[0] * n[1] * n[2], -1, d)
+
+    def from_blocks(x: torch.Tensor, grid: tuple[int, ...], chunk: tuple[int, ...]) -> torch.Tensor:
+        b, h, _, _, d = x.shape
+        n = [g // c for g, c in zip(grid, chunk, strict=True)]
+        x = x.reshape(b, h, n[0], n[1], n[2], chunk[0], chunk[1], chunk[2], d)
+        return x.permute(0, 1, 2, 5, 3, 6, 4, 7, 8).reshape(b, h, -1, d)
+
+    qb, kb, vb = to_blocks(q, grid_q, chunk_q), to_blocks(k, grid_k, chunk_k), to_blocks(v, grid_k, chunk_k)
+    scores = qb.mean(3) @ kb.mean(3).transpose(-1, -2)
+    keep = int((1 - sparsity) * kb.shape[2])
+    chosen = torch.zeros_like(scores, dtype=torch.bool)
+    if keep:
+        chosen.scatter_(-1, scores.topk(keep, dim=-1).indices, True)
+    mask = chosen.repeat_interleave(qb.shape[3], dim=2).repeat_interleave(kb.shape[3], dim=3)
+    qf, kf, vf = qb.flatten(2, 3), kb.flatten(2, 3), vb.flatten(2, 3)
+    logits = (qf @ kf.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+    return from_blocks((weights @ vf).reshape(qb.shape), grid_q, chunk_q)
+
+
+def _self_attention(self: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    shape: tuple[int, int, int]) -> torch.Tensor:
+    if self.enable_bsa and shape[0] > 1:
+        _, height, width = shape
+        grid_q = (q.shape[2] // (height * width), height, width)
+        grid_k = (k.shape[2] // (height * width), height, width)
+        return bsa_attention(q, k, v, grid_q, grid_k, **self.bsa_params)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
+
+
+def _cross_attention(self: Any, x: torch.Tensor, cond: torch.Tensor, kv_seqlen: list[int]) -> torch.Tensor:
+    batch, tokens, channels = x.shape
+    q = self.q_linear(x).view(1, -1, self.num_heads, self.head_dim)
+    k, v = self.kv_linear(cond).view(1, -1, 2, self.num_heads, self.head_dim).unbind(2)
+    q, k = self.q_norm(q), self.k_norm(k)
+    outs, offset = [], 0
+    for b in range(batch):
+        qb = q[0, b * tokens:(b + 1) * tokens].transpose(0, 1)
+        kb = k[0, offset:offset + kv_seqlen[b]].transpose(0, 1)
+        vb = v[0, offset:offset + kv_seqlen[b]].transpose(0, 1)
+        offset += kv_seqlen[b]
+        outs.append(torch.nn.functional.scaled_dot_product_attention(qb, kb, vb).transpose(0, 1))
+    return self.proj(torch.stack(outs, 0).reshape(batch, tokens, channels))
+
+
+def install_shims() -> None:
+    """Attention through SDPA / torch BSA, and torch_gc a no-op without CUDA (idempotent)."""
+    from longcat_video import pipeline_longcat_video
+    from longcat_video.modules import attention
+
+    attention.Attention._process_attn = _self_attention
+    attention.MultiHeadCrossAttention._process_cross_attn = _cross_attention
+    if not torch.cuda.is_available():
+        pipeline_longcat_video.torch_gc = lambda: None
+
+
+# ---- loading and recording ----------------------------------------------------------------------------
+
+def load_upstream(tree: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Any:
+    """Upstream's LongCatVideoPipeline from a raw tree, every component in `dtype`, both LoRAs loaded."""
+    from longcat_video.modules.autoencoder_kl_wan import AutoencoderKLWan
+    from longcat_video.modules.longcat_video_dit import LongCatVideoTransformer3DModel
+    from longcat_video.modules.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
+    from longcat_video.pipeline_longcat_video import LongCatVideoPipeline
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    tree = str(tree)
+    pipe = LongCatVideoPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(tree, subfolder="tokenizer"),
+        text_encoder=UMT5EncoderModel.from_pretrained(tree, subfolder="text_encoder", dtype=dtype),
+        vae=AutoencoderKLWan.from_pretrained(tree, subfolder="vae", torch_dtype=dtype),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(tree, subfolder="scheduler"),
+        dit=LongCatVideoTransformer3DModel.from_pretrained(tree, subfolder="dit", cp_split_hw=[1, 1],
+                                                           torch_dtype=dtype),
+    )
+    for name in ("cfg_step_lora", "refinement_lora"):
+        path = Path(tree) / "lora" / f"{name}.safetensors"
+        if path.is_file():
+            rank = lora_rank(path)
+            pipe.dit.load_lora(str(path), name, lora_network_dim=rank, lora_network_alpha=rank / 2)
+    pipe.to(device)
+    return pipe
+
+
+def lora_rank(path: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        for key in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
+            if ".lora_up." in key:
+                return int(handle.get_slice(key).get_shape()[1])
+    raise LongcatError("no lora_up tensors in the LoRA file", path)
+
+
+class Recorder:
+    """Captures what one upstream call produces: every scheduler step's output and the final latents."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.steps: list[torch.Tensor] = []
+        self.timesteps: list[float] = []
+        self.final: torch.Tensor | None = None
+
+    def __enter__(self) -> Recorder:
+        step, denormalize = self.pipe.scheduler.step, self.pipe.denormalize_latents
+
+        def recording_step(*args: Any, **kwargs: Any) -> Any:
+            out = step(*args, **kwargs)
+            self.steps.append(out[0].detach().float().cpu().clone())
+            timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            if isinstance(timestep, torch.Tensor):
+                self.timesteps.append(float(timestep.flatten()[0]))
+            elif isinstance(timestep, (int, float)):
+                self.timesteps.append(float(timestep))
+            return out
+
+        def recording_denormalize(latents: torch.Tensor) -> torch.Tensor:
+            self.final = latents.detach().float().cpu().clone()
+            return denormalize(latents)
+
+        self.pipe.scheduler.step = recording_step
+        self.pipe.denormalize_latents = recording_denormalize
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.pipe.scheduler.step, self.pipe.denormalize_latents  # back to the class methods
+
+    def result(self, task: str, frames: np.ndarray) -> Any:
+        """A TaskResult like ours: the step states with the (fixed) conditioning latents in front."""
+        from .sampler import TaskResult
+
+        if self.final is None:
+            raise LongcatError(f"the upstream {task} call never decoded its latents")
+        num_cond = self.final.shape[2] - (self.steps[-1].shape[2] if self.steps else self.final.shape[2])
+        cond = self.final[:, :, :num_cond]
+        steps = [torch.cat([cond, state], dim=2) if num_cond else state for state in self.steps]
+        return TaskResult(task, self.final, steps, np.asarray(frames, dtype=np.float32), self.timesteps,
+                          {"engine": "upstream", "num_cond_latents": num_cond})
+
+
+# ---- driving the tasks --------------------------------------------------------------------------------
+
+def _uint8_frames(output: np.ndarray) -> list:
+    from PIL import Image
+
+    return [Image.fromarray((output[i] * 255).astype(np.uint8)) for i in range(output.shape[0])]
+
+
+def _fixed_sizes(pipe: Any, by_resolution: dict[str, tuple[int, int]]) -> None:
+    pipe.get_condition_shape = lambda condition, resolution, scale_factor_spatial=32: by_resolution[resolution]
+
+
+def _with_adapters(pipe: Any, loras: list[str], bsa: dict | None, run: Callable[[], Any]) -> Any:
+    if loras:
+        pipe.dit.enable_loras(loras)
+    if bsa is not None:
+        pipe.dit.enable_bsa()
+        for block in pipe.dit.blocks:
+            block.attn.bsa_params = dict(bsa)
+    try:
+        return run()
+    finally:
+        pipe.dit.disable_all_loras()
+        if bsa is not None:
+            pipe.dit.disable_bsa()
+
+
+def _bsa_dict(bsa: Any) -> dict:
+    return {"sparsity": bsa.sparsity, "cdf_threshold": bsa.cdf_threshold,
+            "chunk_3d_shape_q": list(bsa.chunk_q), "chunk_3d_shape_k": list(bsa.chunk_k)}
+
+
+def run_upstream_task(pipe: Any, task: str, inputs: Any, sizes: Any, steps: int, seed: int,
+                      device: str | torch.device) -> list:
+    """One task at parity sizes (parity.run_task's settings), one TaskResult per upstream call."""
+    from .parity import PARITY_BSA
+
+    generator = torch.Generator(torch.device(device)).manual_seed(seed)
+    size = (sizes.height, sizes.width)
+    common = {"generator": generator, "max_sequence_length": sizes.max_sequence_length, "num_inference_steps": steps}
+    bsa = _bsa_dict(PARITY_BSA)
+    results = []
+
+    def call(name: str, run: Callable[[], Any]) -> np.ndarray:
+        with Recorder(pipe) as recorder:
+            frames = run()[0]
+        results.append(recorder.result(name, frames))
+        return frames
+
+    if task in ("t2v", "t2v-distill"):
+        distill = task == "t2v-distill"
+        call("t2v", lambda: _with_adapters(pipe, ["cfg_step_lora"] if distill else [], None, lambda: pipe.generate_t2v(
+            prompt=PROMPT, height=sizes.height, width=sizes.width, num_frames=sizes.num_frames, use_distill=distill,
+            guidance_scale=1.0 if distill else 4.0, **common)))
+    elif task == "i2v":
+        _fixed_sizes(pipe, {"480p": size})
+        call("i2v", lambda: pipe.generate_i2v(image=inputs.image, prompt=PROMPT, num_frames=sizes.num_frames,
+                                              guidance_scale=4.0, **common))
+    elif task in ("vc", "vc-nokv"):
+        _fixed_sizes(pipe, {"480p": size})
+        call("vc", lambda: pipe.generate_vc(video=inputs.video, prompt=PROMPT, num_frames=sizes.vc_frames,
+                                            num_cond_frames=sizes.num_cond_frames, guidance_scale=4.0,
+                                            use_kv_cache=task == "vc", **common))
+    elif task == "refine":
+        _fixed_sizes(pipe, {"720p": (sizes.refine_height, sizes.refine_width)})
+        torch.manual_seed(seed)  # upstream's refinement draws from the global RNG
+        call("refine", lambda: _with_adapters(pipe, ["refinement_lora"], bsa, lambda: pipe.generate_refine(
+            video=inputs.refine_cond, prompt=PROMPT, stage1_video=inputs.video[:5], num_cond_frames=2,
+            **{**common, "num_inference_steps": max(steps, 2)})))
+    elif task == "long":
+        _run_long(pipe, call, inputs, sizes, steps, seed, common, bsa)
+    else:
+        raise LongcatError(f"unknown task {task!r}")
+    return results
+
+
+def _run_long(pipe: Any, call: Callable[[str, Callable[[], Any]], np.ndarray], inputs: Any, sizes: Any, steps: int,
+              seed: int, common: dict, bsa: dict) -> None:
+    """long_video(segments=1, spatial_refine_only=True) as parity.run_task runs it, on upstream's methods:
+    run_demo_long_video's loop (t2v, continuations with KV cache and enhance_hf, refinement windows)."""
+    from PIL import Image
+
+    count, cond_count = sizes.num_frames, sizes.num_cond_frames
+    _fixed_sizes(pipe, {"480p": (sizes.height, sizes.width), "720p": tuple(sizes.long_refine_size)})
+    video = _uint8_frames(call("t2v", lambda: pipe.generate_t2v(
+        prompt=PROMPT, height=sizes.height, width=sizes.width, num_frames=count, guidance_scale=4.0, **common)))
+    target, current, frames = video[0].size, video, list(video)
+    for _ in range(1):
+        output = call("vc", lambda current=current: pipe.generate_vc(
+            video=current, prompt=PROMPT, resolution="480p", num_frames=count, num_cond_frames=cond_count,
+            guidance_scale=4.0, use_kv_cache=True, offload_kv_cache=False, enhance_hf=True, **common))
+        current = [frame if frame.size == target else frame.resize(target, Image.BICUBIC)
+                   for frame in _uint8_frames(output)]
+        frames.extend(current[cond_count:])
+    torch.manual_seed(seed)  # the global RNG, first used by the refinement
+    refine_common = {**common, "num_inference_steps": max(steps, 2)}
+    condition, current_count, start = None, 0, 0
+    for _ in range(2):
+        output = call("refine", lambda condition=condition, current_count=current_count, start=start: _with_adapters(
+            pipe, ["refinement_lora"], bsa, lambda: pipe.generate_refine(
+                video=condition, prompt="", stage1_video=frames[start:start + count], num_cond_frames=current_count,
+                spatial_refine_only=True, **refine_common)))
+        condition, current_count, start = _uint8_frames(output), cond_count, start + count - cond_count
+
+
+def original_task_results(checkout: str | Path, raw_tree: str | Path, tasks: Iterable[str], inputs: Any, sizes: Any,
+                          steps: int, seed: int, dtype: torch.dtype, device: str | torch.device) -> dict:
+    """Every task run by the upstream pipeline from `checkout` on `raw_tree`: {task: [TaskResult] or error}.
+
+    A missing checkout or missing dependency raises LongcatError; a task upstream fails on gives its
+    one-line error instead of results (the caller decides what that means).
+    """
+    tasks = list(tasks)
+    import_upstream(checkout, needs_shims(device))
+    try:
+        pipe = load_upstream(raw_tree, dtype, device)
+    except LongcatError:
+        raise
+    except Exception as exc:  # upstream's own loaders: any failure is the raw tree's or the checkout's
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())
+        return dict.fromkeys(tasks, f"upstream cannot load the raw tree: {message}")
+    results: dict[str, list | str] = {}
+    for task in tasks:
+        try:
+            results[task] = run_upstream_task(pipe, task, inputs, sizes, steps, seed, device)
+        except LongcatError as exc:
+            results[task] = exc.one_line()
+        except Exception as exc:  # upstream code: report, do not crash the comparison of the other tasks
+            results[task] = " ".join(f"upstream {task} failed: {type(exc).__name__}: {exc}".split())
+    return results
