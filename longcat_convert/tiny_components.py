@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import string
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from longcat_convert.errors import LongcatError
+from longcat_convert.quiet import quiet_libraries
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -237,25 +236,9 @@ def _generator(seed: int, folder: Path) -> torch.Generator:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence library chatter (init notices, deprecation nags) and leave the global RNG untouched."""
-    from transformers.utils import logging as transformers_logging
-
-    loggers = [logging.getLogger(name) for name in ("transformers", "diffusers")]
-    levels = [logger.level for logger in loggers]
-    bars = transformers_logging.is_progress_bar_enabled()  # save_pretrained shows "Writing model shards"
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    if bars:
-        transformers_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-        if bars:
-            transformers_logging.enable_progress_bar()
+    """Silence library chatter and leave the global RNG untouched."""
+    with quiet_libraries(), torch.random.fork_rng(devices=[]):
+        yield
 
 
 def _uniform_(tensor: torch.Tensor, bound: float, generator: torch.Generator) -> None:

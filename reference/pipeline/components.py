@@ -8,8 +8,6 @@ encoder through transformers (`AutoTokenizer`, `UMT5EncoderModel`), the VAE thro
 from __future__ import annotations
 
 import contextlib
-import logging
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 import torch
 
 from longcat_convert.errors import LongcatError
+from longcat_convert.quiet import quiet_libraries
 
 from ..bsa import BsaParams
 from ..dit import LongcatDiT
@@ -139,26 +138,3 @@ def _check_shapes(tree: Tree, dit: LongcatDiT, text_encoder: torch.nn.Module, va
     if vae.config.z_dim != dit.config.in_channels:
         raise LongcatError(f"VAE z_dim {vae.config.z_dim} != DiT in_channels {dit.config.in_channels}",
                            tree.root / "vae")
-
-
-@contextlib.contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """Silence transformers/diffusers load chatter (progress bars, notices) for the block."""
-    from transformers.utils import logging as transformers_logging
-
-    loggers = [logging.getLogger(name) for name in ("transformers", "diffusers")]
-    levels = [logger.level for logger in loggers]
-    bars = transformers_logging.is_progress_bar_enabled()
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    if bars:
-        transformers_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-        if bars:
-            transformers_logging.enable_progress_bar()
