@@ -122,20 +122,21 @@ def _check_drops(plan: ConversionPlan, headers: HeaderCache) -> None:
                                headers.root / drop.file, "this checkpoint has affine parameters neither target model can hold")
 
 
-def _write_shard(work: Path, shard: ShardPlan, headers: HeaderCache, progress: tqdm) -> list[dict]:
+def _write_shard(work: Path, shard: ShardPlan, headers: HeaderCache, progress: tqdm) -> tuple[list[dict], str]:
+    """The manifest records of the shard's tensors, and the sha256 of the whole file."""
     path = work / shard.file
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)  # an unfinished file from an adopted partial folder
     entries = [TensorEntry(t.name, t.dtype, t.shape) for t in shard.tensors]
     records = []
-    with ShardWriter(path, entries, shard.metadata) as writer:
+    with ShardWriter(path, entries, shard.metadata, file_digest=True, direct_io=True) as writer:
         for tensor in shard.tensors:
             checkpoint(f"tensor {tensor.name} of {shard.file}")
             digest = writer.write_tensor(tensor.name, _counted(output_chunks(headers, tensor), progress))
             records.append({"name": tensor.name, "file": shard.file, "dtype": tensor.dtype, "shape": list(tensor.shape),
                             "source_dtype": tensor.source_dtype, "rule": tensor.rule, "op": tensor.op,
                             "sources": [s.to_json() for s in tensor.sources], "sha256": digest})
-    return records
+    return records, writer.file_sha256
 
 
 def _counted(chunks: Iterable[bytes], progress: tqdm) -> Iterator[bytes]:
@@ -204,8 +205,8 @@ def _write_outputs(plan: ConversionPlan, tree: Tree, work: Path, headers: Header
     for shard in plan.shards:
         records = journal.completed(shard.file)
         if records is None:
-            records = _write_shard(work, shard, headers, progress)
-            journal.record(shard.file, records)
+            records, digest = _write_shard(work, shard, headers, progress)
+            journal.record(shard.file, records, digest)
         else:
             progress.update(shard.nbytes)
         tensors.extend(records)
@@ -214,7 +215,7 @@ def _write_outputs(plan: ConversionPlan, tree: Tree, work: Path, headers: Header
         records = journal.completed(relative)
         if records is None:
             records = [{**_copy_file(tree.root / relative, work / relative, progress), "path": relative, "how": "copied"}]
-            journal.record(relative, records)
+            journal.record(relative, records, records[0]["sha256"])
         else:
             progress.update(records[0]["bytes"])
         files.extend(records)

@@ -33,8 +33,9 @@ class Journal:
     fingerprint: str
     done: dict[str, dict] = field(default_factory=dict)  # relative path -> {"sha256", "records"}
 
-    def record(self, relative: str, records: list[dict]) -> None:
-        self.done[relative] = {"sha256": file_sha256(self.folder / relative), "records": records}
+    def record(self, relative: str, records: list[dict], sha256: str | None = None) -> None:
+        """sha256: the file's digest if the writer computed it on the way (saves reading the file back)."""
+        self.done[relative] = {"sha256": sha256 or file_sha256(self.folder / relative), "records": records}
         self._save()
 
     def _save(self) -> None:

@@ -1,18 +1,21 @@
 """Write a safetensors shard whose header is known up front, receiving tensor bytes one at a time.
 
 The shard is never held in memory: the header is written first, then each tensor's bytes are
-streamed in, in header order, and hashed on the way. The file writes themselves happen in a
-background thread (`BackgroundSink`), so that reading and hashing the next chunk overlap with
-writing this one, and the kernel is asked to start putting each chunk on disk as soon as it is
-written, so that the disk is busy all along and the final fsync has little left to do.
+streamed in, in header order, and hashed on the way. The file writes happen on a background thread
+(`BackgroundSink`), so that reading and hashing the next chunk overlap with writing this one, and
+the kernel is told to start writing each chunk to disk at once, so the final fsync has little left.
+Optionally the whole file's sha256 is computed on the way (no read-back) and whole blocks bypass the
+page cache (O_DIRECT).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import json
 import math
+import mmap
 import os
 import queue
 import struct
@@ -26,7 +29,9 @@ from typing import BinaryIO
 from ..dtypes import ITEMSIZE
 from ..errors import LongcatError
 
-QUEUE_CHUNKS = 4  # chunks waiting for the writer thread: 4 × 16 MB in flight at most
+QUEUE_CHUNKS = 2  # chunks waiting for the writer thread (bounds memory: 2 × 16 MB from the reader)
+BLOCK_BYTES = 16 * 1024 * 1024  # staging block for direct I/O (a multiple of DIRECT_ALIGN)
+DIRECT_ALIGN = 4096  # offsets, lengths and memory of O_DIRECT writes are multiples of this
 WRITEBACK_LAG = 64 * 1024 * 1024  # wait for writeback of data this far behind the write position
 
 # sync_file_range(2) flags
@@ -75,81 +80,206 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 _SYNC_FILE_RANGE = _load_sync_file_range()
 
 
-class BackgroundSink:
-    """Append byte chunks to an open binary file from a writer thread, in order.
+def _open_direct(path: Path) -> int | None:
+    """A second, O_DIRECT descriptor on `path`, or None where the OS or file system has no direct I/O."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError:
+        return None
 
-    `write` queues a chunk (blocking while QUEUE_CHUNKS are waiting, which bounds memory); chunks must
-    not be changed afterwards (bytes are immutable; other buffers are copied). An error in the thread
-    is raised by the next `write` or by `finish`. After each chunk the writer starts its writeback and
-    waits for the writeback of data WRITEBACK_LAG behind, so dirty pages stay few and the disk busy.
-    """
 
-    def __init__(self, file: BinaryIO, label: str = "writer"):
-        self._file = file
-        self._position = file.tell()
-        self._flushed = self._position  # writeback started up to here
-        self._settled = 0  # writeback waited for up to here
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        data, offset = data[written:], offset + written
+
+
+class _Worker:
+    """A thread that applies `consume` to queued chunks, in order. After the first error it only drains
+    the queue (so that a blocked `put` returns); the error is kept in `error` for the caller's thread."""
+
+    def __init__(self, name: str, consume: Callable[[bytes], object], finish: Callable[[], object] | None = None,
+                 release: Callable[[], object] | None = None):
+        self._consume, self._finish, self._release = consume, finish, release
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_CHUNKS)
-        self._error: BaseException | None = None
-        self._cancelled = False
-        self._thread = threading.Thread(target=self._run, name=f"longcat-{label}", daemon=True)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def write(self, chunk) -> None:
-        self._raise_error()
-        if not self._thread.is_alive():
-            raise RuntimeError("write after the sink was finished")
-        self._queue.put(chunk if isinstance(chunk, bytes) else bytes(chunk))
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
-    def finish(self) -> None:
-        """Wait until everything queued is written (not yet fsynced); raise the writer's error, if any."""
-        self._stop()
-        self._raise_error()
+    def put(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
 
-    def cancel(self) -> None:
-        """Drop whatever is still queued and stop the thread; never raises."""
-        self._cancelled = True
-        self._stop()
-
-    def _stop(self) -> None:
+    def stop(self) -> None:
+        """Let the thread finish what is queued, then end it."""
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
 
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            self._cancelled = True
-            raise error
-
     def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            if self._cancelled or self._error is not None:
-                continue  # keep draining so that a blocked `write` returns
-            try:
-                self._file.write(chunk)
-                self._position += len(chunk)
-                self._start_writeback()
-            except BaseException as exc:  # handed to the caller's thread
-                self._error = exc
+        try:
+            while (chunk := self._queue.get()) is not None:
+                if self.error is None:
+                    self._guarded(self._consume, chunk)
+            if self.error is None and self._finish is not None:
+                self._guarded(self._finish)
+        finally:
+            if self._release is not None:
+                self._guarded(self._release)
 
-    def _start_writeback(self) -> None:
+    def _guarded(self, function: Callable[..., object], *args) -> None:
+        try:
+            function(*args)
+        except BaseException as exc:  # handed to the caller's thread
+            if self.error is None:
+                self.error = exc
+
+
+class _Appender:
+    """Writes consecutive chunks at explicit offsets of a file descriptor, from the file's current position.
+
+    With `path` (and a file system that has O_DIRECT), whole BLOCK_BYTES blocks are written with
+    O_DIRECT from a page-aligned staging block: no page-cache copy and no dirty-page throttling, which
+    saves most of the kernel CPU time of writing, but the data is not left in the page cache. The
+    unaligned tail, and everything else, goes through the page cache; there each chunk's writeback is
+    started at once and the writeback of data WRITEBACK_LAG behind is waited for, so dirty pages stay
+    few and the disk stays busy.
+    """
+
+    def __init__(self, file: BinaryIO, path: Path | None):
+        file.flush()
+        self._fd = file.fileno()
+        self._position = file.tell()  # file offset of the next byte (or of the staging block)
+        aligned = path is not None and self._position % DIRECT_ALIGN == 0
+        self._direct = _open_direct(path) if aligned and path is not None else None
+        self._block = mmap.mmap(-1, BLOCK_BYTES) if self._direct is not None else None
+        self._staged = 0  # bytes waiting in the staging block
+        self._flushed = self._position  # page-cache writeback started up to here
+        self._settled = 0  # page-cache writeback waited for up to here
+
+    def append(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            if self._block is None:
+                self._write_cached(view)
+                return
+            taken = min(len(view), BLOCK_BYTES - self._staged)
+            self._block[self._staged:self._staged + taken] = view[:taken]
+            self._staged += taken
+            view = view[taken:]
+            if self._staged == BLOCK_BYTES:
+                self._write_block()
+
+    def finish(self) -> None:
+        """Write the last, partial block through the page cache (a direct write needs an aligned length)."""
+        if self._block is not None and self._staged:
+            tail, self._staged = self._block[:self._staged], 0
+            self._write_cached(memoryview(tail))
+
+    def release(self) -> None:
+        if self._direct is not None:
+            os.close(self._direct)
+            self._direct = None
+        if self._block is not None:
+            self._block.close()
+            self._block = None
+
+    def _write_block(self) -> None:
+        assert self._direct is not None and self._block is not None
+        try:
+            written = os.pwrite(self._direct, self._block, self._position)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or self._position != 0:
+                raise
+            pending, self._staged = self._block[:self._staged], 0  # O_DIRECT accepted at open, refused at write
+            self.release()
+            self._write_cached(memoryview(pending))
+            return
+        if written < BLOCK_BYTES:  # a short direct write (a full disk): the cached write reports the error
+            _pwrite_all(self._fd, memoryview(self._block[written:]), self._position + written)
+        self._position += BLOCK_BYTES
+        self._staged = 0
+
+    def _write_cached(self, data: memoryview) -> None:
+        _pwrite_all(self._fd, data, self._position)
+        self._position += len(data)
         if _SYNC_FILE_RANGE is None:
             return
-        self._file.flush()
-        fd = self._file.fileno()
-        _SYNC_FILE_RANGE(fd, self._flushed, self._position - self._flushed, _WRITE)  # a hint: errors surface in fsync
+        _SYNC_FILE_RANGE(self._fd, self._flushed, self._position - self._flushed, _WRITE)  # a hint; errors surface in fsync
         self._flushed = self._position
         lagging = self._position - WRITEBACK_LAG
         if lagging > self._settled:
-            _SYNC_FILE_RANGE(fd, self._settled, lagging - self._settled, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
+            _SYNC_FILE_RANGE(self._fd, self._settled, lagging - self._settled, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
             self._settled = lagging
+
+
+class BackgroundSink:
+    """Append byte chunks to an open binary file from a writer thread, in order.
+
+    `write` queues a chunk (blocking while QUEUE_CHUNKS are waiting, which bounds memory); chunks must
+    not be changed afterwards (bytes are immutable; other buffers are copied). An error in a thread is
+    raised by the next `write` or by `finish`. Writing starts at the file's position; nothing is
+    fsynced here: the owner fsyncs the file.
+
+    digest: also sha256 everything written, on a second thread (read `digest` after `finish`).
+    direct: write whole blocks with O_DIRECT where `path`'s file system allows (see _Appender); right
+    when nobody reads the file back soon, since it is then not in the page cache.
+    """
+
+    def __init__(self, file: BinaryIO, path: Path | None = None, label: str = "writer", *, digest: bool = False,
+                 direct: bool = False):
+        appender = _Appender(file, path if direct else None)
+        self._workers = [_Worker(f"longcat-{label}", appender.append, appender.finish, appender.release)]
+        self.digest = hashlib.sha256() if digest else None
+        if self.digest is not None:
+            self._workers.append(_Worker(f"longcat-{label}-sha256", self.digest.update))
+        self._reported = False
+
+    def write(self, chunk) -> None:
+        self._raise_error()
+        if not all(worker.alive for worker in self._workers):
+            raise RuntimeError("write after the sink was finished")
+        data = chunk if isinstance(chunk, bytes) else bytes(chunk)
+        for worker in self._workers:
+            worker.put(data)
+
+    def finish(self) -> None:
+        """Wait until everything queued is written (not yet fsynced); raise the first error, if any."""
+        self._stop()
+        self._raise_error()
+
+    def close_quietly(self) -> None:
+        """Write out what is queued (unless writing failed) and stop the threads; never raises."""
+        self._stop()
+        self._reported = True
+
+    def _stop(self) -> None:
+        for worker in self._workers:
+            worker.stop()
+
+    def _raise_error(self) -> None:
+        error = next((worker.error for worker in self._workers if worker.error is not None), None)
+        if error is not None and not self._reported:
+            self._reported = True
+            raise error
 
 
 class ShardWriter:
     """Stream tensors into one safetensors file, in the order the header lists them."""
 
-    def __init__(self, path: str | Path, entries: list[TensorEntry], metadata: dict[str, str] | None = None):
+    def __init__(self, path: str | Path, entries: list[TensorEntry], metadata: dict[str, str] | None = None, *,
+                 file_digest: bool = False, direct_io: bool = False):
+        """file_digest: also sha256 the whole file as it is written (`file_sha256`), on a thread of its own.
+        direct_io: bypass the page cache for whole blocks (see BackgroundSink); for callers that do not
+        read the file back soon."""
         names = [e.name for e in entries]
         if len(set(names)) != len(names):
             raise LongcatError("duplicate tensor names in a shard plan", path)
@@ -158,8 +288,8 @@ class ShardWriter:
         self.digests: dict[str, str] = {}
         self._next = 0
         self._file = open(self.path, "xb")
-        self._file.write(encode_header(entries, metadata))
-        self._sink = BackgroundSink(self._file, "shard-writer")
+        self._sink = BackgroundSink(self._file, self.path, "shard-writer", digest=file_digest, direct=direct_io)
+        self._sink.write(encode_header(entries, metadata))
 
     def write_tensor(self, name: str, chunks: Iterable[bytes]) -> str:
         """Write the next tensor's bytes; returns their sha256 hex digest."""
@@ -178,6 +308,13 @@ class ShardWriter:
         self.digests[name] = digest.hexdigest()
         return self.digests[name]
 
+    @property
+    def file_sha256(self) -> str:
+        """sha256 of the complete file, without reading it back; needs file_digest=True and a closed writer."""
+        if self._sink.digest is None or not self._file.closed:
+            raise LongcatError("file_sha256 needs ShardWriter(..., file_digest=True), read after close()", self.path)
+        return self._sink.digest.hexdigest()
+
     def close(self) -> None:
         if self._next != len(self.entries):
             self.abort()
@@ -192,7 +329,7 @@ class ShardWriter:
         self._file.close()
 
     def abort(self) -> None:
-        self._sink.cancel()
+        self._sink.close_quietly()
         if not self._file.closed:
             self._file.close()
 
