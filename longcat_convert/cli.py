@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -9,9 +10,34 @@ import click
 from . import __version__
 from .errors import LongcatError
 
+# name -> (module, attribute, one-line help). Modules are imported only when their command runs, so a
+# header-only command does not pay for torch, transformers or diffusers.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "tiny": ("cli_tiny", "tiny_command", "Write a complete raw LongCat-Video tree at DST, tiny but shaped like the published one."),
+    "inspect": ("cli_inspect", "inspect_command", "Describe a tree: layout, components, DiT size and dtypes, shards, LoRAs."),
+    "convert": ("cli_convert", "convert_command", "Convert a tree into another layout (streaming, verified, atomic)."),
+    "validate": ("cli_validate", "validate_command", "Check a tree against the schemas and the key map; exit 0/1/2."),
+    "parity": ("cli_parity", "parity_command", "Compare a converted tree with its source: weights, forward or tasks."),
+    "run": ("cli_run", "run_command", "Run a LongCat task (t2v, i2v, vc, refine, long) from a tree of any layout."),
+    "demo": ("cli_demo", "demo_command", "Tiny trees -> convert -> validate -> parity at every level; one table."),
+}
+
 
 class _Group(click.Group):
-    """Turns LongcatError into a one-line message and exit 2 (never a traceback)."""
+    """Loads subcommands on demand and turns LongcatError into one line and exit 2 (never a traceback)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS) + [name for name in super().list_commands(ctx) if name not in COMMANDS]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in COMMANDS and name not in self.commands:
+            module, attribute, _ = COMMANDS[name]
+            self.add_command(getattr(importlib.import_module(f"{__package__}.{module}"), attribute), name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, short) for name, (_, _, short) in COMMANDS.items()])
 
     def invoke(self, ctx: click.Context):
         try:
@@ -49,19 +75,10 @@ def main_group() -> None:
 
 
 def _register() -> None:
-    from .cli_convert import convert_command
-    from .cli_demo import demo_command
-    from .cli_inspect import inspect_command
-    from .cli_parity import parity_command
-    from .cli_run import run_command
-    from .cli_tiny import tiny_command
-    from .cli_validate import validate_command
-
-    for command in (tiny_command, inspect_command, convert_command, demo_command, validate_command,
-                    parity_command, run_command):
-        main_group.add_command(command)
+    """Import every subcommand now (tests use this to drive the group in-process)."""
+    for name in COMMANDS:
+        main_group.get_command(click.Context(main_group), name)
 
 
 def main() -> None:
-    _register()
     main_group(prog_name="longcat-convert")

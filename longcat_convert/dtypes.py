@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import torch
+import struct
+from collections.abc import Mapping
 
 ITEMSIZE: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -11,14 +12,65 @@ ITEMSIZE: dict[str, int] = {
     "I64": 8, "U64": 8, "F64": 8,
 }
 
-TORCH_DTYPE: dict[str, torch.dtype] = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
-    "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64,
+_TORCH_NAMES: dict[str, str] = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16",
+    "I32": "int32", "U32": "uint32", "F32": "float32",
+    "I64": "int64", "U64": "uint64", "F64": "float64",
 }
-SAFETENSORS_NAME: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPE.items()}
+
+
+class _TorchDtypes(Mapping):
+    """safetensors name -> torch.dtype, importing torch on first use: header-only commands never pay for it."""
+
+    def __init__(self) -> None:
+        self._table: dict | None = None
+
+    def _load(self) -> dict:
+        if self._table is None:
+            import torch
+
+            self._table = {name: getattr(torch, attr) for name, attr in _TORCH_NAMES.items()}
+        return self._table
+
+    def __getitem__(self, key):
+        return self._load()[key]
+
+    def __iter__(self):
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(_TORCH_NAMES)
+
+
+class _SafetensorsNames(Mapping):
+    """torch.dtype -> safetensors name, the inverse of TORCH_DTYPE."""
+
+    def __getitem__(self, key):
+        return {v: k for k, v in TORCH_DTYPE.items()}[key]
+
+    def __iter__(self):
+        return iter(TORCH_DTYPE.values())
+
+    def __len__(self) -> int:
+        return len(_TORCH_NAMES)
+
+
+TORCH_DTYPE = _TorchDtypes()
+SAFETENSORS_NAME = _SafetensorsNames()
+
+_STRUCT_SCALARS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b",
+                   "U8": "<B", "U16": "<H", "U32": "<I", "U64": "<Q", "BOOL": "<?"}
+
+
+def scalar_from_bytes(data: bytes, dtype: str) -> float:
+    """The first element of a buffer as a Python float, without torch (BF16 widened to F32 by padding)."""
+    if dtype == "BF16":
+        return struct.unpack("<f", b"\x00\x00" + data[:2])[0]
+    if dtype not in _STRUCT_SCALARS:
+        raise ValueError(f"no scalar decoding for {dtype}")
+    fmt = _STRUCT_SCALARS[dtype]
+    return float(struct.unpack(fmt, data[:struct.calcsize(fmt)])[0])
 
 FLOATING = frozenset({"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"})
 

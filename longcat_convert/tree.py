@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import keymap
+from .dtypes import scalar_from_bytes
 from .errors import LongcatError
-from .io import SafetensorsHeader, ShardIndex, read_header, read_index, read_tensor
+from .io import SafetensorsHeader, ShardIndex, read_bytes, read_header, read_index, tensor_range
 from .lora import detect_format
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -176,7 +177,7 @@ def read_adapters(root: Path, layout_name: str, follow_symlinks: bool = False) -
         adapter = Adapter(path.stem, str(path.relative_to(root)), header, fmt)
         for key, info in header.tensors.items():
             if key.endswith(("alpha_scale", "lora_alpha")):
-                adapter.alphas[key] = float(read_tensor(header, key).float().reshape(-1)[0])
+                adapter.alphas[key] = scalar_from_bytes(read_bytes(tensor_range(header, key)), info.dtype)
                 adapter.alpha_dtypes[key] = info.dtype
         adapters.append(adapter)
     names = [a.name for a in adapters]

@@ -19,7 +19,6 @@ from .layout_detect import check_root, detect_layout
 from .validation.adapters import check_lora_folder
 from .validation.components import check_dit, check_text_encoder, check_vae, drop_expectations
 from .validation.configs import check_cross_rules, check_model_index, check_scheduler_config, check_tokenizer
-from .validation.deep import deep_scan
 from .validation.findings import Findings
 from .validation.manifest import check_manifest_headers, load_manifest
 from .validation.tree import Context, check_tree_safety
@@ -69,7 +68,7 @@ def validate_tree(root: str | Path, options: ValidateOptions = ValidateOptions()
                       (vae, "vae/config.json") if vae else None)
     if manifest is not None:
         check_manifest_headers(ctx, manifest, detected.name)
-    deep = deep_scan(ctx, manifest, drop_expectations(ctx, dit)) if options.deep else None
+    deep = _deep_scan(ctx, manifest, dit) if options.deep else None
 
     return {
         "report": "longcat-convert validation",
@@ -86,6 +85,12 @@ def validate_tree(root: str | Path, options: ValidateOptions = ValidateOptions()
         "findings": [finding.to_json() for finding in findings.items],
         "elapsed_seconds": round(time.perf_counter() - started, 4),
     }
+
+
+def _deep_scan(ctx: Context, manifest, dit):
+    from .validation.deep import deep_scan  # imports torch; header-only runs never need it
+
+    return deep_scan(ctx, manifest, drop_expectations(ctx, dit))
 
 
 def _check_model_index(ctx: Context, layout: dict) -> None:

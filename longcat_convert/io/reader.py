@@ -6,12 +6,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..dtypes import TORCH_DTYPE
 from ..errors import LongcatError
 from .header import SafetensorsHeader, TensorInfo
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK_BYTES = 16 * 1024 * 1024
 
@@ -70,6 +72,8 @@ def read_bytes(byte_range: ByteRange) -> bytes:
 
 def read_tensor(header: SafetensorsHeader, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Materialise one tensor (or a row block of it) as a torch tensor."""
+    import torch
+
     info: TensorInfo = header.tensors[name]
     byte_range = tensor_range(header, name, rows)  # checks `rows` before shape[0] is touched (0-d tensors)
     shape = list(info.shape)

@@ -13,10 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .. import keymap
-from ..dtypes import FLOATING, TORCH_DTYPE
+from ..dtypes import FLOATING, scalar_from_bytes
 from ..io import SafetensorsHeader, TensorInfo
 from ..lora import FASTVIDEO_TAILS, PREFIX, decode_module, encode_module
 from .tree import PICKLE_SUFFIXES, Context, pickle_message
@@ -130,7 +128,7 @@ class ScalarReader:
             return None
         if len(data) != end - begin:
             return None
-        return float(torch.frombuffer(bytearray(data), dtype=TORCH_DTYPE[info.dtype])[0])
+        return scalar_from_bytes(data, info.dtype)
 
     def close(self) -> None:
         if self._handle is not None:
