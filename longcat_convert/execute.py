@@ -11,8 +11,8 @@ import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tqdm import tqdm
 
 from . import __version__, journal, jsonschemas, keymap
@@ -33,9 +33,11 @@ from .io import (
 from .io.reader import CHUNK_BYTES
 from .io.writer import BackgroundSink
 from .journal import Journal, plan_fingerprint
-from .lora_check import compare, responses
 from .plan import ConversionPlan, OutputTensor, ShardPlan, Slice
 from .tree import Tree
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST = "conversion.json"
 
@@ -58,6 +60,8 @@ class HeaderCache:
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    import torch
+
     return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
@@ -72,6 +76,8 @@ def _slice_chunks(headers: HeaderCache, piece: Slice) -> Iterator[bytes]:
 
 def _blockdiag_chunks(headers: HeaderCache, tensor: OutputTensor) -> Iterator[bytes]:
     """Rows of a zero matrix with the sources placed one after another on its diagonal."""
+    import torch
+
     dtype = TORCH_DTYPE[tensor.source_dtype]
     col = 0
     for piece in tensor.sources:
@@ -85,6 +91,8 @@ def _blockdiag_chunks(headers: HeaderCache, tensor: OutputTensor) -> Iterator[by
 def _source_chunks(headers: HeaderCache, tensor: OutputTensor) -> Iterator[bytes]:
     """The output's bytes in the source dtype."""
     if tensor.op == "scalar":
+        import torch
+
         yield _tensor_bytes(torch.full(tensor.shape, tensor.value, dtype=torch.float64).to(TORCH_DTYPE[tensor.source_dtype]))
     elif tensor.op == "blockdiag":
         yield from _blockdiag_chunks(headers, tensor)
@@ -95,6 +103,8 @@ def _source_chunks(headers: HeaderCache, tensor: OutputTensor) -> Iterator[bytes
 
 def _convert_chunks(chunks: Iterable[bytes], tensor: OutputTensor) -> Iterator[bytes]:
     """Cast (and scale, for an alpha rescale) chunk by chunk; chunks always hold whole elements."""
+    import torch
+
     source, target = TORCH_DTYPE[tensor.source_dtype], TORCH_DTYPE[tensor.dtype]
     for chunk in chunks:
         values = torch.frombuffer(bytearray(chunk), dtype=source)
@@ -122,21 +132,21 @@ def _check_drops(plan: ConversionPlan, headers: HeaderCache) -> None:
                                headers.root / drop.file, "this checkpoint has affine parameters neither target model can hold")
 
 
-def _write_shard(work: Path, shard: ShardPlan, headers: HeaderCache, progress: tqdm) -> tuple[list[dict], str]:
-    """The manifest records of the shard's tensors, and the sha256 of the whole file."""
+def _write_shard(work: Path, shard: ShardPlan, headers: HeaderCache, progress: tqdm) -> list[dict]:
+    """The manifest records of the shard's tensors (each with the sha256 of its bytes)."""
     path = work / shard.file
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)  # an unfinished file from an adopted partial folder
     entries = [TensorEntry(t.name, t.dtype, t.shape) for t in shard.tensors]
     records = []
-    with ShardWriter(path, entries, shard.metadata, file_digest=True, direct_io=True) as writer:
+    with ShardWriter(path, entries, shard.metadata, direct_io=True) as writer:
         for tensor in shard.tensors:
             checkpoint(f"tensor {tensor.name} of {shard.file}")
             digest = writer.write_tensor(tensor.name, _counted(output_chunks(headers, tensor), progress))
             records.append({"name": tensor.name, "file": shard.file, "dtype": tensor.dtype, "shape": list(tensor.shape),
                             "source_dtype": tensor.source_dtype, "rule": tensor.rule, "op": tensor.op,
                             "sources": [s.to_json() for s in tensor.sources], "sha256": digest})
-    return records, writer.file_sha256
+    return records
 
 
 def _counted(chunks: Iterable[bytes], progress: tqdm) -> Iterator[bytes]:
@@ -173,6 +183,12 @@ def _write_text(path: Path, text: str) -> dict:
 
 
 def _check_loras(plan: ConversionPlan, tree: Tree, work: Path) -> list[dict]:
+    if not plan.adapters:
+        return []
+    import torch  # only conversions with LoRAs pay for it
+
+    from .lora_check import compare, responses
+
     expanded = keymap.expand(tree.dit.config, tree.naming)
     results = []
     for adapter in plan.adapters:
@@ -205,8 +221,8 @@ def _write_outputs(plan: ConversionPlan, tree: Tree, work: Path, headers: Header
     for shard in plan.shards:
         records = journal.completed(shard.file)
         if records is None:
-            records, digest = _write_shard(work, shard, headers, progress)
-            journal.record(shard.file, records, digest)
+            records = _write_shard(work, shard, headers, progress)
+            journal.record(shard.file, records)
         else:
             progress.update(shard.nbytes)
         tensors.extend(records)

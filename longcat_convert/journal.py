@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import LongcatError
+from .io import iter_chunks, read_header, tensor_range
 from .io.reader import CHUNK_BYTES
 
 JOURNAL = ".longcat-journal.json"
@@ -34,8 +36,9 @@ class Journal:
     done: dict[str, dict] = field(default_factory=dict)  # relative path -> {"sha256", "records"}
 
     def record(self, relative: str, records: list[dict], sha256: str | None = None) -> None:
-        """sha256: the file's digest if the writer computed it on the way (saves reading the file back)."""
-        self.done[relative] = {"sha256": sha256 or file_sha256(self.folder / relative), "records": records}
+        """sha256: the whole file's digest, for copied files. A shard is later proven by its own header and
+        its tensors' digests (already in `records`), so its bytes are hashed once, while being written."""
+        self.done[relative] = {"sha256": sha256, "records": records}
         self._save()
 
     def _save(self) -> None:
@@ -47,13 +50,34 @@ class Journal:
         """The records of a file that is complete and intact, else None."""
         entry = self.done.get(relative)
         path = self.folder / relative
-        if entry is None or not path.is_file() or file_sha256(path) != entry["sha256"]:
+        if entry is None or not path.is_file():
             return None
-        return entry["records"]
+        intact = file_sha256(path) == entry["sha256"] if entry["sha256"] else _shard_matches(path, entry["records"])
+        return entry["records"] if intact else None
 
     def discard(self) -> None:
         for name in (JOURNAL, JOURNAL + ".tmp"):
             (self.folder / name).unlink(missing_ok=True)
+
+
+def _shard_matches(path: Path, records: list[dict]) -> bool:
+    """A safetensors file whose header lists exactly the recorded tensors, each with the recorded digest."""
+    try:
+        header = read_header(path)
+    except LongcatError:
+        return False
+    if set(header.tensors) != {r["name"] for r in records}:
+        return False
+    for record in records:
+        info = header.tensors[record["name"]]
+        if info.dtype != record["dtype"] or list(info.shape) != record["shape"]:
+            return False
+        digest = hashlib.sha256()
+        for chunk in iter_chunks(tensor_range(header, record["name"])):
+            digest.update(chunk)
+        if digest.hexdigest() != record["sha256"]:
+            return False
+    return True
 
 
 def start(folder: Path, fingerprint: str) -> Journal:
