@@ -2,7 +2,7 @@
 
 usage: python scripts/check_reference_upstream.py ORACLE_PT RAW_TREE [--tol 1e-5]
 
-ORACLE_PT and RAW_TREE come from /work/shared/oracle/make_upstream_tiny.py, which runs the real
+ORACLE_PT and RAW_TREE come from ../shared/oracle/make_upstream_tiny.py, which runs the real
 upstream LongCat-Video DiT. Every case (plain CFG batch with padded text, conditioned, KV cache, each
 LoRA) must reach relative L2 error <= tol in fp32; the KV cache itself is compared too.
 Prints one line per case and PASS or FAIL; exits 0 on PASS, 1 on FAIL, 2 on bad input.

@@ -1,7 +1,7 @@
 """Run the UPSTREAM LongCat-Video pipeline and ours on the same tiny tree, seed and inputs; compare.
 
 usage (from the repo, in the project venv):
-    /root/venv/bin/python scripts/check_tasks_upstream.py [TREE] [--work DIR] [--seed 0] [--tol 1e-4]
+    python scripts/check_tasks_upstream.py [TREE] [--work DIR] [--seed 0] [--tol 1e-4]
         [--upstream-python ~/.cache/longcat-oracle/venv/bin/python] [--original-src ~/.cache/longcat-oracle/longcat]
 
 Without TREE a tiny raw tree is built in --work. The script runs our tasks in this process, then runs
