@@ -32,7 +32,7 @@ from .io import (
 )
 from .io.reader import CHUNK_BYTES
 from .io.writer import BackgroundSink
-from .journal import Journal, plan_fingerprint
+from .journal import Journal, file_sha256, plan_fingerprint
 from .plan import ConversionPlan, OutputTensor, ShardPlan, Slice
 from .tree import Tree
 
@@ -275,8 +275,7 @@ def execute(plan: ConversionPlan, tree: Tree, dst: Path, *, overwrite: bool = Fa
 
 
 def _file_digest(path: Path) -> dict:
-    data = path.read_bytes()
-    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
 
 
 def _manifest(plan: ConversionPlan, tree: Tree, tensors: list[dict], files: list[dict], lora_checks: list[dict]) -> dict:

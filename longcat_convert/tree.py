@@ -14,6 +14,7 @@ from . import keymap
 from .dtypes import scalar_from_bytes
 from .errors import LongcatError
 from .io import SafetensorsHeader, ShardIndex, read_bytes, read_header, read_index, tensor_range
+from .layout_detect import detect_layout
 from .lora import detect_format
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -69,26 +70,6 @@ def load_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise LongcatError("is not a JSON object", path)
     return data
-
-
-def detect_layout(root: Path) -> str:
-    """raw when dit/ holds a config; otherwise the class named by transformer/config.json."""
-    if not root.exists():
-        raise LongcatError("does not exist", root, "give the path of a LongCat-Video checkpoint tree")
-    if not root.is_dir():
-        raise LongcatError("is not a directory", root, "give the folder that holds dit/ or transformer/")
-    if (root / "dit" / "config.json").is_file():
-        return "raw"
-    config_path = root / "transformer" / "config.json"
-    if config_path.is_file():
-        class_name = load_json(config_path).get("_class_name")
-        for layout_name, naming in (("fastvideo", "fastvideo"), ("diffusers", "upstream")):
-            if class_name == keymap.class_name(naming):
-                return layout_name
-        raise LongcatError(f"_class_name {class_name!r} is neither LongCat class", config_path,
-                           "expected LongCatTransformer3DModel (fastvideo) or LongCatVideoTransformer3DModel (diffusers)")
-    raise LongcatError("holds neither dit/config.json (raw layout) nor transformer/config.json "
-                       "(fastvideo or diffusers layout)", root, "point at the checkpoint's top folder")
 
 
 def _inside(root: Path, path: Path, follow_symlinks: bool) -> None:
@@ -211,8 +192,7 @@ def list_other_files(root: Path, layout_name: str, follow_symlinks: bool = False
 
 def read_tree(root: str | Path, layout_name: str | None = None, follow_symlinks: bool = False) -> Tree:
     root = Path(os.path.abspath(root))
-    detected = detect_layout(root)
-    layout_name = layout_name or detected
+    layout_name = detect_layout(root, layout_name).name
     spec = keymap.layout(layout_name)
     dit = read_dit(root, spec["dit_dir"], spec["naming"], follow_symlinks)
     model_index_path = root / "model_index.json"
