@@ -138,15 +138,14 @@ def _write_shard(work: Path, shard: ShardPlan, headers: HeaderCache, progress: t
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)  # an unfinished file from an adopted partial folder
     entries = [TensorEntry(t.name, t.dtype, t.shape) for t in shard.tensors]
-    records = []
     with ShardWriter(path, entries, shard.metadata, direct_io=True) as writer:
         for tensor in shard.tensors:
             checkpoint(f"tensor {tensor.name} of {shard.file}")
-            digest = writer.write_tensor(tensor.name, _counted(output_chunks(headers, tensor), progress))
-            records.append({"name": tensor.name, "file": shard.file, "dtype": tensor.dtype, "shape": list(tensor.shape),
-                            "source_dtype": tensor.source_dtype, "rule": tensor.rule, "op": tensor.op,
-                            "sources": [s.to_json() for s in tensor.sources], "sha256": digest})
-    return records
+            writer.write_tensor(tensor.name, _counted(output_chunks(headers, tensor), progress))
+    digests = writer.digests
+    return [{"name": t.name, "file": shard.file, "dtype": t.dtype, "shape": list(t.shape), "source_dtype": t.source_dtype,
+             "rule": t.rule, "op": t.op, "sources": [s.to_json() for s in t.sources], "sha256": digests[t.name]}
+            for t in shard.tensors]
 
 
 def _counted(chunks: Iterable[bytes], progress: tqdm) -> Iterator[bytes]:
@@ -158,12 +157,10 @@ def _counted(chunks: Iterable[bytes], progress: tqdm) -> Iterator[bytes]:
 def _copy_file(source: Path, target: Path, progress: tqdm) -> dict:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.unlink(missing_ok=True)
-    digest = hashlib.sha256()
     with open(source, "rb") as reader, open(target, "xb") as writer:
-        sink = BackgroundSink(writer, target, "copy")  # writes in a thread while the next chunk is read and hashed
+        sink = BackgroundSink(writer, target, "copy", digest=True)  # writes and hashes in threads while the next chunk is read
         try:
             while chunk := reader.read(CHUNK_BYTES):
-                digest.update(chunk)
                 sink.write(chunk)
                 progress.update(len(chunk))
             sink.finish()
@@ -172,7 +169,8 @@ def _copy_file(source: Path, target: Path, progress: tqdm) -> dict:
         writer.flush()
         os.fsync(writer.fileno())
     shutil.copymode(source, target)
-    return {"sha256": digest.hexdigest(), "bytes": source.stat().st_size}
+    assert sink.digest is not None
+    return {"sha256": sink.digest.hexdigest(), "bytes": source.stat().st_size}
 
 
 def _write_text(path: Path, text: str) -> dict:

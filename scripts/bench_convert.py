@@ -2,7 +2,8 @@
 
 usage: python scripts/bench_convert.py [--depths 2,4,8] [--dtypes float32,bfloat16] [--workdir DIR]
                                        [--cache cold,warm] [--keep] [--skip-baseline] [--skip-sparse]
-                                       [--configs 2:float32,4:bfloat16] [--deep-max-gb 3] [--pythonpath DIR]
+                                       [--configs 2:float32,4:bfloat16] [--repeat 3] [--deep-max-gb 3]
+                                       [--pythonpath DIR]
 
 For every (depth, dtype) it writes a synthetic raw DiT at the published width (hidden 4096, 32 heads,
 5 GB shards + index; finite values from a random pattern), then runs, each as a subprocess:
@@ -15,6 +16,11 @@ and records wall time, the `sync` that follows (so `durable` = wall + sync compa
 ours fsyncs, cp and the baseline leave dirty pages), and the peak RSS of the process tree
 (/usr/bin/time -v, else os.wait4). With root and a writable /proc/sys/vm/drop_caches each run is
 measured cold (caches dropped) and warm (source read once beforehand); otherwise every run is warm.
+Each (configuration, cache) is measured --repeat times with ours and cp interleaved, their order
+alternating from round to round (the disk of a shared machine drifts, and the first run after the
+tree is written pays for its writeback); tables give the median, the targets compare medians, and the
+spread of ours/cp over the rounds is printed. The baseline runs once per cache mode (it is slow and
+needs the model twice in RAM).
 It also times `inspect` / `validate` / `validate --deep` (validate only if the CLI has it) on the
 source and converted trees, and header-only commands on a depth-48 bf16 tree of sparse files
 (real headers, `truncate`d to full size: 6 shards, 1022 keys, 27 GB apparent, ~0 on disk).
@@ -242,6 +248,57 @@ class Row:
     cache: str
     nbytes: int
     run: Run
+    round: int = 0
+
+
+@dataclass
+class Summary:
+    """The runs of one (depth, dtype, method, cache): medians, and the spread of durable time."""
+
+    depth: int
+    dtype: str
+    method: str
+    cache: str
+    nbytes: int
+    runs: list[Run]
+
+    @property
+    def wall(self) -> float:
+        return statistics.median(r.wall for r in self.runs)
+
+    @property
+    def sync(self) -> float:
+        return statistics.median(r.sync for r in self.runs)
+
+    @property
+    def durable(self) -> float:
+        return statistics.median(r.durable for r in self.runs)
+
+    @property
+    def rss_mb(self) -> float:
+        return max(r.rss_mb for r in self.runs)
+
+    @property
+    def load(self) -> float:
+        return max(r.load for r in self.runs)
+
+
+def summarize(rows: list[Row]) -> list[Summary]:
+    groups: dict[tuple[int, str, str, str], Summary] = {}
+    for row in rows:
+        key = (row.depth, row.dtype, row.method, row.cache)
+        if key not in groups:
+            groups[key] = Summary(row.depth, row.dtype, row.method, row.cache, row.nbytes, [])
+        groups[key].runs.append(row.run)
+    return list(groups.values())
+
+
+def paired_ratios(rows: list[Row], depth: int, dtype: str, cache: str) -> list[float]:
+    """ours/cp durable time within each round (the two ran minutes apart at most)."""
+    def by_round(method: str) -> dict[int, Run]:
+        return {r.round: r.run for r in rows if (r.depth, r.dtype, r.cache, r.method) == (depth, dtype, cache, method)}
+    ours, cp = by_round("ours"), by_round("cp")
+    return [ours[k].durable / cp[k].durable for k in sorted(ours.keys() & cp.keys())]
 
 
 @dataclass
@@ -276,15 +333,16 @@ class Bench:
         built = time.perf_counter() - started
         flushed = sync_seconds()
         log(f"depth {depth} {dtype}: built {nbytes / 1e9:.2f} GB in {built:.1f} s (+ sync {flushed:.1f} s)")
+        baseline = "baseline" in self.methods() and self.baseline_fits(nbytes)
         try:
-            for method in self.methods():
-                if method == "baseline" and not self.baseline_fits(nbytes):
-                    continue
-                for mode in self.modes():
-                    self.run_one(depth, dtype, method, mode, nbytes, src, out)
-                    if method == "ours" and mode == self.modes()[-1]:
-                        self.run_tools(f"d{depth} {dtype}", src, out, deep=nbytes <= self.args.deep_max_gb * 1e9)
-                    remove(out)
+            for mode in self.modes():
+                for round_ in range(self.args.repeat):
+                    order = ["ours", "cp"] if round_ % 2 == 0 else ["cp", "ours"]
+                    for method in order + (["baseline"] if baseline and round_ == 0 else []):
+                        self.run_one(depth, dtype, method, mode, nbytes, src, out, round_)
+                        if method == "ours" and mode == self.modes()[-1] and round_ == self.args.repeat - 1:
+                            self.run_tools(f"d{depth} {dtype}", src, out, deep=nbytes <= self.args.deep_max_gb * 1e9)
+                        remove(out)
         finally:
             if not self.args.keep:
                 remove(src)
@@ -297,7 +355,8 @@ class Bench:
         self.notes.append(f"baseline skipped at {nbytes / 1e9:.1f} GB: it needs ~2x the model in RAM")
         return False
 
-    def run_one(self, depth: int, dtype: str, method: str, mode: str, nbytes: int, src: Path, out: Path) -> None:
+    def run_one(self, depth: int, dtype: str, method: str, mode: str, nbytes: int, src: Path, out: Path,
+                round_: int) -> None:
         if mode == "cold":
             drop_caches()
         else:
@@ -305,8 +364,8 @@ class Bench:
         run = measure(commands(method, src, out), self.env() if method == "ours" else None)
         if run.rc != 0:
             self.notes.append(f"{method} d{depth} {dtype} {mode} exited {run.rc}: {run.stderr}")
-        self.rows.append(Row(depth, dtype, method, mode, nbytes, run))
-        log(f"  {method:8s} {mode}: {run.wall:6.1f} s + sync {run.sync:5.1f} s, peak RSS {run.rss_mb:7.0f} MB"
+        self.rows.append(Row(depth, dtype, method, mode, nbytes, run, round_))
+        log(f"  {method:8s} {mode} #{round_ + 1}: {run.wall:6.1f} s + sync {run.sync:5.1f} s, peak RSS {run.rss_mb:7.0f} MB"
             f"{'' if run.rc == 0 else f'  (exit {run.rc})'}")
 
     def run_tools(self, label: str, src: Path, out: Path, deep: bool) -> None:
@@ -393,36 +452,38 @@ def fmt_bytes(n: float) -> str:
 
 
 def results_table(bench: Bench) -> list[str]:
-    cp_wall = {(r.depth, r.dtype, r.cache): r.run for r in bench.rows if r.method == "cp"}
-    header = (f"{'depth':>5} {'dtype':9} {'method':9} {'cache':5} {'bytes':>9} {'wall s':>7} {'sync s':>7} "
-              f"{'GB/s':>6} {'durable':>8} {'GB/s':>6} {'x cp':>6} {'x cp+sync':>9} {'peak RSS':>10} {'load':>5}")
+    summaries = summarize(bench.rows)
+    cps = {(g.depth, g.dtype, g.cache): g for g in summaries if g.method == "cp"}
+    header = (f"{'depth':>5} {'dtype':9} {'method':9} {'cache':5} {'runs':>4} {'bytes':>9} {'wall s':>7} {'sync s':>7} "
+              f"{'durable':>8} {'GB/s':>6} {'x cp':>6} {'x cp+sync':>9} {'spread':>11} {'peak RSS':>10} {'load':>5}")
     lines = [header, "-" * len(header)]
-    for row in bench.rows:
-        cp = cp_wall.get((row.depth, row.dtype, row.cache))
-        ratio = f"{row.run.wall / cp.wall:6.2f}" if cp else f"{'-':>6}"
-        durable_ratio = f"{row.run.durable / cp.durable:9.2f}" if cp else f"{'-':>9}"
-        lines.append(f"{row.depth:>5} {row.dtype:9} {row.method:9} {row.cache:5} {fmt_bytes(row.nbytes):>9} "
-                     f"{row.run.wall:7.1f} {row.run.sync:7.1f} {row.nbytes / 1e9 / row.run.wall:6.2f} "
-                     f"{row.run.durable:8.1f} {row.nbytes / 1e9 / row.run.durable:6.2f} {ratio} {durable_ratio} "
-                     f"{row.run.rss_mb:7.0f} MB {row.run.load:5.1f}")
+    for g in summaries:
+        cp = cps.get((g.depth, g.dtype, g.cache))
+        ratio = f"{g.wall / cp.wall:6.2f}" if cp else f"{'-':>6}"
+        durable_ratio = f"{g.durable / cp.durable:9.2f}" if cp else f"{'-':>9}"
+        pairs = paired_ratios(bench.rows, g.depth, g.dtype, g.cache) if g.method == "ours" else []
+        spread = f"{min(pairs):.2f}-{max(pairs):.2f}" if pairs else "-"
+        lines.append(f"{g.depth:>5} {g.dtype:9} {g.method:9} {g.cache:5} {len(g.runs):>4} {fmt_bytes(g.nbytes):>9} "
+                     f"{g.wall:7.1f} {g.sync:7.1f} {g.durable:8.1f} {g.nbytes / 1e9 / g.durable:6.2f} {ratio} "
+                     f"{durable_ratio} {spread:>11} {g.rss_mb:7.0f} MB {g.load:5.1f}")
     return lines
 
 
 def growth_table(bench: Bench) -> list[str]:
-    """Per method/dtype/cache: how wall and RSS move as the depth grows (per extra block, and smallest→largest)."""
+    """Per method/dtype/cache: how median wall and peak RSS move as the depth grows."""
     lines = [f"{'method':9} {'dtype':9} {'cache':5} {'depths':>10} {'wall s':>18} {'s/GB':>12} {'peak RSS MB':>22} "
              f"{'RSS MB/block':>12}"]
-    groups: dict[tuple[str, str, str], list[Row]] = {}
-    for row in bench.rows:
-        groups.setdefault((row.method, row.dtype, row.cache), []).append(row)
+    groups: dict[tuple[str, str, str], list[Summary]] = {}
+    for g in summarize(bench.rows):
+        groups.setdefault((g.method, g.dtype, g.cache), []).append(g)
     for (method, dtype, cache), rows in groups.items():
         rows.sort(key=lambda r: r.depth)
         first, last = rows[0], rows[-1]
-        per_block = ((last.run.rss_mb - first.run.rss_mb) / (last.depth - first.depth)
+        per_block = ((last.rss_mb - first.rss_mb) / (last.depth - first.depth)
                      if last.depth != first.depth else math.nan)
-        walls = " → ".join(f"{r.run.wall:.1f}" for r in rows)
-        per_gb = " → ".join(f"{r.run.wall / (r.nbytes / 1e9):.1f}" for r in rows)
-        rss = " → ".join(f"{r.run.rss_mb:.0f}" for r in rows)
+        walls = " → ".join(f"{r.wall:.1f}" for r in rows)
+        per_gb = " → ".join(f"{r.wall / (r.nbytes / 1e9):.1f}" for r in rows)
+        rss = " → ".join(f"{r.rss_mb:.0f}" for r in rows)
         depths = ",".join(str(r.depth) for r in rows)
         lines.append(f"{method:9} {dtype:9} {cache:5} {depths:>10} {walls:>18} {per_gb:>12} {rss:>22} {per_block:12.1f}")
     return lines
@@ -437,23 +498,24 @@ def tools_table(bench: Bench) -> list[str]:
 
 
 def targets(bench: Bench) -> list[str]:
-    ours = [r for r in bench.rows if r.method == "ours"]
-    base = [r for r in bench.rows if r.method == "baseline"]
-    cps = {(r.depth, r.dtype, r.cache): r.run for r in bench.rows if r.method == "cp"}
+    summaries = summarize(bench.rows)
+    ours = [g for g in summaries if g.method == "ours"]
+    base = [g for g in summaries if g.method == "baseline"]
+    cps = {(g.depth, g.dtype, g.cache): g for g in summaries if g.method == "cp"}
     lines = []
     if ours:
-        peak = max(r.run.rss_mb for r in ours)
-        spread = peak - min(r.run.rss_mb for r in ours)
+        peak = max(g.rss_mb for g in ours)
+        spread = peak - min(min(r.rss_mb for r in g.runs) for g in ours)
         lines.append(f"ours peak RSS <= 512 MB: {'MET' if peak <= 512 else 'MISSED'} (max {peak:.0f} MB)")
         lines.append(f"ours RSS flat in depth: spread {spread:.0f} MB across all runs")
-        ratios = [r.run.wall / cps[(r.depth, r.dtype, r.cache)].wall for r in ours if (r.depth, r.dtype, r.cache) in cps]
-        durable = [r.run.durable / cps[(r.depth, r.dtype, r.cache)].durable
-                   for r in ours if (r.depth, r.dtype, r.cache) in cps]
-        if ratios:
-            lines.append(f"wall <= 1.5x cp -r (process wall): {'MET' if max(ratios) <= 1.5 else 'MISSED'} "
+        paired = [(g, cps[(g.depth, g.dtype, g.cache)]) for g in ours if (g.depth, g.dtype, g.cache) in cps]
+        if paired:
+            ratios = [g.wall / cp.wall for g, cp in paired]
+            durable = [g.durable / cp.durable for g, cp in paired]
+            lines.append(f"wall <= 1.5x cp -r (process wall, medians): {'MET' if max(ratios) <= 1.5 else 'MISSED'} "
                          f"(ratios {min(ratios):.2f}..{max(ratios):.2f})")
-            lines.append(f"wall <= 1.5x cp -r (durable, both + sync): {'MET' if max(durable) <= 1.5 else 'MISSED'} "
-                         f"(ratios {min(durable):.2f}..{max(durable):.2f})")
+            lines.append(f"wall <= 1.5x cp -r (durable, both + sync, medians): "
+                         f"{'MET' if max(durable) <= 1.5 else 'MISSED'} (ratios {min(durable):.2f}..{max(durable):.2f})")
     for kind, runs in (("CLI, incl. start-up", [r for t, n, r in bench.tools if t.startswith("d48") and n == "validate"]),
                        ("in-process", [r for t, n, r in bench.tools if t.startswith("d48") and n == "validate (in-process)"])):
         if runs:
@@ -461,8 +523,8 @@ def targets(bench: Bench) -> list[str]:
             lines.append(f"header-only validate < 1 s at depth 48 ({kind}): {'MET' if worst < 1 else 'MISSED'} ({worst:.2f} s)")
     if base:
         peaks: dict[int, float] = {}
-        for row in base:
-            peaks[row.nbytes] = max(peaks.get(row.nbytes, 0.0), row.run.rss_mb)
+        for g in base:
+            peaks[g.nbytes] = max(peaks.get(g.nbytes, 0.0), g.rss_mb)
         lines.append("baseline RSS grows with the model: " + ", ".join(
             f"{fmt_bytes(n)} → {rss:.0f} MB" for n, rss in sorted(peaks.items())))
     return lines
@@ -472,7 +534,8 @@ def report(bench: Bench) -> None:
     if any(n.startswith("validate") and r.rc == 1 for _, n, r in bench.tools):
         bench.notes.append("validate exits 1 on these trees only because they hold dit/ alone (text_encoder, tokenizer, "
                            "vae and scheduler are reported missing); the timings are unaffected")
-    sections = [("results (bytes = DiT tensor bytes; durable = wall + the sync after it)", results_table(bench)),
+    sections = [("results (medians over runs; bytes = DiT tensor bytes; durable = wall + the sync after it; "
+                 "spread = lowest-highest ours/cp durable ratio within a round)", results_table(bench)),
                 ("growth with depth", growth_table(bench)),
                 ("inspect / validate (subprocess wall includes interpreter start and imports)", tools_table(bench)),
                 ("targets", targets(bench))]
@@ -497,10 +560,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the trees written")
     parser.add_argument("--skip-baseline", action="store_true", help="do not run the naive in-memory converter")
     parser.add_argument("--skip-sparse", action="store_true", help="skip the sparse depth-48 header-only checks")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds of ours and cp per configuration and cache mode (default 3; medians reported)")
     parser.add_argument("--deep-max-gb", type=float, default=3.0,
                         help="run `validate --deep` only on trees up to this size (it reads every byte; default 3)")
     parser.add_argument("--pythonpath", help="prepend this to PYTHONPATH for our commands (benchmark other code)")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if args.configs:
         args.dtypes = ",".join(sorted({c.split(":")[1] for c in args.configs.split(",")}))
     unknown = set(args.dtypes.split(",")) - set(DTYPES)

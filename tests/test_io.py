@@ -253,6 +253,17 @@ def test_writer_rejects_out_of_order_tensor(tmp_path: Path) -> None:
     assert read_header(tmp_path / "x.safetensors").tensors.keys() == {"a", "b"}
 
 
+def test_writer_tensor_digests_are_per_tensor_and_only_after_close(tmp_path: Path) -> None:
+    a_bytes, b_bytes = bytes(range(8)), b"\xff" * 8
+    writer = ShardWriter(tmp_path / "x.safetensors", ENTRIES)
+    writer.write_tensor("a", [a_bytes[:3], a_bytes[3:]])
+    writer.write_tensor("b", [b_bytes])
+    with pytest.raises(LongcatError, match="only after the shard is closed"):
+        writer.digests  # noqa: B018  # hashed on a thread: incomplete until close
+    writer.close()
+    assert writer.digests == {"a": hashlib.sha256(a_bytes).hexdigest(), "b": hashlib.sha256(b_bytes).hexdigest()}
+
+
 @pytest.mark.parametrize("chunks", [[bytes(7)], [bytes(4), bytes(5)], [], [bytes(8), b"\0"]])
 def test_writer_rejects_wrong_byte_count(tmp_path: Path, chunks: list[bytes]) -> None:
     writer = ShardWriter(tmp_path / "x.safetensors", ENTRIES)

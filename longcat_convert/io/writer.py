@@ -103,10 +103,10 @@ class _Worker:
     """A thread that applies `consume` to queued chunks, in order. After the first error it only drains
     the queue (so that a blocked `put` returns); the error is kept in `error` for the caller's thread."""
 
-    def __init__(self, name: str, consume: Callable[[bytes], object], finish: Callable[[], object] | None = None,
+    def __init__(self, name: str, consume: Callable[[object], object], finish: Callable[[], object] | None = None,
                  release: Callable[[], object] | None = None):
         self._consume, self._finish, self._release = consume, finish, release
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_CHUNKS)
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=QUEUE_CHUNKS)
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -115,8 +115,8 @@ class _Worker:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def put(self, chunk: bytes) -> None:
-        self._queue.put(chunk)
+    def put(self, item: object) -> None:
+        self._queue.put(item)
 
     def stop(self) -> None:
         """Let the thread finish what is queued, then end it."""
@@ -126,9 +126,9 @@ class _Worker:
 
     def _run(self) -> None:
         try:
-            while (chunk := self._queue.get()) is not None:
+            while (item := self._queue.get()) is not None:
                 if self.error is None:
-                    self._guarded(self._consume, chunk)
+                    self._guarded(self._consume, item)
             if self.error is None and self._finish is not None:
                 self._guarded(self._finish)
         finally:
@@ -221,6 +221,34 @@ class _Appender:
             self._settled = lagging
 
 
+@dataclass(frozen=True)
+class _Segment:
+    """Marks where the next named segment of the stream (a tensor's bytes) begins."""
+
+    name: str
+
+
+class _SegmentDigests:
+    """sha256 of each named segment of a byte stream; bytes before the first segment are not hashed."""
+
+    def __init__(self) -> None:
+        self.digests: dict[str, str] = {}
+        self._name: str | None = None
+        self._hash = hashlib.sha256()
+
+    def consume(self, item: object) -> None:
+        if isinstance(item, _Segment):
+            self.finish()
+            self._name, self._hash = item.name, hashlib.sha256()
+        elif self._name is not None:
+            self._hash.update(item)  # type: ignore[arg-type]  # bytes: the sink queues nothing else
+
+    def finish(self) -> None:
+        if self._name is not None:
+            self.digests[self._name] = self._hash.hexdigest()
+            self._name = None
+
+
 class BackgroundSink:
     """Append byte chunks to an open binary file from a writer thread, in order.
 
@@ -229,19 +257,38 @@ class BackgroundSink:
     raised by the next `write` or by `finish`. Writing starts at the file's position; nothing is
     fsynced here: the owner fsyncs the file.
 
-    digest: also sha256 everything written, on a second thread (read `digest` after `finish`).
+    digest: also sha256 everything written, on a thread of its own (read `digest` after `finish`).
+    segment_digests: also sha256 each segment begun with `begin_segment`, on another thread (read
+    `segment_digests` after `finish`), so that hashing overlaps with reading and writing.
     direct: write whole blocks with O_DIRECT where `path`'s file system allows (see _Appender); right
     when nobody reads the file back soon, since it is then not in the page cache.
     """
 
     def __init__(self, file: BinaryIO, path: Path | None = None, label: str = "writer", *, digest: bool = False,
-                 direct: bool = False):
+                 segment_digests: bool = False, direct: bool = False):
         appender = _Appender(file, path if direct else None)
         self._workers = [_Worker(f"longcat-{label}", appender.append, appender.finish, appender.release)]
         self.digest = hashlib.sha256() if digest else None
         if self.digest is not None:
             self._workers.append(_Worker(f"longcat-{label}-sha256", self.digest.update))
+        self._segments = _SegmentDigests() if segment_digests else None
+        self._segment_worker: _Worker | None = None
+        if self._segments is not None:
+            self._segment_worker = _Worker(f"longcat-{label}-tensor-sha256", self._segments.consume, self._segments.finish)
+            self._workers.append(self._segment_worker)
         self._reported = False
+
+    def begin_segment(self, name: str) -> None:
+        """What is written from now on is hashed as segment `name` (needs segment_digests=True)."""
+        if self._segment_worker is None:
+            raise RuntimeError("begin_segment needs BackgroundSink(..., segment_digests=True)")
+        self._raise_error()
+        self._segment_worker.put(_Segment(name))
+
+    @property
+    def segment_digests(self) -> dict[str, str]:
+        """sha256 hex digest of each segment; complete after `finish`."""
+        return dict(self._segments.digests) if self._segments is not None else {}
 
     def write(self, chunk) -> None:
         self._raise_error()
@@ -285,28 +332,33 @@ class ShardWriter:
             raise LongcatError("duplicate tensor names in a shard plan", path)
         self.path = Path(path)
         self.entries = entries
-        self.digests: dict[str, str] = {}
         self._next = 0
         self._file = open(self.path, "xb")
-        self._sink = BackgroundSink(self._file, self.path, "shard-writer", digest=file_digest, direct=direct_io)
+        self._sink = BackgroundSink(self._file, self.path, "shard-writer", digest=file_digest, segment_digests=True,
+                                    direct=direct_io)
         self._sink.write(encode_header(entries, metadata))
 
-    def write_tensor(self, name: str, chunks: Iterable[bytes]) -> str:
-        """Write the next tensor's bytes; returns their sha256 hex digest."""
+    def write_tensor(self, name: str, chunks: Iterable[bytes]) -> None:
+        """Write the next tensor's bytes (their sha256 is in `digests` once the shard is closed)."""
         if self._next >= len(self.entries) or self.entries[self._next].name != name:
             expected = self.entries[self._next].name if self._next < len(self.entries) else "nothing"
             raise LongcatError(f"tensor {name!r} written out of order (expected {expected})", self.path)
         entry = self.entries[self._next]
-        digest, written = hashlib.sha256(), 0
+        self._sink.begin_segment(name)
+        written = 0
         for chunk in chunks:
-            digest.update(chunk)
             self._sink.write(chunk)
             written += len(chunk)
         if written != entry.nbytes:
             raise LongcatError(f"tensor {name!r} received {written} bytes, expected {entry.nbytes}", self.path)
         self._next += 1
-        self.digests[name] = digest.hexdigest()
-        return self.digests[name]
+
+    @property
+    def digests(self) -> dict[str, str]:
+        """sha256 hex digest of each tensor's bytes, by name; hashed on a thread, so read after close()."""
+        if not self._file.closed:
+            raise LongcatError("tensor digests are complete only after the shard is closed", self.path)
+        return self._sink.segment_digests
 
     @property
     def file_sha256(self) -> str:
