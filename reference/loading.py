@@ -15,6 +15,7 @@ import torch
 from longcat_convert import keymap
 from longcat_convert.errors import LongcatError
 from longcat_convert.io import SafetensorsHeader, read_header, read_index, read_tensor
+from longcat_convert.layout_detect import detect_layout
 
 from .dit import LongcatDiT
 from .lora import (
@@ -54,26 +55,19 @@ class LoraFile:
 
 
 def open_tree(root: str | Path) -> Tree:
-    """Find which layout `root` is in from where its DiT config lives and the config's class name."""
+    """Open a tree of any layout: the layout as `longcat-convert validate` detects it, then its DiT config,
+    which must name the class (or carry the head-count field) of that layout's naming."""
     root = Path(root)
-    if not root.is_dir():
-        raise LongcatError("checkpoint tree does not exist or is not a folder", root)
-    found: list[tuple[str, dict, Path]] = []
-    for name, spec in keymap.layouts().items():
-        config_path = root / spec["dit_dir"] / "config.json"
-        if config_path.is_file():
-            config = _read_json(config_path)
-            if _config_matches(config, spec["naming"]):
-                found.append((name, config, config_path))
-    dirs = {path.parent for _, _, path in found}
-    if not found:
-        raise LongcatError("no DiT config found (looked for dit/config.json and transformer/config.json)", root,
-                           "point at the root of a raw, diffusers or fastvideo tree")
-    if len(found) > 1:
-        raise LongcatError(f"ambiguous tree: matches layouts {', '.join(n for n, _, _ in found)} "
-                           f"({', '.join(str(d) for d in sorted(dirs))})", root, "keep one DiT folder per tree")
-    name, config, config_path = found[0]
+    name = detect_layout(root).name
     spec = keymap.layouts()[name]
+    config_path = root / spec["dit_dir"] / "config.json"
+    if not config_path.is_file():
+        raise LongcatError(f"no DiT config: {spec['dit_dir']}/config.json is missing from this {name} tree", root,
+                           "restore the config that came with the checkpoint")
+    config = _read_json(config_path)
+    if not _config_matches(config, spec["naming"]):
+        raise LongcatError(f"this {name} tree's DiT config does not describe {keymap.class_name(spec['naming'])}",
+                           config_path, "use the config that came with these weights")
     return Tree(root, name, spec["naming"], config_path.parent, config, spec["lora_format"], root / spec["lora_dir"])
 
 

@@ -2,7 +2,7 @@
 
 usage: python scripts/bench_convert.py [--depths 2,4,8] [--dtypes float32,bfloat16] [--workdir DIR]
                                        [--cache cold,warm] [--keep] [--skip-baseline] [--skip-sparse]
-                                       [--configs 2:float32,4:bfloat16] [--repeat 3] [--deep-max-gb 3]
+                                       [--configs 2:float32,4:bfloat16] [--repeat 3] [--deep-max-gb 10]
                                        [--pythonpath DIR]
 
 For every (depth, dtype) it writes a synthetic raw DiT at the published width (hidden 4096, 32 heads,
@@ -562,8 +562,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--skip-sparse", action="store_true", help="skip the sparse depth-48 header-only checks")
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds of ours and cp per configuration and cache mode (default 3; medians reported)")
-    parser.add_argument("--deep-max-gb", type=float, default=3.0,
-                        help="run `validate --deep` only on trees up to this size (it reads every byte; default 3)")
+    parser.add_argument("--deep-max-gb", type=float, default=10.0,
+                        help="run `validate --deep` only on trees up to this size (it reads every byte; default 10)")
     parser.add_argument("--pythonpath", help="prepend this to PYTHONPATH for our commands (benchmark other code)")
     args = parser.parse_args(argv)
     if args.repeat < 1:

@@ -363,8 +363,15 @@ def test_loading_refuses_a_stray_shard_and_an_unknown_tree(raw_tree, tmp_path):
     save_file({"blocks.0.attn.qkv.bias": torch.zeros(192)}, root / "dit" / "copy.safetensors")
     with pytest.raises(LongcatError, match="stored in both"):
         load_dit(root)
-    with pytest.raises(LongcatError, match="no DiT config"):
+    with pytest.raises(LongcatError, match="no LongCat-Video tree here"):
         open_tree(tmp_path)
+    (root / "dit" / "config.json").unlink()
+    with pytest.raises(LongcatError, match="no DiT config: dit/config.json is missing"):
+        open_tree(root)
+    config = json.loads((raw_tree / "dit" / "config.json").read_text())
+    (root / "dit" / "config.json").write_text(json.dumps({**config, "_class_name": "SomethingElse"}))
+    with pytest.raises(LongcatError, match="does not describe LongCatVideoTransformer3DModel"):
+        open_tree(root)
 
 
 # ---- parity -----------------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Write a safetensors shard whose header is known up front, receiving tensor bytes one at a time.
 
 The shard is never held in memory: the header is written first, then each tensor's bytes are
-streamed in, in header order, and hashed on the way. The file writes happen on a background thread
-(`BackgroundSink`), so that reading and hashing the next chunk overlap with writing this one, and
-the kernel is told to start writing each chunk to disk at once, so the final fsync has little left.
+streamed in, in header order, and hashed on the way. Writing and hashing happen on background
+threads (`BackgroundSink`), so that reading the next chunk overlaps with hashing and writing this one
+(sha256 of a 16 MB chunk takes about as long as reading it), and the kernel is told to start writing
+each chunk to disk at once, so the final fsync has little left.
 Optionally the whole file's sha256 is computed on the way (no read-back) and whole blocks bypass the
 page cache (O_DIRECT).
 """
