@@ -58,7 +58,10 @@ def open_tree(root: str | Path) -> Tree:
     """Open a tree of any layout: the layout as `longcat-convert validate` detects it, then its DiT config,
     which must name the class (or carry the head-count field) of that layout's naming."""
     root = Path(root)
-    name = detect_layout(root).name
+    try:
+        name = detect_layout(root).name
+    except LongcatError as exc:  # the detector's own fix names validate's --layout, which these commands lack
+        raise LongcatError(exc.message, exc.path, "point at the root of a raw, diffusers or fastvideo tree") from None
     spec = keymap.layouts()[name]
     config_path = root / spec["dit_dir"] / "config.json"
     if not config_path.is_file():

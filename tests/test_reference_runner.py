@@ -363,8 +363,9 @@ def test_loading_refuses_a_stray_shard_and_an_unknown_tree(raw_tree, tmp_path):
     save_file({"blocks.0.attn.qkv.bias": torch.zeros(192)}, root / "dit" / "copy.safetensors")
     with pytest.raises(LongcatError, match="stored in both"):
         load_dit(root)
-    with pytest.raises(LongcatError, match="no LongCat-Video tree here"):
+    with pytest.raises(LongcatError, match="no LongCat-Video tree here") as refused:
         open_tree(tmp_path)
+    assert "--layout" not in str(refused.value)  # run and parity have no such option
     (root / "dit" / "config.json").unlink()
     with pytest.raises(LongcatError, match="no DiT config: dit/config.json is missing"):
         open_tree(root)

@@ -275,6 +275,22 @@ def test_deep_scan_streams_in_small_chunks_and_hashes_tensor_bytes(tmp_path: Pat
     assert [name for name, stats in seen.items() if stats.all_ones] == ["e"]
 
 
+def test_deep_scan_of_a_file_that_shrinks_while_read_raises_oserror(tmp_path: Path, monkeypatch) -> None:
+    """The header was valid when read; the scan itself must notice the bytes are gone, not hash zeros."""
+    path = tmp_path / "t.safetensors"
+    save_file({"a": torch.arange(64, dtype=torch.float32), "b": torch.ones(64)}, path)
+    monkeypatch.setattr(deep, "CHUNK_BYTES", 32)
+    from longcat_convert.io import read_header
+
+    header = read_header(path)
+    with open(path, "r+b") as handle:
+        handle.truncate(header.data_start + 300)
+    seen = []
+    with pytest.raises(OSError, match="file ended at byte"):
+        deep.scan_file(header, lambda info, stats: seen.append(info.name))
+    assert "b" not in seen  # "a" (bytes 0-256) may have been reported; "b" is never judged on partial bytes
+
+
 # --- schemas -------------------------------------------------------------------------------------------------------
 
 

@@ -2,15 +2,18 @@
 
 Each safetensors file is read front to back exactly once (its tensors tile the data buffer, which the
 header check guarantees), so one pass gives both the per-tensor sha256 the manifest records and the
-whole-file sha256. Memory stays at one chunk buffer whatever the tensor or shard size.
+whole-file sha256. Memory stays at BUFFERS chunk buffers whatever the tensor or shard size.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import warnings
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +25,8 @@ from .manifest import Manifest
 from .tree import Context
 
 CHUNK_BYTES = 16 * 1024 * 1024
+BUFFERS = 4  # chunk buffers in flight (memory: BUFFERS × CHUNK_BYTES)
+AHEAD = BUFFERS - 2  # chunks read ahead of the one being examined
 # float8 kinds have no isnan/isinf kernels on every torch build; they are widened per chunk.
 WIDEN = {"F8_E4M3", "F8_E5M2"}
 
@@ -93,43 +98,143 @@ def deep_scan(ctx: Context, manifest: Manifest | None, expectations: dict[tuple[
 
 def scan_file(header: SafetensorsHeader, on_tensor: Callable[[TensorInfo, TensorStats], None], *,
               hash_tensors: bool = True, hash_file: bool = True) -> str | None:
-    """Read `header.path` once; call `on_tensor` for each tensor in offset order; the file's sha256 if asked."""
+    """Read `header.path` once; call `on_tensor` for each tensor in offset order; the file's sha256 if asked.
+
+    Three stages overlap: a reader thread fills a ring of BUFFERS chunk buffers AHEAD chunks in advance,
+    this thread takes the statistics, and a hashing thread follows (sha256 costs about as much as
+    reading); `on_tensor` is called once a tensor's hash is complete."""
     file_digest = hashlib.sha256() if hash_file else None
-    view = memoryview(bytearray(CHUNK_BYTES))
-    with open(header.path, "rb") as handle:
-        head = handle.read(header.data_start)
-        if file_digest is not None:
-            file_digest.update(head)
-        for info in sorted(header.tensors.values(), key=lambda t: t.begin):
-            stats = TensorStats(digest=hashlib.sha256() if hash_tensors else None)
-            _stream_tensor(handle, info, view, stats, file_digest)
-            on_tensor(info, stats)
-        if file_digest is not None:
-            file_digest.update(handle.read())
+    tensors = sorted(header.tensors.values(), key=lambda t: t.begin)
+    pieces = [_chunk_ranges(header, info) for info in tensors]
+    fd = os.open(header.path, os.O_RDONLY)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 16 MB min/max is quick on one core; more would fight the reader and hasher
+    try:
+        _advise_sequential(fd)
+        with ThreadPoolExecutor(1, "longcat-deep-read") as reader, ThreadPoolExecutor(1, "longcat-deep-sha256") as hasher:
+            pipe = _Pipeline(fd, [r for ranges in pieces for r in ranges], reader, hasher, file_digest)
+            pipe.hash_bytes(_pread_exact(fd, 0, header.data_start, "the header"))
+            for info, ranges in zip(tensors, pieces, strict=True):
+                stats = TensorStats(digest=hashlib.sha256() if hash_tensors else None)
+                for _ in ranges:
+                    _take_stats(stats, pipe.next_chunk(stats.digest), info)
+                pipe.finished(info, stats, on_tensor)
+            end = header.data_start + max((t.end for t in tensors), default=0)
+            pipe.hash_bytes(_pread_exact(fd, end, header.file_size - end, "the file's tail"))
+            pipe.drain(on_tensor)
+    finally:
+        os.close(fd)
+        torch.set_num_threads(torch_threads)
     return file_digest.hexdigest() if file_digest is not None else None
 
 
-def _stream_tensor(handle, info: TensorInfo, view: memoryview, stats: TensorStats, file_digest) -> None:
-    dtype = TORCH_DTYPE[info.dtype]
-    floating = info.dtype in FLOATING
-    remaining = info.nbytes
-    usable = len(view) - len(view) % dtype.itemsize
-    while remaining:
-        want = min(usable, remaining)
-        got = handle.readinto(view[:want])
-        if got != want:
-            raise OSError(f"file ended inside tensor {info.name!r}")
-        chunk = view[:got]
-        for digest in (stats.digest, file_digest):
-            if digest is not None:
-                digest.update(chunk)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            values = torch.frombuffer(chunk, dtype=dtype)
-        if info.dtype in WIDEN:
-            values = values.float()
-        stats.update(values, floating)
-        remaining -= got
+def _chunk_ranges(header: SafetensorsHeader, info: TensorInfo) -> list[tuple[int, int]]:
+    """(absolute offset, length) of the chunks of one tensor; each holds whole elements."""
+    begin, end = header.absolute_range(info)
+    step = CHUNK_BYTES - CHUNK_BYTES % TORCH_DTYPE[info.dtype].itemsize
+    return [(offset, min(step, end - offset)) for offset in range(begin, end, step)]
+
+
+def _take_stats(stats: TensorStats, chunk: memoryview, info: TensorInfo) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        values = torch.frombuffer(chunk, dtype=TORCH_DTYPE[info.dtype])
+    if info.dtype in WIDEN:
+        values = values.float()
+    stats.update(values, info.dtype in FLOATING)
+
+
+class _Pipeline:
+    """Chunks of one file in order, read ahead on `reader` into a ring of buffers and hashed on `hasher`.
+
+    Chunk i lives in buffer i % BUFFERS; the read of chunk j waits until chunk j - BUFFERS is hashed, so
+    with AHEAD = BUFFERS - 2 the chunk being hashed, the one being examined and the ones being read
+    never share a buffer."""
+
+    def __init__(self, fd: int, ranges: list[tuple[int, int]], reader: ThreadPoolExecutor,
+                 hasher: ThreadPoolExecutor, file_digest) -> None:
+        self.fd, self.ranges, self.reader, self.hasher, self.file_digest = fd, ranges, reader, hasher, file_digest
+        self.buffers = [memoryview(bytearray(CHUNK_BYTES)) for _ in range(BUFFERS)]
+        self.hashed: list[Future | None] = [None] * BUFFERS  # the last hashing queued per buffer
+        self.reads: dict[int, Future] = {}
+        self.read_next = 0  # the first chunk whose read is not queued yet
+        self.taken = 0  # chunks handed out so far
+        self.last: Future | None = None  # hashing is FIFO: when this is done, all queued before it are
+        self.waiting: deque[tuple[Future | None, TensorInfo, TensorStats]] = deque()
+
+    def next_chunk(self, tensor_digest) -> memoryview:
+        """The next chunk's bytes (valid until the next call), its hashing already queued."""
+        index = self.taken
+        self.taken += 1
+        while self.read_next < len(self.ranges) and self.read_next <= index + AHEAD:
+            self._queue_read(self.read_next)
+            self.read_next += 1
+        self.reads.pop(index).result()  # raises what the read raised
+        chunk = self.buffers[index % BUFFERS][:self.ranges[index][1]]
+        self._hash(chunk, tensor_digest)
+        self.hashed[index % BUFFERS] = self.last
+        return chunk
+
+    def hash_bytes(self, data: bytes) -> None:
+        self._hash(memoryview(data), None)
+
+    def finished(self, info: TensorInfo, stats: TensorStats, on_tensor) -> None:
+        self.waiting.append((self.last, info, stats))
+        while self.waiting and (self.waiting[0][0] is None or self.waiting[0][0].done()):
+            self._report(on_tensor)
+
+    def drain(self, on_tensor) -> None:
+        while self.waiting:
+            self._report(on_tensor)
+
+    def _queue_read(self, index: int) -> None:
+        slot = index % BUFFERS
+        if self.hashed[slot] is not None:
+            self.hashed[slot].result()
+        offset, length = self.ranges[index]
+        self.reads[index] = self.reader.submit(_pread_into, self.fd, self.buffers[slot][:length], offset)
+
+    def _hash(self, chunk: memoryview, tensor_digest) -> None:
+        digests = [d for d in (tensor_digest, self.file_digest) if d is not None]
+        if digests and len(chunk):
+            self.last = self.hasher.submit(_update_all, digests, chunk)
+
+    def _report(self, on_tensor) -> None:
+        pending, info, stats = self.waiting.popleft()
+        if pending is not None:
+            pending.result()  # raises what the hashing raised
+        on_tensor(info, stats)
+
+
+def _update_all(digests: list, chunk: memoryview) -> None:
+    for digest in digests:
+        digest.update(chunk)
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if not got:
+            raise OSError(f"file ended at byte {offset + done}")
+        done += got
+
+
+def _pread_exact(fd: int, offset: int, length: int, what: str) -> bytes:
+    data = bytearray(length)
+    try:
+        _pread_into(fd, memoryview(data), offset)
+    except OSError:
+        raise OSError(f"file ended inside {what}") from None
+    return bytes(data)
+
+
+def _advise_sequential(fd: int) -> None:
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError:
+            pass  # only a hint
 
 
 def _judge_tensor(ctx: Context, rel: str, info: TensorInfo, stats: TensorStats, manifest: Manifest | None,
