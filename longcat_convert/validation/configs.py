@@ -25,21 +25,26 @@ def dit_schema_name(naming: str) -> str:
     return "dit-config" if naming == "upstream" else "fastvideo-transformer-config"
 
 
-def _report_problems(ctx: Context, component: str, rel: str, problems: list[SchemaProblem],
-                     runtime_fields: tuple[str, ...] = ()) -> None:
+def _read_checked(ctx: Context, component: str, path: Path, schema: str,
+                  runtime_fields: tuple[str, ...] = ()) -> tuple[dict, list[SchemaProblem]] | None:
+    """Read a JSON config and report its schema problems as findings; None when it cannot be read."""
+    document = read_json(ctx, component, path)
+    if document is None:
+        return None
+    problems = schema_findings(schema, document)
     for problem in problems:
         kind = "runtime_flag" if problem.field in runtime_fields else "config_field"
-        ctx.findings.error(component, kind, problem.text, rel)
+        ctx.findings.error(component, kind, problem.text, ctx.rel(path))
+    return document, problems
 
 
 def check_dit_config(ctx: Context, component: str, path: Path, naming: str) -> dict | None:
     """The DiT config if its architecture fields can drive the key map; findings otherwise."""
-    config = read_json(ctx, component, path)
-    if config is None:
+    checked = _read_checked(ctx, component, path, dit_schema_name(naming), RUNTIME_FIELDS)
+    if checked is None:
         return None
+    config, problems = checked
     rel = ctx.rel(path)
-    problems = schema_findings(dit_schema_name(naming), config)
-    _report_problems(ctx, component, rel, problems, RUNTIME_FIELDS)
     _check_heads_fields(ctx, component, rel, config, naming)
     _check_unknown_dit_fields(ctx, component, rel, config, naming)
     architecture_ok = all(p.field in RUNTIME_FIELDS for p in problems)
@@ -119,12 +124,11 @@ def _config_summary(config: dict, naming: str, rules_ok: bool) -> dict:
 
 
 def check_scheduler_config(ctx: Context, path: Path, layout_name: str) -> dict | None:
-    config = read_json(ctx, "scheduler", path)
-    if config is None:
+    checked = _read_checked(ctx, "scheduler", path, "scheduler-config")
+    if checked is None:
         return None
+    config, problems = checked
     rel = ctx.rel(path)
-    problems = schema_findings("scheduler-config", config)
-    _report_problems(ctx, "scheduler", rel, problems)
     known = set(load_schema("scheduler-config")["properties"]) | set(META_FIELDS)
     for name in config:
         if name not in known:
@@ -144,12 +148,11 @@ def check_scheduler_config(ctx: Context, path: Path, layout_name: str) -> dict |
 
 
 def check_vae_config(ctx: Context, path: Path) -> dict | None:
-    config = read_json(ctx, "vae", path)
-    if config is None:
+    checked = _read_checked(ctx, "vae", path, "vae-config")
+    if checked is None:
         return None
+    config, problems = checked
     rel = ctx.rel(path)
-    problems = schema_findings("vae-config", config)
-    _report_problems(ctx, "vae", rel, problems)
     if problems:
         return None
     z_dim = config["z_dim"]
@@ -174,11 +177,10 @@ def check_vae_config(ctx: Context, path: Path) -> dict | None:
 
 
 def check_text_encoder_config(ctx: Context, path: Path) -> dict | None:
-    config = read_json(ctx, "text_encoder", path)
-    if config is None:
+    checked = _read_checked(ctx, "text_encoder", path, "text-encoder-config")
+    if checked is None:
         return None
-    problems = schema_findings("text-encoder-config", config)
-    _report_problems(ctx, "text_encoder", ctx.rel(path), problems)
+    config, problems = checked
     ctx.components.setdefault("text_encoder", {})["config"] = {
         "architectures": config.get("architectures"), "d_model": config.get("d_model"),
         "num_layers": config.get("num_layers"), "vocab_size": config.get("vocab_size")}
@@ -203,12 +205,11 @@ def check_cross_rules(ctx: Context, dit: tuple[dict, str] | None, text_encoder: 
 
 def check_model_index(ctx: Context, path: Path, form: str) -> dict | None:
     """model_index.json against the key map's form for this layout, and its components against the folders."""
-    document = read_json(ctx, "model_index", path)
-    if document is None:
+    checked = _read_checked(ctx, "model_index", path, "model-index")
+    if checked is None:
         return None
+    document, problems = checked
     rel = ctx.rel(path)
-    problems = schema_findings("model-index", document)
-    _report_problems(ctx, "model_index", rel, problems)
     flagged = {p.field for p in problems}
     expected = keymap.load_map_document()["model_index"][form]
     allowed = FASTVIDEO_PIPELINE_CLASSES if form == "fastvideo" else (expected["_class_name"],)
