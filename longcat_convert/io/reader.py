@@ -39,13 +39,13 @@ def tensor_range(header: SafetensorsHeader, name: str, rows: tuple[int, int] | N
     return ByteRange(header.path, begin + start * info.row_bytes, (stop - start) * info.row_bytes)
 
 
-def _prefetch(fd: int, position: int, length: int) -> None:
-    """Ask the kernel to start reading the next chunk now, while the caller works on this one."""
-    if length and hasattr(os, "posix_fadvise"):
+def advise(fd: int, offset: int, length: int, advice: str) -> None:
+    """posix_fadvise(fd, offset, length, POSIX_FADV_<advice>) where the OS has it; only a hint, never an error."""
+    if hasattr(os, "posix_fadvise"):
         try:
-            os.posix_fadvise(fd, position, length, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, offset, length, getattr(os, f"POSIX_FADV_{advice}"))
         except OSError:
-            pass  # only a hint
+            pass
 
 
 def iter_chunks(byte_range: ByteRange, chunk: int = CHUNK_BYTES) -> Iterator[bytes]:
@@ -60,7 +60,8 @@ def iter_chunks(byte_range: ByteRange, chunk: int = CHUNK_BYTES) -> Iterator[byt
                                    byte_range.path, "the file was truncated while being read; re-create it")
             position += len(data)
             remaining -= len(data)
-            _prefetch(fd, position, min(chunk, remaining))
+            if remaining:
+                advise(fd, position, min(chunk, remaining), "WILLNEED")  # the kernel reads on while the caller works
             yield data
     finally:
         os.close(fd)
