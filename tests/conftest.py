@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from longcat_convert.tiny import build_tiny_tree
+from longcat_convert.torch_threads import torch_threads
 
 
 def _build(factory: pytest.TempPathFactory, name: str, **kwargs) -> Path:
@@ -35,3 +37,10 @@ def tiny_raw_all(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def raw_copy(tiny_raw: Path, tmp_path: Path) -> Path:
     """A private copy of the fp32 tree that a test may damage."""
     return Path(shutil.copytree(tiny_raw, tmp_path / "raw"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """For modules of tiny tensors (`pytestmark = pytest.mark.usefixtures(...)`): extra threads only add contention."""
+    with torch_threads(1):
+        yield

@@ -30,13 +30,7 @@ FASTVIDEO_SUBDIRS = {"cfg_step_lora": "distilled", "refinement_lora": "refinemen
 CFG_STEP = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "ffn.w1", "ffn.w2", "ffn.w3")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny; extra threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- tiny trees -----------------------------------------------------------------------------------------

@@ -22,14 +22,7 @@ from safetensors.torch import save_file
 
 from longcat_convert.errors import LongcatError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny; extra threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- RoPE ---------------------------------------------------------------------------------------

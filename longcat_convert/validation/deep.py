@@ -20,7 +20,9 @@ import torch
 
 from ..dtypes import FLOATING, TORCH_DTYPE
 from ..io import SafetensorsHeader, TensorInfo
+from ..io.reader import advise
 from ..journal import file_sha256
+from ..torch_threads import torch_threads
 from .manifest import Manifest
 from .tree import Context
 
@@ -107,11 +109,11 @@ def scan_file(header: SafetensorsHeader, on_tensor: Callable[[TensorInfo, Tensor
     tensors = sorted(header.tensors.values(), key=lambda t: t.begin)
     pieces = [_chunk_ranges(header, info) for info in tensors]
     fd = os.open(header.path, os.O_RDONLY)
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 16 MB min/max is quick on one core; more would fight the reader and hasher
     try:
-        _advise_sequential(fd)
-        with ThreadPoolExecutor(1, "longcat-deep-read") as reader, ThreadPoolExecutor(1, "longcat-deep-sha256") as hasher:
+        advise(fd, 0, 0, "SEQUENTIAL")
+        # one torch thread: a 16 MB min/max is quick on one core, and more would fight the reader and hasher
+        with (torch_threads(1), ThreadPoolExecutor(1, "longcat-deep-read") as reader,
+              ThreadPoolExecutor(1, "longcat-deep-sha256") as hasher):
             pipe = _Pipeline(fd, [r for ranges in pieces for r in ranges], reader, hasher, file_digest)
             pipe.hash_bytes(_pread_exact(fd, 0, header.data_start, "the header"))
             for info, ranges in zip(tensors, pieces, strict=True):
@@ -124,7 +126,6 @@ def scan_file(header: SafetensorsHeader, on_tensor: Callable[[TensorInfo, Tensor
             pipe.drain(on_tensor)
     finally:
         os.close(fd)
-        torch.set_num_threads(torch_threads)
     return file_digest.hexdigest() if file_digest is not None else None
 
 
@@ -227,14 +228,6 @@ def _pread_exact(fd: int, offset: int, length: int, what: str) -> bytes:
     except OSError:
         raise OSError(f"file ended inside {what}") from None
     return bytes(data)
-
-
-def _advise_sequential(fd: int) -> None:
-    if hasattr(os, "posix_fadvise"):
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        except OSError:
-            pass  # only a hint
 
 
 def _judge_tensor(ctx: Context, rel: str, info: TensorInfo, stats: TensorStats, manifest: Manifest | None,

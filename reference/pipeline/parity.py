@@ -8,10 +8,9 @@ grids this small, so block selection would not be exercised at all.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from PIL import Image
 
 from longcat_convert.errors import LongcatError
+from longcat_convert.torch_threads import torch_threads
 
 from ..bsa import BsaParams
 from ..loading import open_tree
@@ -170,18 +170,6 @@ def _tree_info(root: str | Path) -> dict:
     return {"path": str(tree.root), "layout": tree.layout, "naming": tree.naming}
 
 
-@contextlib.contextmanager
-def _threads(count: int | None) -> Iterator[None]:
-    """Tiny tensors run faster on one thread; restore the caller's setting afterwards."""
-    previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _run_all(load: Callable[[], Pipeline], tasks: list[str], inputs: Inputs, sizes: TaskSizes, steps: int,
              seed: int) -> dict[str, list[TaskResult] | str]:
     try:
@@ -226,7 +214,7 @@ def task_parity(raw_tree: str | Path, converted_tree: str | Path, tasks: Iterabl
         raise LongcatError(f"the upstream pipeline (--original-src) reads raw trees only, this one is {raw.layout}",
                            raw.root)
     started = time.perf_counter()
-    with _threads(threads):
+    with torch_threads(threads):  # tiny tensors run faster on one thread
         if checkout is None:
             reference = _run_all(lambda: load_pipeline(raw, torch_dtype, device), tasks, inputs, sizes, steps, seed)
         else:
