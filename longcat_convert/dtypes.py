@@ -72,6 +72,22 @@ def scalar_from_bytes(data: bytes, dtype: str) -> float:
     fmt = _STRUCT_SCALARS[dtype]
     return float(struct.unpack(fmt, data[:struct.calcsize(fmt)])[0])
 
+def exactly_representable(value: float, dtype: str) -> bool:
+    """Whether a float dtype holds `value` exactly (so writing it as a scalar changes nothing)."""
+    if dtype == "F64":
+        return True
+    try:
+        as_f32 = struct.unpack("<f", struct.pack("<f", value))[0]
+        if dtype == "BF16":
+            return as_f32 == value and struct.unpack("<I", struct.pack("<f", value))[0] & 0xFFFF == 0
+        if dtype in ("F32", "F16"):
+            fmt = "<f" if dtype == "F32" else "<e"
+            return struct.unpack(fmt, struct.pack(fmt, value))[0] == value and as_f32 == value
+    except (OverflowError, struct.error):
+        return False
+    return False
+
+
 FLOATING = frozenset({"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"})
 
 # user-facing names for the --dtype policy

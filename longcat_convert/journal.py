@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import LongcatError
-from .io import iter_chunks, read_header, tensor_range
+from .io import iter_chunks, read_header, read_json_object, tensor_range
 from .io.reader import CHUNK_BYTES
 
 JOURNAL = ".longcat-journal.json"
@@ -89,10 +89,10 @@ def start(folder: Path, fingerprint: str) -> Journal:
 def adopt(folder: Path, fingerprint: str) -> Journal | None:
     """The journal of a partial folder if it belongs to the same plan; None otherwise."""
     try:
-        data = json.loads((folder / JOURNAL).read_text())
-    except (OSError, ValueError):
+        data = read_json_object(folder / JOURNAL)
+    except LongcatError:
         return None
-    if not isinstance(data, dict) or data.get("fingerprint") != fingerprint or not isinstance(data.get("done"), dict):
+    if data.get("fingerprint") != fingerprint or not isinstance(data.get("done"), dict):
         return None
     return Journal(folder, fingerprint, data["done"])
 

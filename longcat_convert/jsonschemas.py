@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -11,12 +10,13 @@ import jsonschema
 from jsonschema import Draft202012Validator
 
 from .errors import LongcatError
+from .io.jsonfile import parse_json
 
 
 @cache
 def load_schema(name: str) -> dict:
     text = resources.files("longcat_convert.schemas").joinpath(f"{name}.schema.json").read_text(encoding="utf-8")
-    return json.loads(text)
+    return parse_json(text, f"schemas/{name}.schema.json")
 
 
 @cache

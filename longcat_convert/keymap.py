@@ -7,7 +7,6 @@ validation's expected key set and LoRA module mapping.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from functools import cache
@@ -15,6 +14,7 @@ from importlib import resources
 
 from . import jsonschemas
 from .errors import LongcatError
+from .io.jsonfile import parse_json
 
 NAMINGS = ("upstream", "fastvideo")
 
@@ -22,7 +22,7 @@ NAMINGS = ("upstream", "fastvideo")
 @cache
 def load_map_document() -> dict:
     text = resources.files("longcat_convert.maps").joinpath("longcat_video.json").read_text(encoding="utf-8")
-    document = json.loads(text)
+    document = parse_json(text, "longcat_convert/maps/longcat_video.json")
     jsonschemas.check("keymap", document, "longcat_convert/maps/longcat_video.json")
     return document
 

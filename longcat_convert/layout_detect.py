@@ -10,12 +10,12 @@ Anything else is an error that says what was found and suggests `--layout`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import keymap
 from .errors import LongcatError
+from .io.jsonfile import read_json_object
 
 FASTVIDEO_PIPELINE_CLASSES = ("LongCatPipeline", "LongCatImageToVideoPipeline", "LongCatVideoContinuationPipeline")
 FORCE_HINT = "pass --layout raw|fastvideo|diffusers to choose one"
@@ -81,8 +81,8 @@ def _from_transformer(root: Path) -> DetectedLayout:
 
 def _class_name(path: Path) -> str | None:
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        document = read_json_object(path)
+    except LongcatError:
         return None
-    value = document.get("_class_name") if isinstance(document, dict) else None
+    value = document.get("_class_name")
     return value if isinstance(value, str) else None

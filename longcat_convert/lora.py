@@ -5,22 +5,116 @@ upstream (raw/diffusers): `lora___lorahyphen___<module, '.'→'___lorahyphen___'
 and `alpha_scale` (0-d, = alpha/r). Effective delta: ΔW = alpha_scale · blockdiag(U_0..U_{n-1}) · D.
 
 fastvideo: `<module>.lora_A` [r, in], `<module>.lora_B` [out, r], `<module>.lora_alpha` (0-d).
-FastVideo's loader scales by int(lora_alpha) / r.
+FastVideo's loader scales by int(lora_alpha) / r, or by 1 when int(lora_alpha) is 0 (`fastvideo_scale`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .dtypes import scalar_from_bytes
 from .errors import LongcatError
-from .io import SafetensorsHeader
+from .io import SafetensorsHeader, read_bytes, tensor_range
 
 PREFIX = "lora___lorahyphen___"
 SEPARATOR = "___lorahyphen___"
 _UP_BLOCK = re.compile(r"^lora_up\.blocks\.(\d+)\.weight$")
 FASTVIDEO_TAILS = ("lora_A", "lora_B", "lora_alpha")
+ALPHA_SUFFIXES = ("alpha_scale", "lora_alpha")  # the scalar key of a module, in either format
+
+
+# Alpha scalars must decode to one exact number: these dtypes do (float8 alphas are refused).
+ALPHA_DTYPES = ("F16", "BF16", "F32", "F64")
+UPSTREAM_ALPHA_SHAPES = ((), (1,))  # the upstream loader's 0-d buffer also accepts a 1-element vector
+
+
+def fastvideo_scale(lora_alpha: float, rank: int) -> float:
+    """The scale FastVideo applies when it merges an adapter (its default path, layers/lora/linear.py):
+    int(lora_alpha)/rank, except 1.0 when int(lora_alpha) is 0, which it takes for "no alpha given".
+    `lora_alpha` must be finite."""
+    alpha = int(lora_alpha)
+    return alpha / rank if alpha and rank else 1.0
+
+
+def fastvideo_represents(alpha_scale: float, rank: int) -> bool:
+    """Whether lora_alpha = alpha_scale·rank makes FastVideo apply exactly alpha_scale."""
+    lora_alpha = alpha_scale * rank
+    return lora_alpha == int(lora_alpha) and int(lora_alpha) != 0 and fastvideo_scale(lora_alpha, rank) == alpha_scale
+
+
+def alpha_problem(dtype: str, shape: tuple[int, ...], value: float | None, upstream: bool) -> str | None:
+    """Why an alpha scalar (alpha_scale / lora_alpha) cannot be used, or None. `value` None: not yet read."""
+    if dtype not in ALPHA_DTYPES:
+        return f"is {dtype}; an alpha must be a float16/bfloat16/float32/float64 scalar"
+    if (upstream and shape not in UPSTREAM_ALPHA_SHAPES) or (not upstream and math.prod(shape) != 1):
+        return f"has shape {list(shape)}; an alpha must be a single value (shape [] or [1])"
+    if value is not None and not math.isfinite(value):
+        return f"is {value}; an alpha must be a finite number"
+    return None
+
+
+@dataclass(frozen=True)
+class TargetPart:
+    """How FastVideo target t of a fused Linear is made from the upstream factors (lora_down, n up blocks).
+
+    Target t owns the output rows [t·out/k, (t+1)·out/k); up block j produces rows [j·out/n, (j+1)·out/n).
+    Its lora_B is the overlapping rows of the blocks it meets, placed block-diagonally (one column band of
+    `rank_per_block` per block), and its lora_A the matching contiguous rows of lora_down. Exact for any n, k.
+    """
+
+    blocks: tuple[int, ...]  # up blocks that meet the target, ascending
+    rows: tuple[tuple[int, int], ...]  # for each, the rows of that up block inside the target
+    block_rows: int  # rows of one up block (out/n)
+    rank_per_block: int
+
+    @property
+    def rank(self) -> int:
+        return len(self.blocks) * self.rank_per_block
+
+    @property
+    def down_rows(self) -> tuple[int, int]:
+        return self.blocks[0] * self.rank_per_block, (self.blocks[-1] + 1) * self.rank_per_block
+
+    def whole_block(self, index: int) -> bool:
+        return self.rows[index] == (0, self.block_rows)
+
+
+def fused_targets(out_features: int, n_blocks: int, k_targets: int, rank_per_block: int) -> list[TargetPart]:
+    """The TargetPart of each of the k FastVideo targets (both `out_features` divisible by n and by k)."""
+    if out_features % n_blocks or out_features % k_targets:
+        raise ValueError(f"{out_features} outputs do not split into {n_blocks} blocks and {k_targets} targets")
+    block_rows, target_rows = out_features // n_blocks, out_features // k_targets
+    parts = []
+    for t in range(k_targets):
+        begin, end = t * target_rows, (t + 1) * target_rows
+        blocks = tuple(range(begin // block_rows, (end - 1) // block_rows + 1))
+        rows = tuple((max(begin, j * block_rows) - j * block_rows, min(end, (j + 1) * block_rows) - j * block_rows)
+                     for j in blocks)
+        parts.append(TargetPart(blocks, rows, block_rows, rank_per_block))
+    return parts
+
+
+def decode_alpha(header: SafetensorsHeader, key: str) -> float:
+    """The value of an alpha scalar whose dtype and shape `alpha_problem` accepted."""
+    info = header.tensors[key]
+    return scalar_from_bytes(read_bytes(tensor_range(header, key)), info.dtype)
+
+
+def read_alpha(header: SafetensorsHeader, key: str, upstream: bool) -> float:
+    """The value of an alpha scalar; one-line error when it is not a single finite float."""
+    info = header.tensors[key]
+    problem = alpha_problem(info.dtype, info.shape, None, upstream)
+    value = None
+    if problem is None:
+        value = decode_alpha(header, key)
+        problem = alpha_problem(info.dtype, info.shape, value, upstream)
+    if problem is not None or value is None:
+        raise LongcatError(f"LoRA key {key!r} {problem}", header.path,
+                           "re-export the adapter with a finite float32 alpha")
+    return value
 
 
 def encode_module(module: str) -> str:
@@ -107,11 +201,17 @@ def _check_upstream_module(header: SafetensorsHeader, record: UpstreamLoraModule
                            f"{sorted(record.up_blocks)}", where)
     down = header.tensors[record.down].shape
     ups = [header.tensors[k].shape for k in record.up_keys()]
-    alpha = header.tensors[record.alpha].shape
-    if len(down) != 2 or any(len(u) != 2 for u in ups) or alpha not in ((), (1,)):
+    alpha = header.tensors[record.alpha]
+    problem = alpha_problem(alpha.dtype, alpha.shape, None, upstream=True)
+    if problem:
+        raise LongcatError(f"LoRA key {record.alpha!r} {problem}", where, "re-export the adapter")
+    if len(down) != 2 or any(len(u) != 2 for u in ups):
         raise LongcatError(f"LoRA module {record.module!r} has tensors of the wrong rank "
-                           f"(down {list(down)}, up {[list(u) for u in ups]}, alpha {list(alpha)})", where)
+                           f"(down {list(down)}, up {[list(u) for u in ups]})", where)
     n = record.n_blocks
+    if down[0] == 0:
+        raise LongcatError(f"LoRA module {record.module!r} has rank 0 (lora_down {list(down)})", where,
+                           "remove the module or re-export the adapter")
     if down[0] % n or any(u[1] != down[0] // n for u in ups) or len({u[0] for u in ups}) != 1:
         raise LongcatError(f"LoRA module {record.module!r}: down {list(down)} and up {[list(u) for u in ups]} "
                            f"do not form {n} blocks of one rank", where)
@@ -135,9 +235,13 @@ def parse_fastvideo(header: SafetensorsHeader) -> dict[str, FastVideoLoraModule]
             raise LongcatError(f"LoRA module {record.module!r} lacks {', '.join(missing)}", header.path,
                                "FastVideo skips such a module; re-export the adapter")
         a, b = header.tensors[record.a].shape, header.tensors[record.b].shape
-        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1] or a[0] == 0:
             raise LongcatError(f"LoRA module {record.module!r}: lora_A {list(a)} and lora_B {list(b)} "
-                               "do not share a rank", header.path)
+                               "do not share a non-zero rank", header.path)
+        alpha = header.tensors[record.alpha]
+        problem = alpha_problem(alpha.dtype, alpha.shape, None, upstream=False)
+        if problem:
+            raise LongcatError(f"LoRA key {record.alpha!r} {problem}", header.path, "re-export the adapter")
     return modules
 
 

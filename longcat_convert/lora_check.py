@@ -15,7 +15,7 @@ import torch
 from . import keymap
 from .dtypes import TORCH_DTYPE
 from .io import SafetensorsHeader, read_header, read_tensor
-from .lora import parse_fastvideo, parse_upstream
+from .lora import fastvideo_scale, parse_fastvideo, parse_upstream, read_alpha
 
 PROBES = 4
 
@@ -51,10 +51,6 @@ def _load(header: SafetensorsHeader, key: str, round_to: str | None) -> torch.Te
     return tensor.to(torch.float64)
 
 
-def _scalar(header: SafetensorsHeader, key: str) -> float:
-    return float(read_tensor(header, key).double().reshape(-1)[0])
-
-
 def upstream_responses(header: SafetensorsHeader, round_to: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """ΔW·X per module of an upstream-format adapter: alpha_scale · blockdiag(U) · D · X."""
     round_to = round_to or {}
@@ -65,20 +61,20 @@ def upstream_responses(header: SafetensorsHeader, round_to: dict[str, str] | Non
         rank = down.shape[0] // record.n_blocks
         parts = [_load(header, key, round_to.get(key)) @ hidden[j * rank:(j + 1) * rank]
                  for j, key in enumerate(record.up_keys())]
-        responses[module] = torch.cat(parts) * _scalar(header, record.alpha)
+        responses[module] = torch.cat(parts) * read_alpha(header, record.alpha, upstream=True)
     return responses
 
 
 def fastvideo_responses(header: SafetensorsHeader, expanded: keymap.ExpandedMap,
                         round_to: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
-    """ΔW·X per upstream module of a FastVideo-format adapter, with FastVideo's int(alpha)/rank scale."""
+    """ΔW·X per upstream module of a FastVideo-format adapter, with the scale FastVideo applies."""
     round_to = round_to or {}
     by_target = expanded.linear_by_fastvideo()
     pieces: dict[str, dict[int, torch.Tensor]] = {}
     for name, record in parse_fastvideo(header).items():
         a = _load(header, record.a, round_to.get(record.a))
         b = _load(header, record.b, round_to.get(record.b))
-        scale = int(_scalar(header, record.alpha)) / a.shape[0]
+        scale = fastvideo_scale(read_alpha(header, record.alpha, upstream=False), a.shape[0])
         linear, part = by_target.get(name, (None, 0))
         key = linear.upstream if linear else f"<unknown {name}>"
         pieces.setdefault(key, {})[part] = b @ (a @ _probe(a.shape[1])) * scale

@@ -11,10 +11,20 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from . import keymap
-from .dtypes import ITEMSIZE, POLICY_NAMES, is_floating
+from .dtypes import ITEMSIZE, POLICY_NAMES, exactly_representable, is_floating
 from .errors import LongcatError
-from .io import index_name, shard_name
-from .lora import UpstreamLoraModule, encode_module, parse_fastvideo, parse_upstream, upstream_rank
+from .io import index_name, parse_json, shard_name
+from .lora import (
+    TargetPart,
+    UpstreamLoraModule,
+    encode_module,
+    fastvideo_represents,
+    fastvideo_scale,
+    fused_targets,
+    parse_fastvideo,
+    parse_upstream,
+    upstream_rank,
+)
 from .sharding import group_into_shards
 from .tree import Adapter, Tree
 
@@ -255,15 +265,24 @@ def _adapter_target_file(adapter: Adapter, target_layout: str) -> str:
 
 
 def _fastvideo_alpha(adapter: Adapter, module: str, alpha_scale: float, rank: int, fix: str) -> tuple[float, float | None]:
-    """(lora_alpha, multiplier for B) such that FastVideo's int(alpha)/rank reproduces alpha_scale."""
-    alpha = alpha_scale * rank
-    if alpha == int(alpha):
-        return alpha, None
+    """(lora_alpha, multiplier for B) such that FastVideo's scale (`fastvideo_scale`) reproduces alpha_scale."""
+    if fastvideo_represents(alpha_scale, rank):
+        return alpha_scale * rank, None
     if fix == "rescale":
         return float(rank), alpha_scale
-    raise LongcatError(f"LoRA module {module!r}: alpha_scale·rank = {alpha_scale}·{rank} = {alpha} is not an integer, "
-                       "and FastVideo applies int(lora_alpha)/rank, which would change the strength",
+    lora_alpha = alpha_scale * rank
+    if lora_alpha != int(lora_alpha):
+        why = "is not an integer, and FastVideo applies int(lora_alpha)/rank"
+    else:
+        why = "truncates to 0, which FastVideo reads as 'no alpha'"
+    raise LongcatError(f"LoRA module {module!r}: alpha_scale·rank = {alpha_scale:g}·{rank} = {lora_alpha:g} {why}: it "
+                       f"would scale by {fastvideo_scale(lora_alpha, rank):g} instead of {alpha_scale:g}",
                        adapter.header.path, "pass --lora-alpha-fix rescale to fold the scale into lora_B exactly")
+
+
+def _scalar_dtype(value: float, preferred: str) -> str:
+    """The source's dtype for a computed scalar, widened when it cannot hold the value exactly."""
+    return next(d for d in (preferred, "F32", "F64") if exactly_representable(value, d))
 
 
 def _upstream_to_fastvideo(adapter: Adapter, expanded: keymap.ExpandedMap, policy: DtypePolicy,
@@ -274,43 +293,30 @@ def _upstream_to_fastvideo(adapter: Adapter, expanded: keymap.ExpandedMap, polic
     for module, record in parse_upstream(header).items():
         linear = _linear_or_error(expanded, module, adapter)
         _check_upstream_shapes(adapter, record, linear)
-        n, k, r = record.n_blocks, len(linear.fastvideo), upstream_rank(header, record)
-        if n % k and k % n:
-            raise LongcatError(f"LoRA module {module!r} has {n} up blocks, which do not align with its {k} "
-                               "FastVideo targets", header.path)
+        n, r = record.n_blocks, upstream_rank(header, record)
         blocks_used[module] = n
         alpha_scale = adapter.alphas[record.alpha]
         ups = record.up_keys()
         down_dtype = header.tensors[record.down].dtype
         up_dtype = header.tensors[ups[0]].dtype
-        for t, target in enumerate(linear.fastvideo):
-            a_rows, b_op, b_sources, b_shape, rank_t = _target_factors(record, linear, t, n, k, r, adapter.file)
-            lora_alpha, multiplier = _fastvideo_alpha(adapter, module, alpha_scale, rank_t, fix)
+        parts = fused_targets(linear.out_features, n, len(linear.fastvideo), r)
+        for target, part in zip(linear.fastvideo, parts, strict=True):
+            lora_alpha, multiplier = _fastvideo_alpha(adapter, module, alpha_scale, part.rank, fix)
             a_name, b_name, alpha_name = f"{target}.lora_A", f"{target}.lora_B", f"{target}.lora_alpha"
-            outputs.append(OutputTensor(a_name, (rank_t, linear.in_features), policy.resolve(a_name, down_dtype),
+            b_sources = tuple(Slice(adapter.file, ups[j], None if part.whole_block(i) else part.rows[i])
+                              for i, j in enumerate(part.blocks))
+            b_op = "rows" if len(b_sources) == 1 else "blockdiag"
+            a_rows = None if part.down_rows == (0, header.tensors[record.down].shape[0]) else part.down_rows
+            outputs.append(OutputTensor(a_name, (part.rank, linear.in_features), policy.resolve(a_name, down_dtype),
                                         down_dtype, "rows", (Slice(adapter.file, record.down, a_rows),), "lora_down rows"))
-            outputs.append(OutputTensor(b_name, b_shape, policy.resolve(b_name, up_dtype), up_dtype, b_op,
-                                        tuple(b_sources), f"lora_up {b_op}", multiplier=multiplier))
-            alpha_dtype = adapter.alpha_dtypes[record.alpha]
+            outputs.append(OutputTensor(b_name, (linear.out_features // len(parts), part.rank),
+                                        policy.resolve(b_name, up_dtype), up_dtype, b_op, b_sources, f"lora_up {b_op}",
+                                        multiplier=multiplier))
+            alpha_dtype = _scalar_dtype(lora_alpha, adapter.alpha_dtypes[record.alpha])
             outputs.append(OutputTensor(alpha_name, header.tensors[record.alpha].shape, alpha_dtype, alpha_dtype,
                                         "scalar", (Slice(adapter.file, record.alpha),), "alpha_scale·rank",
                                         value=lora_alpha))
     return outputs, blocks_used
-
-
-def _target_factors(record: UpstreamLoraModule, linear: keymap.LinearModule, t: int, n: int, k: int, r: int, file: str):
-    """A's row block, B's op/sources/shape and the rank for FastVideo target t of a fused module."""
-    out = linear.out_features
-    ups = record.up_keys()
-    if n >= k:
-        g = n // k
-        blocks = range(t * g, (t + 1) * g)
-        a_rows = (t * g * r, (t + 1) * g * r)
-        sources = [Slice(file, ups[j]) for j in blocks]
-        return a_rows, "rows" if g == 1 else "blockdiag", sources, (out // k, g * r), g * r
-    m = k // n
-    j, local, rows = t // m, t % m, out // k
-    return (j * r, (j + 1) * r), "rows", [Slice(file, ups[j], (local * rows, (local + 1) * rows))], (rows, r), r
 
 
 def _linear_or_error(expanded: keymap.ExpandedMap, module: str, adapter: Adapter) -> keymap.LinearModule:
@@ -340,7 +346,7 @@ def _fastvideo_to_upstream(adapter: Adapter, expanded: keymap.ExpandedMap, polic
                                "the adapter was trained for another model or another depth")
         linear, part = by_target[name]
         grouped.setdefault(linear.upstream, {})[part] = record
-    hints = json.loads(header.metadata.get(LORA_BLOCKS_METADATA, "{}"))
+    hints = _block_hints(header)
     outputs: list[OutputTensor] = []
     for module, parts in grouped.items():
         linear = expanded.linears[module]
@@ -349,61 +355,89 @@ def _fastvideo_to_upstream(adapter: Adapter, expanded: keymap.ExpandedMap, polic
             raise LongcatError(f"LoRA for {module!r} covers only {len(parts)} of its {k} FastVideo targets; the "
                                "upstream format needs all of them", header.path)
         records_in_order = [parts[t] for t in range(k)]
-        n = int(hints.get(module, _infer_blocks(header, linear, records_in_order)))
+        n = hints.get(module) or _infer_blocks(header, linear, records_in_order)
         outputs.extend(_module_to_upstream(adapter, linear, records_in_order, n, policy))
     return outputs
 
 
+def _block_hints(header) -> dict[str, int]:
+    """The up-block count per module that our own FastVideo output records in its metadata."""
+    text = header.metadata.get(LORA_BLOCKS_METADATA)
+    if text is None:
+        return {}
+    hints = parse_json(text, header.path, "remove the corrupt metadata entry " + LORA_BLOCKS_METADATA)
+    if not isinstance(hints, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                              for v in hints.values()):
+        raise LongcatError(f"metadata {LORA_BLOCKS_METADATA} is not a map of module names to block counts",
+                           header.path, "remove the corrupt metadata entry")
+    return hints
+
+
 def _infer_blocks(header, linear: keymap.LinearModule, records) -> int:
-    """Without our metadata: one block per target when each B is one target's rows, else the map's hint."""
+    """Without our metadata: one up block per target for a fused module, else the map's published hint."""
     k = len(linear.fastvideo)
-    b_cols = header.tensors[records[0].b].shape[1]
-    a_rows = header.tensors[records[0].a].shape[0]
     if k > 1:
-        return k if b_cols == a_rows else 1
+        return k
+    a_rows = header.tensors[records[0].a].shape[0]
     return linear.lora_up_blocks if a_rows % linear.lora_up_blocks == 0 else 1
 
 
 def _module_to_upstream(adapter: Adapter, linear: keymap.LinearModule, records, n: int,
                         policy: DtypePolicy) -> list[OutputTensor]:
-    header, file = adapter.header, adapter.file
-    k, out, module = len(records), linear.out_features, linear.upstream
-    ranks = {header.tensors[r.a].shape[0] for r in records}
-    scales = {int(adapter.alphas[r.alpha]) / header.tensors[r.a].shape[0] for r in records}
-    if len(ranks) != 1 or len(scales) != 1 or (n % k and k % n):
-        raise LongcatError(f"LoRA for {module!r}: its targets have ranks {sorted(ranks)} and scales {sorted(scales)}, "
-                           f"which one upstream module with {n} up blocks cannot express", header.path)
-    rank_t = ranks.pop()
+    """The inverse of `_upstream_to_fastvideo` for one module: up block j is read back from the column band
+    and rows it occupies in each target's lora_B, its lora_down rows from the first target holding it."""
+    header, file, module = adapter.header, adapter.file, linear.upstream
+    k, out = len(records), linear.out_features
+    ranks = [header.tensors[r.a].shape[0] for r in records]
+    scales = {fastvideo_scale(adapter.alphas[r.alpha], rank) for r, rank in zip(records, ranks, strict=True)}
+    layout = _fused_layout(out, n, k, ranks)
+    if layout is None or len(scales) != 1:
+        raise LongcatError(f"LoRA for {module!r}: its {k} target(s) have ranks {ranks} and scales {sorted(scales)}, "
+                           f"which one upstream module with {n} up block(s) cannot express", header.path)
+    r = layout[0].rank_per_block
     encoded = encode_module(module)
     up_names = [f"{encoded}.lora_up.weight"] if n == 1 else [f"{encoded}.lora_up.blocks.{j}.weight" for j in range(n)]
     a_dtype, b_dtype = header.tensors[records[0].a].dtype, header.tensors[records[0].b].dtype
-    if n >= k:
-        g = n // k
-        r = rank_t // g
-        down_sources = [Slice(file, rec.a) for rec in records]
-        ups = []
-        for j in range(n):
-            rec, local = records[j // g], j % g
-            if g == 1:
-                ups.append(("rows", [Slice(file, rec.b)], (out // n, r)))
-            else:
-                rows = (local * out // n, (local + 1) * out // n)
-                ups.append(("rows", [Slice(file, rec.b, rows, (local * r, (local + 1) * r))], (out // n, r)))
-    else:
-        m, r = k // n, rank_t
-        down_sources = [Slice(file, records[j * m].a) for j in range(n)]
-        ups = [("rows", [Slice(file, records[t].b) for t in range(j * m, (j + 1) * m)], (out // n, r)) for j in range(n)]
+    down_sources, ups = [], []
+    for j in range(n):
+        holders = [(t, part.blocks.index(j)) for t, part in enumerate(layout) if j in part.blocks]
+        t0, band0 = holders[0]
+        down_sources.append(Slice(file, records[t0].a, _unless_whole((band0 * r, (band0 + 1) * r), ranks[t0])))
+        pieces = []
+        for t, band in holders:
+            part = layout[t]
+            first_row = sum(hi - lo for lo, hi in part.rows[:band])
+            lo, hi = part.rows[band]
+            cols = None if len(part.blocks) == 1 else (band * r, (band + 1) * r)
+            rows = _unless_whole((first_row, first_row + hi - lo), out // k)
+            pieces.append(Slice(file, records[t].b, rows, cols))
+        ups.append(pieces)
     down_name = f"{encoded}.lora_down.weight"
     outputs = [OutputTensor(down_name, (n * r, linear.in_features), policy.resolve(down_name, a_dtype), a_dtype,
                             "rows", tuple(down_sources), "lora_A concat")]
-    for name, (op, sources, shape) in zip(up_names, ups, strict=True):
-        outputs.append(OutputTensor(name, shape, policy.resolve(name, b_dtype), b_dtype, op, tuple(sources),
-                                    "lora_B blocks"))
+    for name, sources in zip(up_names, ups, strict=True):
+        outputs.append(OutputTensor(name, (out // n, r), policy.resolve(name, b_dtype), b_dtype, "rows",
+                                    tuple(sources), "lora_B blocks"))
     alpha_key = records[0].alpha
-    alpha_dtype = adapter.alpha_dtypes[alpha_key]
+    scale = scales.pop()
+    alpha_dtype = _scalar_dtype(scale, adapter.alpha_dtypes[alpha_key])
     outputs.append(OutputTensor(f"{encoded}.alpha_scale", header.tensors[alpha_key].shape, alpha_dtype, alpha_dtype,
-                                "scalar", (Slice(file, alpha_key),), "int(lora_alpha)/rank", value=scales.pop()))
+                                "scalar", (Slice(file, alpha_key),), "int(lora_alpha)/rank", value=scale))
     return outputs
+
+
+def _fused_layout(out: int, n: int, k: int, ranks: list[int]) -> list[TargetPart] | None:
+    """The target layout of an upstream module with n up blocks whose FastVideo targets have these ranks."""
+    if out % n or out % k:
+        return None
+    shape = fused_targets(out, n, k, 1)
+    per_block = ranks[0] // len(shape[0].blocks)
+    layout = fused_targets(out, n, k, per_block)
+    return layout if per_block > 0 and [p.rank for p in layout] == ranks else None
+
+
+def _unless_whole(rows: tuple[int, int], length: int) -> tuple[int, int] | None:
+    return None if rows == (0, length) else rows
 
 
 def _plan_adapter(adapter: Adapter, expanded: keymap.ExpandedMap, options: PlanOptions) -> AdapterPlan:

@@ -5,17 +5,21 @@ inconsistency that would make a conversion ambiguous is an error naming the file
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import keymap
-from .dtypes import scalar_from_bytes
 from .errors import LongcatError
-from .io import SafetensorsHeader, ShardIndex, read_bytes, read_header, read_index, tensor_range
+from .io import (
+    SafetensorsHeader,
+    ShardIndex,
+    read_header,
+    read_index,
+    read_json_object,
+)
 from .layout_detect import detect_layout
-from .lora import detect_format
+from .lora import ALPHA_SUFFIXES, detect_format, read_alpha
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SKIPPED_TOP_LEVEL = (".cache", ".git", ".gitattributes", "conversion.json", "model_index.json")
@@ -60,18 +64,6 @@ class Tree:
         return self.root / relative
 
 
-def load_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LongcatError("does not exist", path) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LongcatError(f"is not valid JSON ({exc})", path, "fix or re-create the file") from None
-    if not isinstance(data, dict):
-        raise LongcatError("is not a JSON object", path)
-    return data
-
-
 def _inside(root: Path, path: Path, follow_symlinks: bool) -> None:
     if follow_symlinks or not path.is_symlink():
         return
@@ -93,7 +85,7 @@ def _refuse_pickles(folder: Path) -> None:
 
 def read_dit(root: Path, folder: str, naming: str, follow_symlinks: bool = False) -> DitFiles:
     base = root / folder
-    config = load_json(base / "config.json")
+    config = read_json_object(base / "config.json")
     _refuse_pickles(base)
     files = sorted(p for p in base.iterdir() if p.name.endswith(".safetensors"))
     indexes = sorted(p for p in base.iterdir() if p.name.endswith(".safetensors.index.json"))
@@ -157,8 +149,8 @@ def read_adapters(root: Path, layout_name: str, follow_symlinks: bool = False) -
                                f"{layout_name} trees hold {spec['lora_format']}-format adapters")
         adapter = Adapter(path.stem, str(path.relative_to(root)), header, fmt)
         for key, info in header.tensors.items():
-            if key.endswith(("alpha_scale", "lora_alpha")):
-                adapter.alphas[key] = scalar_from_bytes(read_bytes(tensor_range(header, key)), info.dtype)
+            if key.endswith(ALPHA_SUFFIXES):
+                adapter.alphas[key] = read_alpha(header, key, upstream=fmt == "upstream")
                 adapter.alpha_dtypes[key] = info.dtype
         adapters.append(adapter)
     names = [a.name for a in adapters]
@@ -196,6 +188,6 @@ def read_tree(root: str | Path, layout_name: str | None = None, follow_symlinks:
     spec = keymap.layout(layout_name)
     dit = read_dit(root, spec["dit_dir"], spec["naming"], follow_symlinks)
     model_index_path = root / "model_index.json"
-    model_index = load_json(model_index_path) if model_index_path.is_file() else None
+    model_index = read_json_object(model_index_path) if model_index_path.is_file() else None
     return Tree(root, layout_name, dit, read_adapters(root, layout_name, follow_symlinks),
                 list_other_files(root, layout_name, follow_symlinks), model_index)

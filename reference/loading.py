@@ -6,7 +6,6 @@ LongcatError line naming the first few missing / unexpected / mis-shaped keys an
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 
 from longcat_convert import keymap
 from longcat_convert.errors import LongcatError
-from longcat_convert.io import SafetensorsHeader, read_header, read_index, read_tensor
+from longcat_convert.io import SafetensorsHeader, read_header, read_index, read_json_object, read_tensor
 from longcat_convert.layout_detect import detect_layout
 
 from .dit import LongcatDiT
@@ -67,7 +66,7 @@ def open_tree(root: str | Path) -> Tree:
     if not config_path.is_file():
         raise LongcatError(f"no DiT config: {spec['dit_dir']}/config.json is missing from this {name} tree", root,
                            "restore the config that came with the checkpoint")
-    config = _read_json(config_path)
+    config = read_json_object(config_path)
     if not _config_matches(config, spec["naming"]):
         raise LongcatError(f"this {name} tree's DiT config does not describe {keymap.class_name(spec['naming'])}",
                            config_path, "use the config that came with these weights")
@@ -79,16 +78,6 @@ def _config_matches(config: dict, naming: str) -> bool:
     if class_name is not None:
         return class_name == keymap.class_name(naming)
     return keymap.heads_field(naming) in config
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LongcatError(f"cannot read JSON ({exc.__class__.__name__})", path) from None
-    if not isinstance(data, dict):
-        raise LongcatError("config is not a JSON object", path)
-    return data
 
 
 # ---- DiT weights ------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from longcat_convert.errors import LongcatError
-from longcat_convert.lora import PREFIX, decode_module, encode_module
+from longcat_convert.lora import PREFIX, decode_module, encode_module, fastvideo_scale
 
 from .dit import LongcatDiT
 
@@ -78,9 +78,8 @@ class FastvideoLoraTarget:
 
     @property
     def scale(self) -> float:
-        """FastVideo's effective scale: int(alpha)/rank, or 1 when alpha is absent or truncates to 0."""
-        alpha = self.rank if self.alpha is None else int(float(self.alpha))
-        return alpha / self.rank if alpha and self.rank else 1.0
+        """FastVideo's effective scale (`fastvideo_scale`); alpha absent means scale 1."""
+        return 1.0 if self.alpha is None else fastvideo_scale(float(self.alpha), self.rank)
 
 
 def read_upstream_lora(path: str | Path) -> dict[str, UpstreamLoraModule]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from longcat_convert import keymap
 from longcat_convert.errors import LongcatError
-from longcat_convert.lora import UpstreamLoraModule, decode_module, encode_module
-from longcat_convert.plan import DtypePolicy, _target_factors
+from longcat_convert.lora import decode_module, encode_module, fused_targets
+from longcat_convert.plan import DtypePolicy
 from longcat_convert.sharding import group_into_shards, parse_size
 
 PUBLISHED = dict(hidden_size=4096, depth=48, num_heads=32, caption_channels=4096, adaln_tembed_dim=512,
@@ -87,23 +88,42 @@ def test_lora_module_names_round_trip() -> None:
     assert decode_module("blocks.7") is None
 
 
-def _linear(k: int, out: int = 12, blocks: int = 1) -> keymap.LinearModule:
-    return keymap.LinearModule("m", tuple(f"t{i}" for i in range(k)), 5, out, blocks)
-
-
 def test_factors_one_block_per_target() -> None:
-    record = UpstreamLoraModule("m", "down", None, {0: "u0", 1: "u1", 2: "u2"}, "alpha")
-    a_rows, op, sources, shape, rank = _target_factors(record, _linear(3), 1, 3, 3, 4, "f")
-    assert a_rows == (4, 8) and op == "rows" and [s.key for s in sources] == ["u1"] and shape == (4, 4) and rank == 4
+    part = fused_targets(12, 3, 3, 4)[1]
+    assert part.down_rows == (4, 8) and part.blocks == (1,) and part.whole_block(0) and part.rank == 4
 
 
 def test_factors_single_up_shared_by_targets() -> None:
-    record = UpstreamLoraModule("m", "down", "up", {}, "alpha")
-    a_rows, op, sources, shape, rank = _target_factors(record, _linear(3), 2, 1, 3, 4, "f")
-    assert a_rows == (0, 4) and sources[0].rows == (8, 12) and shape == (4, 4) and rank == 4
+    part = fused_targets(12, 1, 3, 4)[2]
+    assert part.down_rows == (0, 4) and part.blocks == (0,) and part.rows == ((8, 12),) and part.rank == 4
 
 
 def test_factors_many_blocks_one_target_is_block_diagonal() -> None:
-    record = UpstreamLoraModule("m", "down", None, {j: f"u{j}" for j in range(6)}, "alpha")
-    a_rows, op, sources, shape, rank = _target_factors(record, _linear(1, out=12), 0, 6, 1, 4, "f")
-    assert a_rows == (0, 24) and op == "blockdiag" and len(sources) == 6 and shape == (12, 24) and rank == 24
+    (part,) = fused_targets(12, 6, 1, 4)
+    assert part.down_rows == (0, 24) and part.blocks == tuple(range(6)) and part.rank == 24
+    assert all(part.whole_block(i) for i in range(6))
+
+
+def test_factors_blocks_that_straddle_targets() -> None:
+    """4 up blocks of 3 rows over 3 targets of 4 rows: each target meets two blocks, partly."""
+    parts = fused_targets(12, 4, 3, 2)
+    assert [p.blocks for p in parts] == [(0, 1), (1, 2), (2, 3)]
+    assert [p.rows for p in parts] == [((0, 3), (0, 1)), ((1, 3), (0, 2)), ((2, 3), (0, 3))]
+    assert [p.down_rows for p in parts] == [(0, 4), (2, 6), (4, 8)] and {p.rank for p in parts} == {4}
+
+
+@pytest.mark.parametrize("n,k", [(1, 3), (3, 3), (6, 3), (6, 1), (2, 1), (4, 3), (5, 3), (1, 2), (2, 2), (3, 2)])
+def test_factors_reproduce_the_fused_delta(n: int, k: int) -> None:
+    """Assembled from the TargetParts, the k targets' B_t·A_t stacked give blockdiag(U_0..U_{n-1})·D exactly."""
+    out, r, width = 60, 2, 5
+    generator = torch.Generator().manual_seed(n * 10 + k)
+    down = torch.randn(n * r, width, generator=generator, dtype=torch.float64)
+    ups = [torch.randn(out // n, r, generator=generator, dtype=torch.float64) for _ in range(n)]
+    fused = torch.block_diag(*ups) @ down
+    stacked = []
+    for part in fused_targets(out, n, k, r):
+        b = torch.block_diag(*[ups[j][lo:hi] for j, (lo, hi) in zip(part.blocks, part.rows, strict=True)])
+        a = down[part.down_rows[0]:part.down_rows[1]]
+        assert b.shape == (out // k, part.rank) and a.shape == (part.rank, width)
+        stacked.append(b @ a)
+    assert torch.allclose(torch.cat(stacked), fused, rtol=0, atol=1e-12)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import LongcatError
+from .jsonfile import read_json
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,11 @@ def index_name(prefix: str) -> str:
 
 def read_index(path: str | Path) -> ShardIndex:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LongcatError("index file does not exist", path) from None
-    except IsADirectoryError:
-        raise LongcatError("index path is a directory, not a file", path) from None
-    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, >4300-digit ints, deep nesting
-        raise LongcatError(f"index is not valid JSON ({exc.__class__.__name__})", path,
-                           "re-create it, e.g. with `longcat-convert convert`") from None
+    return index_from_document(read_json(path, "re-create it, e.g. with `longcat-convert convert`"), path)
+
+
+def index_from_document(data, path: Path) -> ShardIndex:
+    """The index held by an already parsed JSON document (read from `path`)."""
     if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
         raise LongcatError("index has no `weight_map` object", path, "re-create the index")
     weight_map = data["weight_map"]

@@ -7,16 +7,24 @@ Unlike the loaders, every defect is collected: nothing is skipped silently.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import keymap
-from ..dtypes import FLOATING, scalar_from_bytes
 from ..io import SafetensorsHeader, TensorInfo
-from ..lora import FASTVIDEO_TAILS, PREFIX, decode_module, encode_module
+from ..lora import (
+    ALPHA_SUFFIXES,
+    FASTVIDEO_TAILS,
+    PREFIX,
+    alpha_problem,
+    decode_alpha,
+    decode_module,
+    encode_module,
+    fastvideo_represents,
+    fused_targets,
+)
 from .tree import PICKLE_SUFFIXES, Context, pickle_message
 from .weights import DtypePolicy, check_dtypes, read_header_or_report
 
@@ -24,7 +32,6 @@ UP_BLOCK = re.compile(r"^lora_up\.blocks\.(\d+)\.weight$")
 UPSTREAM_TAILS = "lora_down.weight, lora_up.weight, lora_up.blocks.N.weight or alpha_scale"
 FASTVIDEO_PREFIX = "diffusion_model."  # FastVideo strips it, and a trailing `.weight`, before matching
 BLOCK_INDEX = re.compile(r"\.\d+\.")
-ALPHA_KEYS = ("alpha_scale", "lora_alpha")  # scalars, often kept in fp32 whatever the weights' dtype
 
 
 @dataclass
@@ -71,7 +78,6 @@ class AdapterChecker:
         self.ctx, self.path, self.header, self.format = ctx, path, header, fmt
         self.rel = ctx.rel(path)
         self.expanded = expanded
-        self.scalars = ScalarReader(header)
         self.facts = AdapterFacts(path.stem, self.rel, fmt, len(header.tensors),
                                   dtypes=dict(Counter(i.dtype for i in header.tensors.values()).most_common()),
                                   bytes=sum(i.nbytes for i in header.tensors.values()))
@@ -83,16 +89,15 @@ class AdapterChecker:
         self.ctx.findings.warning("lora", kind, message, self.rel, key)
 
     def alpha_value(self, info: TensorInfo) -> float | None:
-        if info.numel != 1 or info.dtype not in FLOATING:
-            self.error("lora_shape", f"{info.name} is {info.dtype}{list(info.shape)}; an alpha must be one "
-                       "floating-point value", info.name)
+        upstream = self.format == "upstream"
+        problem = alpha_problem(info.dtype, info.shape, None, upstream)
+        if problem is not None:
+            self.error("lora_shape", f"{info.name} {problem}", info.name)
             return None
-        value = self.scalars.read(info)
-        if value is None:
-            self.error("unreadable_file", f"{info.name}: its bytes cannot be read", info.name)
-            return None
-        if not math.isfinite(value):
-            self.error("lora_alpha_value", f"{info.name} is {value}", info.name)
+        value = decode_alpha(self.header, info.name)
+        problem = alpha_problem(info.dtype, info.shape, value, upstream)
+        if problem is not None:
+            self.error("lora_alpha_value", f"{info.name} {problem}", info.name)
             return None
         return value
 
@@ -104,35 +109,9 @@ class AdapterChecker:
             self.facts.ranks[rank] = self.facts.ranks.get(rank, 0) + 1
 
     def finish(self, alphas: set[float], fastvideo_alphas: set[float]) -> AdapterFacts:
-        self.scalars.close()
         self.facts.alphas = sorted(alphas)
         self.facts.fastvideo_alphas = sorted(fastvideo_alphas)
         return self.facts
-
-
-class ScalarReader:
-    """Reads one-element tensors (alphas) through a single open file, a few bytes each."""
-
-    def __init__(self, header: SafetensorsHeader):
-        self.header = header
-        self._handle = None
-
-    def read(self, info: TensorInfo) -> float | None:
-        begin, end = self.header.absolute_range(info)
-        try:
-            if self._handle is None:
-                self._handle = open(self.header.path, "rb")
-            self._handle.seek(begin)
-            data = self._handle.read(end - begin)
-        except OSError:
-            return None
-        if len(data) != end - begin:
-            return None
-        return scalar_from_bytes(data, info.dtype)
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
 
 
 def file_format(header: SafetensorsHeader) -> str | None:
@@ -243,19 +222,27 @@ def _check_upstream_module(checker: AdapterChecker, module: str, parts: Upstream
 
 def _check_upstream_alpha(checker: AdapterChecker, module: str, parts: UpstreamParts, scale: float, rank: int,
                           linears: dict[str, keymap.LinearModule] | None) -> float:
-    """The lora_alpha a FastVideo conversion stores (alpha_scale · rank of its lora_A); flags truncation."""
+    """The lora_alpha a FastVideo conversion stores for the module's first target; flags scales FastVideo's
+    int(lora_alpha)/rank cannot carry (non-integer, or truncating to 0, which it reads as full strength)."""
     n = len(parts.blocks) or 1
-    targets = len(linears[module].fastvideo) if linears and module in linears else 1
-    a_rank = n * rank if targets == 1 else rank
-    alpha = scale * a_rank
-    if scale <= 0:
-        checker.warning("lora_alpha_value", f"module {module}: alpha_scale is {scale}, the adapter does nothing "
-                        "or inverts", parts.alpha.name)
-    if alpha != int(alpha):
+    linear = linears.get(module) if linears else None
+    try:
+        ranks = [p.rank for p in fused_targets(linear.out_features, n, len(linear.fastvideo), rank)] if linear else []
+    except ValueError:  # the shape is reported as a defect of its own
+        ranks = []
+    ranks = ranks or [n * rank]
+    if scale < 0:
+        checker.warning("lora_alpha_value", f"module {module}: alpha_scale is {scale}, the adapter inverts its "
+                        "effect", parts.alpha.name)
+    unrepresented = sorted({r for r in ranks if not fastvideo_represents(scale, r)})
+    if unrepresented:
+        a_rank = unrepresented[0]
+        alpha = scale * a_rank
+        zero = " (0 means 'no alpha' to FastVideo: scale 1)" if not int(alpha) else ""
         checker.warning("lora_non_integer_alpha", f"module {module}: alpha_scale {scale:g} x rank {a_rank} = "
-                        f"{alpha:g} is not an integer; FastVideo applies int(lora_alpha)/rank = {int(alpha)}/{a_rank}, "
-                        "so a FastVideo conversion needs --lora-alpha-fix rescale", parts.alpha.name)
-    return alpha
+                        f"{alpha:g}; FastVideo applies int(lora_alpha)/rank = {int(alpha)}/{a_rank}{zero}, not "
+                        f"{scale:g}, so a FastVideo conversion needs --lora-alpha-fix rescale", parts.alpha.name)
+    return scale * ranks[0]
 
 
 def _check_single_rank(checker: AdapterChecker, ranks: dict[str, int]) -> None:
@@ -294,7 +281,7 @@ def check_fastvideo_adapter(checker: AdapterChecker) -> AdapterFacts:
         if alpha is None:
             continue
         alphas.add(alpha)
-        if alpha != int(alpha):
+        if alpha != int(alpha) or not int(alpha):
             rank_text = rank if rank is not None else "rank"
             effective = (f"{int(alpha)}/{rank_text}" if int(alpha)
                          else "1.0 (int(alpha) is 0, which FastVideo reads as 'no scaling')")
@@ -350,7 +337,7 @@ def check_lora_folder(ctx: Context, layout: dict, expanded: keymap.ExpandedMap |
         facts = _check_adapter(ctx, path, header, layout, expanded)
         if facts is not None:
             adapters.append(facts.to_json())
-            weights = {k: (path.name, i) for k, i in header.tensors.items() if not k.endswith(ALPHA_KEYS)}
+            weights = {k: (path.name, i) for k, i in header.tensors.items() if not k.endswith(ALPHA_SUFFIXES)}
             check_dtypes(ctx, "lora", path.parent, weights, policy, what="tensors of the adapter")
     ctx.components["lora"] = {"path": ctx.rel(folder), "adapters": adapters}
 

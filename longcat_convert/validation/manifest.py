@@ -7,13 +7,12 @@ with the recorded shape (dtypes are compared by the component checks), and no te
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..jsonschemas import load_schema
 from .schemas import schema_findings
-from .tree import Context
+from .tree import Context, read_json
 
 MANIFEST_NAME = "conversion.json"
 SHOWN_SCHEMA_PROBLEMS = 5
@@ -70,13 +69,8 @@ def load_manifest(ctx: Context) -> Manifest | None:
     if not path.is_file():
         return None
     rel = ctx.rel(path)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        ctx.findings.error("manifest", "unreadable_file", f"is not valid JSON ({exc.__class__.__name__})", rel)
-        return None
-    if not isinstance(document, dict):
-        ctx.findings.error("manifest", "unreadable_file", "is not a JSON object", rel)
+    document = read_json(ctx, "manifest", path)
+    if document is None:
         return None
     _check_schema(ctx, rel, document)
     tensors, files = manifest_records(document)

@@ -7,18 +7,16 @@ and symlinks leaving the tree are refused up front (LongcatError, exit 2).
 from __future__ import annotations
 
 import errno
-import json
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LongcatError
-from ..io import SafetensorsHeader
+from ..io import JsonFileError, SafetensorsHeader, read_json_object
 from .findings import Findings
 
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
-MAX_JSON_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -101,43 +99,19 @@ def pickle_message(path: Path) -> str:
 
 def read_json(ctx: Context, component: str, path: Path, *, required: bool = True) -> dict | None:
     """A JSON object from `path`, or None after reporting why it cannot be used."""
-    rel = ctx.rel(path)
-    if not path.is_file():
-        if required:
-            what = "is a folder, not a file" if path.is_dir() else "is missing"
-            ctx.findings.error(component, "missing_file", what, rel)
-        return None
     try:
-        size = path.stat().st_size
-        if size > MAX_JSON_BYTES:
-            ctx.findings.error(component, "unreadable_file", f"is {size} bytes, too large for a JSON file", rel)
-            return None
-        if size == 0:
-            ctx.findings.error(component, "unreadable_file", "is empty (0 bytes)", rel)
-            return None
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        ctx.findings.error(component, "unreadable_file", f"is not valid JSON ({_json_problem(exc)})", rel)
+        return read_json_object(path)
+    except JsonFileError as exc:
+        if not exc.missing:
+            ctx.findings.error(component, "unreadable_file", exc.message, ctx.rel(path))
+        elif required:
+            ctx.findings.error(component, "missing_file", exc.message, ctx.rel(path))
         return None
-    except OSError as exc:
-        ctx.findings.error(component, "unreadable_file", f"cannot be read ({exc.strerror})", rel)
-        return None
-    if not isinstance(document, dict):
-        ctx.findings.error(component, "unreadable_file", f"holds a JSON {type(document).__name__}, not an object", rel)
-        return None
-    return document
 
 
 def read_json_quietly(path: Path) -> dict | None:
     """A JSON object from `path`, or None without reporting anything (for second opinions)."""
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return read_json_object(path)
+    except JsonFileError:
         return None
-    return document if isinstance(document, dict) else None
-
-
-def _json_problem(exc: Exception) -> str:
-    if isinstance(exc, json.JSONDecodeError):
-        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
-    return "not UTF-8 text"

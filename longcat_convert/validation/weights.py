@@ -6,14 +6,13 @@ would see them (every readable file; the index decides which copy of a duplicate
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..dtypes import FLOATING, friendly
 from ..errors import HeaderError, LongcatError
-from ..io import SafetensorsHeader, ShardIndex, TensorInfo, read_header, read_index
+from ..io import SafetensorsHeader, ShardIndex, TensorInfo, index_from_document, read_header, read_json
 from .schemas import schema_findings
 from .tree import PICKLE_SUFFIXES, Context, pickle_message, sniff_pickle
 
@@ -109,9 +108,9 @@ def _choose_index(ctx: Context, component: str, folder: Path, index_paths: list[
 def _read_index(ctx: Context, component: str, path: Path) -> ShardIndex | None:
     rel = ctx.rel(path)
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        ctx.findings.error(component, "bad_index", f"is not valid JSON ({exc.__class__.__name__})", rel)
+        document = read_json(path)
+    except LongcatError as exc:
+        ctx.findings.error(component, "bad_index", exc.message, rel)
         return None
     problems = schema_findings("safetensors-index", _one_entry_per_shard(document))
     if problems:
@@ -119,7 +118,7 @@ def _read_index(ctx: Context, component: str, path: Path) -> ShardIndex | None:
             ctx.findings.error(component, "bad_index", f"does not match the index schema: {problem.text}", rel)
         return None
     try:
-        return read_index(path)
+        return index_from_document(document, path)
     except LongcatError as exc:
         ctx.findings.error(component, "bad_index", exc.message, rel)
         return None

@@ -7,7 +7,6 @@ fp32 exactly as upstream computes them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from longcat_convert.errors import LongcatError
+from longcat_convert.io import read_json_object
 
 NUM_TRAIN_TIMESTEPS = 1000
 DISTILL_STEPS = 50  # the teacher schedule the distilled list is sampled from
@@ -36,10 +36,7 @@ class SchedulerConfig:
     def from_file(cls, path: str | Path) -> SchedulerConfig:
         """Read `scheduler_config.json`; options that would change the schedule unsupported here are errors."""
         path = Path(path)
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise LongcatError(f"cannot read scheduler config ({exc.__class__.__name__})", path) from None
+        config = read_json_object(path)
         for name, default in _UNSUPPORTED.items():
             if config.get(name, default) not in (default, False, None):
                 raise LongcatError(f"scheduler option {name}={config[name]!r} is not supported (LongCat uses "
