@@ -15,7 +15,7 @@ from .plan import ConversionPlan
 from .report import census_lines, human_bytes
 
 
-def _plan_lines(plan: ConversionPlan, copy_bytes: int) -> list[str]:
+def _plan_lines(plan: ConversionPlan) -> list[str]:
     lines = [f"plan: {plan.source_layout} -> {plan.target_layout}",
              f"  DiT: {sum(len(s.tensors) for s in plan.dit_shards)} tensors in {len(plan.dit_shards)} shard(s)"
              + (f" + {plan.indexes[0].file}" if plan.indexes else "")]
@@ -28,8 +28,9 @@ def _plan_lines(plan: ConversionPlan, copy_bytes: int) -> list[str]:
         lines += [f"    note: {note}" for note in adapter.notes[:5]]
     for drop in plan.drops[:5]:
         lines.append(f"  drop {drop.key}: {drop.reason}")
-    lines.append(f"  copied unchanged: {len(plan.copies)} files, {human_bytes(copy_bytes)}")
+    lines.append(f"  copied unchanged: {len(plan.copies)} files, {human_bytes(plan.copy_bytes)}")
     lines.append(f"  written: {', '.join(plan.json_files)}")
+    lines += _skipped_lines([{"path": k.path, "reason": k.reason} for k in plan.skipped])
     lines.append(f"  dtype policy: {plan.policy.describe()['dtype']}"
                  + (f", float32 kept for {', '.join(plan.policy.keep_fp32)}" if plan.policy.keep_fp32 else ""))
     lines.append("  dtype census (before -> after):")
@@ -38,7 +39,7 @@ def _plan_lines(plan: ConversionPlan, copy_bytes: int) -> list[str]:
     # chunks alive at once: the one being read, two queued, one being written, one being hashed
     lines.append(f"  estimated working memory: {human_bytes(5 * CHUNK_BYTES + 2 * blockdiag)} beyond the interpreter "
                  f"(largest tensor {human_bytes(plan.largest_tensor_bytes())} is streamed, never held whole)")
-    lines.append(f"  estimated disk: {human_bytes(plan.tensor_bytes + copy_bytes)}")
+    lines.append(f"  estimated disk: {human_bytes(plan.tensor_bytes + plan.copy_bytes)}")
     return lines
 
 
@@ -60,13 +61,19 @@ def _plan_lines(plan: ConversionPlan, copy_bytes: int) -> list[str]:
               help="After an interrupted run (killed, power loss): reuse the output files its journal proves complete "
                    "(re-hashed), redo the rest. The result is byte-identical to an uninterrupted run.")
 @click.option("--follow-symlinks", is_flag=True, help="Accept symlinks in SRC that point outside it.")
+@click.option("--allow-mixed-dtypes", is_flag=True,
+              help="Accept a source whose components mix dtypes (as `validate --allow-mixed-dtypes` does).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (outputs, shards, dtypes, memory, disk); write nothing.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the manifest/plan as JSON here.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[str, ...], max_shard_size: str,
-                    lora_alpha_fix: str, overwrite: bool, resume: bool, follow_symlinks: bool, dry_run: bool,
-                    report_path: Path | None, quiet: bool) -> None:
+                    lora_alpha_fix: str, overwrite: bool, resume: bool, follow_symlinks: bool, allow_mixed_dtypes: bool,
+                    dry_run: bool, report_path: Path | None, quiet: bool) -> None:
     """Convert the LongCat-Video tree SRC into a new tree DST in another layout.
+
+    SRC must pass `longcat-convert validate` (the same checks run first; the first errors are shown),
+    and DST must pass it too before it is moved into place. Every source file is converted, copied,
+    or left out with its reason (pickles, the source's git data), listed in the summary and manifest.
 
     SRC is a folder, or a Hugging Face repo id such as meituan-longcat/LongCat-Video (only the needed
     folders are downloaded; with HF_HUB_OFFLINE=1 the local cache is used).
@@ -83,12 +90,13 @@ def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[s
       longcat-convert convert out/fv out/raw --to raw          # reverse: bit-identical tensors
       longcat-convert convert weights/LongCat-Video out/d --to diffusers --dry-run
     """
-    request = ConvertRequest(Path(src) if not looks_like_repo_id(src) else src, dst, to, dtype, keep_fp32, max_shard_size, lora_alpha_fix, overwrite,
-                             follow_symlinks, quiet, resume)
+    request = ConvertRequest(src=Path(src) if not looks_like_repo_id(src) else src, dst=dst, to=to, dtype=dtype,
+                             keep_fp32=keep_fp32, max_shard_size=max_shard_size, lora_alpha_fix=lora_alpha_fix,
+                             overwrite=overwrite, follow_symlinks=follow_symlinks, quiet=quiet, resume=resume,
+                             allow_mixed_dtypes=allow_mixed_dtypes)
     if dry_run:
-        tree, plan = prepare(request)
-        copy_bytes = sum((tree.root / f).stat().st_size for f in plan.copies)
-        click.echo("\n".join(_plan_lines(plan, copy_bytes)))
+        _, plan = prepare(request)
+        click.echo("\n".join(_plan_lines(plan)))
         click.echo("dry run: nothing was written")
         if report_path:
             report_path.write_text(json.dumps({"dry_run": True, "plan": plan.to_json()}, indent=2) + "\n")
@@ -112,5 +120,13 @@ def _summary_lines(manifest: dict, dst: Path, elapsed: float) -> list[str]:
     for check in manifest["lora_checks"]:
         lines.append(f"  LoRA {check['adapter']}: {check['modules']} modules, effective delta max rel error "
                      f"{check['max_rel_error']:.1e} -> {'OK' if check['passed'] else 'FAILED'}")
+    lines += _skipped_lines(manifest.get("skipped", []))
     lines.append("  manifest: conversion.json (sha256 of every tensor and file)")
+    return lines
+
+
+def _skipped_lines(skipped: list[dict], shown: int = 5) -> list[str]:
+    lines = [f"  not carried over: {entry['path']} ({entry['reason']})" for entry in skipped[:shown]]
+    if len(skipped) > shown:
+        lines.append(f"  … and {len(skipped) - shown} more not carried over (listed in conversion.json)")
     return lines

@@ -8,10 +8,12 @@ from pathlib import Path
 
 from .errors import LongcatError
 from .execute import execute
-from .hub import resolve_source
+from .hub import looks_like_repo_id, resolve_source
+from .io import SafetensorsHeader
 from .plan import ConversionPlan, DtypePolicy, PlanOptions, plan_conversion
 from .sharding import parse_size
 from .tree import Tree, read_tree
+from .validate import ValidateOptions, refuse_if_invalid, run_validation
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class ConvertRequest:
     follow_symlinks: bool = False
     quiet: bool = False
     resume: bool = False
+    allow_mixed_dtypes: bool = False
 
 
 def _check_paths(src: Path, dst: Path) -> None:
@@ -40,11 +43,30 @@ def _check_paths(src: Path, dst: Path) -> None:
                            "choose another destination")
 
 
+def _check_headers_unchanged(tree: Tree, validated: dict[str, SafetensorsHeader]) -> None:
+    """The weight files planned from are the ones validation read (nothing replaced them in between)."""
+    read = {**tree.dit.headers, **{a.file: a.header for a in tree.adapters}}
+    for relative, header in read.items():
+        before = validated.get(relative)
+        if before is None or (before.header_len, before.file_size, before.tensors) != \
+                (header.header_len, header.file_size, header.tensors):
+            raise LongcatError("changed while it was being read; nothing was written", header.path,
+                               "rerun once nothing writes to the source tree")
+
+
 def prepare(request: ConvertRequest) -> tuple[Tree, ConversionPlan]:
-    """Read and plan; no byte is written."""
+    """Validate, read and plan; no byte is written."""
+    from_hub = looks_like_repo_id(str(request.src))
     src = resolve_source(request.src)
     _check_paths(src, request.dst)
-    tree = read_tree(src, follow_symlinks=request.follow_symlinks)
+    # a hub snapshot's files are symlinks into the cache's blob store, outside the snapshot folder
+    follow_symlinks = request.follow_symlinks or from_hub
+    validation = run_validation(src, ValidateOptions(follow_symlinks=follow_symlinks,
+                                                     allow_mixed_dtypes=request.allow_mixed_dtypes))
+    refuse_if_invalid(validation.report, src, f"`longcat-convert validate {src}` lists every problem; "
+                      "a tree it rejects is not converted")
+    tree = read_tree(src, follow_symlinks=follow_symlinks)
+    _check_headers_unchanged(tree, validation.headers)
     if tree.layout == request.to and request.dtype == "keep" and not request.keep_fp32:
         raise LongcatError(f"is already in the {request.to} layout and no dtype change was asked for", src,
                            "choose another --to, or a --dtype to re-cast")

@@ -35,6 +35,7 @@ from .io.writer import BackgroundSink
 from .journal import Journal, file_sha256, plan_fingerprint
 from .plan import ConversionPlan, OutputTensor, ShardPlan, Slice
 from .tree import Tree
+from .validate import ValidateOptions, refuse_if_invalid, validate_tree
 
 if TYPE_CHECKING:
     import torch
@@ -225,15 +226,16 @@ def _write_outputs(plan: ConversionPlan, tree: Tree, work: Path, headers: Header
             progress.update(shard.nbytes)
         tensors.extend(records)
         checkpoint(f"shard {shard.file} complete")
-    for relative in plan.copies:
-        records = journal.completed(relative)
+    for copy in plan.copies:
+        records = journal.completed(copy.target)
         if records is None:
-            records = [{**_copy_file(tree.root / relative, work / relative, progress), "path": relative, "how": "copied"}]
-            journal.record(relative, records, records[0]["sha256"])
+            records = [{**_copy_file(tree.root / copy.source, work / copy.target, progress), "path": copy.target,
+                        "source": copy.source, "how": "copied"}]
+            journal.record(copy.target, records, records[0]["sha256"])
         else:
             progress.update(records[0]["bytes"])
         files.extend(records)
-        checkpoint(f"copied {relative}")
+        checkpoint(f"copied {copy.target}")
     return tensors, files
 
 
@@ -245,9 +247,9 @@ def execute(plan: ConversionPlan, tree: Tree, dst: Path, *, overwrite: bool = Fa
     headers = HeaderCache(tree)
     _check_drops(plan, headers)
     checkpoint("planned")
-    copy_bytes = sum((tree.root / f).stat().st_size for f in plan.copies)
+    copy_bytes = plan.copy_bytes
     sources = sorted({tree.root / piece.file for s in plan.shards for t in s.tensors for piece in t.sources})
-    fingerprint = plan_fingerprint(plan.to_json(), sources + [tree.root / f for f in plan.copies])
+    fingerprint = plan_fingerprint(plan.to_json(), sources + [tree.root / c.source for c in plan.copies])
     adopt = (lambda folder: journal.adopt(folder, fingerprint) is not None) if resume else None
     atomic = AtomicDirectory(dst, overwrite=overwrite, adopt=adopt)
     with atomic as work, _progress(plan.tensor_bytes + copy_bytes, quiet) as progress:
@@ -268,8 +270,16 @@ def execute(plan: ConversionPlan, tree: Tree, dst: Path, *, overwrite: bool = Fa
         _write_text(work / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         checkpoint("manifest written")
         log.discard()
+        _check_output(work, dst, plan.target_layout)
     checkpoint("renamed into place")
     return manifest
+
+
+def _check_output(work: Path, dst: Path, layout: str) -> None:
+    """The converted tree passes `validate` (header-only) before it is moved into place."""
+    report = validate_tree(work, ValidateOptions(layout=layout))
+    refuse_if_invalid(report, dst, "nothing was written: the converted tree would not pass `longcat-convert "
+                      "validate`; please report this with the source tree's `validate` output")
 
 
 def _file_digest(path: Path) -> dict:
@@ -287,6 +297,7 @@ def _manifest(plan: ConversionPlan, tree: Tree, tensors: list[dict], files: list
         "tensors": tensors,
         "files": files,
         "drops": [{"file": d.file, "key": d.key, "reason": d.reason} for d in plan.drops],
+        "skipped": [{"path": k.path, "reason": k.reason} for k in plan.skipped],
         "adapters": [{"name": a.name, "source": a.source_file, "target": a.target_file, "modules": a.modules,
                       "notes": list(a.notes)} for a in plan.adapters],
         "lora_checks": lora_checks,

@@ -166,6 +166,33 @@ def evaluate(expression: str, symbols: dict[str, int]) -> int:
     return result
 
 
+def implied_size(config: dict, naming: str = "upstream", where: str = "config.json") -> tuple[int, int]:
+    """(tensors, parameters) of the DiT a config describes, in `naming`, computed without expanding the blocks:
+    constant time whatever `depth` says, so it can bound a config before anything iterates over it."""
+    symbols = config_symbols(config, naming, where)
+    tensors = parameters = 0
+    for entry in load_map_document()["modules"]:
+        repeat = symbols["L"] if entry["scope"] == "block" else 1
+        parts = len(entry["fastvideo"]) if naming == "fastvideo" and isinstance(entry["fastvideo"], list) else 1
+        for shape_exprs in entry["params"].values():
+            tensors += repeat * parts
+            parameters += repeat * math.prod(evaluate(e, symbols) for e in shape_exprs)
+    return tensors, parameters
+
+
+def check_fits(config: dict, naming: str, where: str, tensors_held: int, parameters_held: int) -> None:
+    """Refuse a config describing far more tensors or parameters than the weight files hold: an absurd `depth`
+    or `hidden_size` would otherwise drive loops and allocations long before a key is compared. The margin
+    (twice what is held) leaves near misses — a missing block, a shrunk tensor — to the key report, which
+    names them; the work that follows stays bounded by the files' size."""
+    tensors, parameters = implied_size(config, naming, where)
+    if tensors > 2 * tensors_held + 64 or parameters > 2 * parameters_held + 2**20:
+        raise LongcatError(f"describes a DiT of {tensors:,} tensors and {parameters:,} parameters (depth "
+                           f"{config.get('depth')}, hidden_size {config.get('hidden_size')}), but its weight files hold "
+                           f"{tensors_held:,} tensors and {parameters_held:,} values", where,
+                           "use the config that came with these weights")
+
+
 def expand(config: dict, naming: str = "upstream", where: str = "config.json") -> ExpandedMap:
     """The concrete rules for a DiT described by `config` (whose field names follow `naming`)."""
     document = load_map_document()

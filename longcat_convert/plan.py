@@ -9,6 +9,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 from . import keymap
 from .dtypes import ITEMSIZE, POLICY_NAMES, exactly_representable, is_floating
@@ -26,7 +27,7 @@ from .lora import (
     upstream_rank,
 )
 from .sharding import group_into_shards
-from .tree import Adapter, Tree
+from .tree import Adapter, Skipped, Tree
 
 LORA_BLOCKS_METADATA = "longcat_convert.lora_up_blocks"
 
@@ -100,6 +101,15 @@ class DropCheck:
 
 
 @dataclass(frozen=True)
+class FileCopy:
+    """A file carried over unchanged (its folder renamed when it sits in the DiT folder)."""
+
+    source: str  # relative to the source root
+    target: str  # relative to the destination
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class AdapterPlan:
     name: str
     source_file: str
@@ -139,13 +149,14 @@ class ConversionPlan:
     target_layout: str
     dit_shards: list[ShardPlan]
     indexes: list[IndexPlan]
-    copies: list[str]  # relative paths copied unchanged
+    copies: list[FileCopy]
     json_files: dict[str, dict]  # relative path -> content
     adapters: list[AdapterPlan]
     drops: list[DropCheck]
     policy: DtypePolicy
     census_before: dict[str, dict[str, int]] = field(default_factory=dict)
     census_after: dict[str, dict[str, int]] = field(default_factory=dict)
+    skipped: list[Skipped] = field(default_factory=list)
 
     @property
     def shards(self) -> list[ShardPlan]:
@@ -154,6 +165,10 @@ class ConversionPlan:
     @property
     def tensor_bytes(self) -> int:
         return sum(s.nbytes for s in self.shards)
+
+    @property
+    def copy_bytes(self) -> int:
+        return sum(c.nbytes for c in self.copies)
 
     def to_json(self) -> dict:
         """Everything the plan decides, as JSON (the dry-run report, and the fingerprint --resume checks)."""
@@ -165,7 +180,9 @@ class ConversionPlan:
                                      "sources": [x.to_json() for x in t.sources]} for t in s.tensors]}
                        for s in self.shards],
             "indexes": [{"file": i.file, "total_size": i.total_size} for i in self.indexes],
-            "copies": self.copies, "written": sorted(self.json_files), "dtype_policy": self.policy.describe(),
+            "copies": [{"source": c.source, "target": c.target, "bytes": c.nbytes} for c in self.copies],
+            "skipped": [{"path": k.path, "reason": k.reason} for k in self.skipped],
+            "written": sorted(self.json_files), "dtype_policy": self.policy.describe(),
             "census": {"before": self.census_before, "after": self.census_after},
         }
 
@@ -256,12 +273,17 @@ def _shard(outputs: list[OutputTensor], folder: str, prefix: str, max_bytes: int
 # ---------------------------------------------------------------------------------------------- LoRA
 
 
-def _adapter_target_file(adapter: Adapter, target_layout: str) -> str:
-    spec = keymap.layout(target_layout)
-    if spec["lora_format"] == "upstream":
-        return f"{spec['lora_dir']}/{adapter.name}.safetensors"
-    subdir = spec["lora_subdirs"].get(adapter.name, adapter.name)
-    return f"{spec['lora_dir']}/{subdir}/{adapter.name}.safetensors"
+def _adapter_target_file(adapter: Adapter, source_layout: str, target_layout: str) -> str:
+    """Where an adapter goes: same place when the format stays; otherwise into (fastvideo) or out of (upstream)
+    its own folder lora/<subfolder>/, keeping any folders above it."""
+    source, target = keymap.layout(source_layout), keymap.layout(target_layout)
+    parents = PurePosixPath(adapter.file).parent.relative_to(source["lora_dir"]).parts
+    if adapter.format != target["lora_format"]:
+        if adapter.format == "fastvideo" and parents:
+            parents = parents[:-1]
+        if target["lora_format"] == "fastvideo":
+            parents = (*parents, target["lora_subdirs"].get(adapter.name, adapter.name))
+    return "/".join([target["lora_dir"], *parents, f"{adapter.name}.safetensors"])
 
 
 def _fastvideo_alpha(adapter: Adapter, module: str, alpha_scale: float, rank: int, fix: str) -> tuple[float, float | None]:
@@ -335,7 +357,8 @@ def _check_upstream_shapes(adapter: Adapter, record: UpstreamLoraModule, linear:
                            f"but the Linear is {linear.in_features}→{linear.out_features}", adapter.header.path)
 
 
-def _fastvideo_to_upstream(adapter: Adapter, expanded: keymap.ExpandedMap, policy: DtypePolicy) -> list[OutputTensor]:
+def _fastvideo_to_upstream(adapter: Adapter, expanded: keymap.ExpandedMap, policy: DtypePolicy,
+                           fix: str) -> list[OutputTensor]:
     header = adapter.header
     records = parse_fastvideo(header)
     by_target = expanded.linear_by_fastvideo()
@@ -356,7 +379,7 @@ def _fastvideo_to_upstream(adapter: Adapter, expanded: keymap.ExpandedMap, polic
                                "upstream format needs all of them", header.path)
         records_in_order = [parts[t] for t in range(k)]
         n = hints.get(module) or _infer_blocks(header, linear, records_in_order)
-        outputs.extend(_module_to_upstream(adapter, linear, records_in_order, n, policy))
+        outputs.extend(_module_to_upstream(adapter, linear, records_in_order, n, policy, fix))
     return outputs
 
 
@@ -383,28 +406,33 @@ def _infer_blocks(header, linear: keymap.LinearModule, records) -> int:
 
 
 def _module_to_upstream(adapter: Adapter, linear: keymap.LinearModule, records, n: int,
-                        policy: DtypePolicy) -> list[OutputTensor]:
+                        policy: DtypePolicy, fix: str) -> list[OutputTensor]:
     """The inverse of `_upstream_to_fastvideo` for one module: up block j is read back from the column band
-    and rows it occupies in each target's lora_B, its lora_down rows from the first target holding it."""
+    and rows it occupies in each target's lora_B, its lora_down rows from the first target holding it.
+
+    Targets with different scales (possible in FastVideo's format, not in upstream's one alpha_scale per
+    module) need `fix == "rescale"`: the first target's scale becomes alpha_scale and each up block is
+    multiplied by its target's scale / alpha_scale."""
     header, file, module = adapter.header, adapter.file, linear.upstream
     k, out = len(records), linear.out_features
     ranks = [header.tensors[r.a].shape[0] for r in records]
-    scales = {fastvideo_scale(adapter.alphas[r.alpha], rank) for r, rank in zip(records, ranks, strict=True)}
+    scales = [fastvideo_scale(adapter.alphas[r.alpha], rank) for r, rank in zip(records, ranks, strict=True)]
     layout = _fused_layout(out, n, k, ranks)
-    if layout is None or len(scales) != 1:
-        raise LongcatError(f"LoRA for {module!r}: its {k} target(s) have ranks {ranks} and scales {sorted(scales)}, "
-                           f"which one upstream module with {n} up block(s) cannot express", header.path)
+    if layout is None:
+        raise LongcatError(f"LoRA for {module!r}: its {k} target(s) have ranks {ranks}, which one upstream module "
+                           f"with {n} up block(s) cannot express", header.path)
+    holders = [[(t, part.blocks.index(j)) for t, part in enumerate(layout) if j in part.blocks] for j in range(n)]
+    multipliers = _block_multipliers(adapter, module, scales, holders, fix)
     r = layout[0].rank_per_block
     encoded = encode_module(module)
     up_names = [f"{encoded}.lora_up.weight"] if n == 1 else [f"{encoded}.lora_up.blocks.{j}.weight" for j in range(n)]
     a_dtype, b_dtype = header.tensors[records[0].a].dtype, header.tensors[records[0].b].dtype
     down_sources, ups = [], []
-    for j in range(n):
-        holders = [(t, part.blocks.index(j)) for t, part in enumerate(layout) if j in part.blocks]
-        t0, band0 = holders[0]
+    for block_holders in holders:
+        t0, band0 = block_holders[0]
         down_sources.append(Slice(file, records[t0].a, _unless_whole((band0 * r, (band0 + 1) * r), ranks[t0])))
         pieces = []
-        for t, band in holders:
+        for t, band in block_holders:
             part = layout[t]
             first_row = sum(hi - lo for lo, hi in part.rows[:band])
             lo, hi = part.rows[band]
@@ -415,15 +443,34 @@ def _module_to_upstream(adapter: Adapter, linear: keymap.LinearModule, records, 
     down_name = f"{encoded}.lora_down.weight"
     outputs = [OutputTensor(down_name, (n * r, linear.in_features), policy.resolve(down_name, a_dtype), a_dtype,
                             "rows", tuple(down_sources), "lora_A concat")]
-    for name, sources in zip(up_names, ups, strict=True):
+    for name, sources, multiplier in zip(up_names, ups, multipliers, strict=True):
         outputs.append(OutputTensor(name, (out // n, r), policy.resolve(name, b_dtype), b_dtype, "rows",
-                                    tuple(sources), "lora_B blocks"))
+                                    tuple(sources), "lora_B blocks", multiplier=multiplier))
     alpha_key = records[0].alpha
-    scale = scales.pop()
-    alpha_dtype = _scalar_dtype(scale, adapter.alpha_dtypes[alpha_key])
+    alpha_dtype = _scalar_dtype(scales[0], adapter.alpha_dtypes[alpha_key])
     outputs.append(OutputTensor(f"{encoded}.alpha_scale", header.tensors[alpha_key].shape, alpha_dtype, alpha_dtype,
-                                "scalar", (Slice(file, alpha_key),), "int(lora_alpha)/rank", value=scale))
+                                "scalar", (Slice(file, alpha_key),), "int(lora_alpha)/rank", value=scales[0]))
     return outputs
+
+
+def _block_multipliers(adapter: Adapter, module: str, scales: list[float], holders: list[list[tuple[int, int]]],
+                       fix: str) -> list[float | None]:
+    """Per up block, the factor folding its target's scale into it (None: none needed)."""
+    if len(set(scales)) == 1:
+        return [None] * len(holders)
+    if fix != "rescale":
+        raise LongcatError(f"LoRA for {module!r}: its FastVideo targets have different scales {scales}, and the "
+                           "upstream format has one alpha_scale per module", adapter.header.path,
+                           "pass --lora-alpha-fix rescale to fold each target's scale into its up block exactly")
+    multipliers: list[float | None] = []
+    for block_holders in holders:
+        factors = {scales[t] / scales[0] for t, _ in block_holders}
+        if len(factors) != 1:
+            raise LongcatError(f"LoRA for {module!r}: an up block spans targets with different scales {scales}, "
+                               "which the upstream format cannot express", adapter.header.path)
+        factor = factors.pop()
+        multipliers.append(None if factor == 1 else factor)
+    return multipliers
 
 
 def _fused_layout(out: int, n: int, k: int, ranks: list[int]) -> list[TargetPart] | None:
@@ -440,9 +487,10 @@ def _unless_whole(rows: tuple[int, int], length: int) -> tuple[int, int] | None:
     return None if rows == (0, length) else rows
 
 
-def _plan_adapter(adapter: Adapter, expanded: keymap.ExpandedMap, options: PlanOptions) -> AdapterPlan:
+def _plan_adapter(adapter: Adapter, source_layout: str, expanded: keymap.ExpandedMap,
+                  options: PlanOptions) -> AdapterPlan:
     target = keymap.layout(options.target_layout)
-    target_file = _adapter_target_file(adapter, options.target_layout)
+    target_file = _adapter_target_file(adapter, source_layout, options.target_layout)
     metadata = {"format": "pt"}
     notes: list[str] = []
     if adapter.format == target["lora_format"]:
@@ -458,7 +506,7 @@ def _plan_adapter(adapter: Adapter, expanded: keymap.ExpandedMap, options: PlanO
         notes = [f"{t.name}: B scaled by {t.multiplier} so that int(lora_alpha)/rank is exact"
                  for t in outputs if t.multiplier is not None]
     else:
-        outputs = _fastvideo_to_upstream(adapter, expanded, options.policy)
+        outputs = _fastvideo_to_upstream(adapter, expanded, options.policy, options.lora_alpha_fix)
         modules = sum(1 for t in outputs if t.name.endswith("alpha_scale"))
     shard = ShardPlan(target_file, tuple(outputs), metadata)
     return AdapterPlan(adapter.name, adapter.file, adapter.format, target_file, target["lora_format"], modules,
@@ -489,6 +537,26 @@ def _model_index(target_layout: str, dit_config: dict) -> dict | None:
     return body
 
 
+def _carried_over(tree: Tree, target_layout: str) -> tuple[list[FileCopy], list[Skipped]]:
+    """Files copied unchanged (DiT-folder extras follow the folder's new name) and files left out."""
+    source_dir, target_dir = tree.dit.folder + "/", keymap.layout(target_layout)["dit_dir"] + "/"
+    copies = [FileCopy(f.path, target_dir + f.path[len(source_dir):] if f.path.startswith(source_dir) else f.path,
+                       f.nbytes) for f in tree.other_files]
+    skipped = list(tree.skipped)
+    if tree.model_index is not None and keymap.layout(target_layout)["model_index"] is None:
+        skipped.append(Skipped("model_index.json", f"the {target_layout} layout has no model_index.json"))
+    return copies, skipped
+
+
+def _check_unique_targets(plan_files: list[str], root) -> None:
+    seen: set[str] = set()
+    for file in plan_files:
+        if file in seen:
+            raise LongcatError(f"two source files would both be written to {file}", root,
+                               "rename one of them in the source tree")
+        seen.add(file)
+
+
 def plan_conversion(tree: Tree, options: PlanOptions) -> ConversionPlan:
     target = keymap.layout(options.target_layout)
     source_naming, target_naming = tree.naming, target["naming"]
@@ -498,14 +566,17 @@ def plan_conversion(tree: Tree, options: PlanOptions) -> ConversionPlan:
     dit_outputs = _dit_outputs(tree, expanded, target_naming, options.policy)
     prefix = keymap.load_map_document()["shard_prefix"]
     shards, indexes = _shard(dit_outputs, target["dit_dir"], prefix, options.max_shard_bytes)
-    adapters = [_plan_adapter(adapter, expanded, options) for adapter in tree.adapters]
+    adapters = [_plan_adapter(adapter, tree.layout, expanded, options) for adapter in tree.adapters]
     json_files = {f"{target['dit_dir']}/config.json":
                   keymap.convert_config(tree.dit.config, source_naming, target_naming, config_where)}
     model_index = _model_index(options.target_layout, tree.dit.config)
     if model_index is not None:
         json_files["model_index.json"] = model_index
+    copies, skipped = _carried_over(tree, options.target_layout)
+    _check_unique_targets([s.file for s in shards] + [a.shard.file for a in adapters] + [i.file for i in indexes]
+                          + list(json_files) + [c.target for c in copies], tree.root)
     before = [(tree.dit.info(k).dtype, tree.dit.info(k).nbytes) for k in tree.dit.key_files]
     before += [(i.dtype, i.nbytes) for a in tree.adapters for i in a.header.tensors.values()]
     after = [(t.dtype, t.nbytes) for s in shards + [a.shard for a in adapters] for t in s.tensors]
-    return ConversionPlan(tree.layout, options.target_layout, shards, indexes, list(tree.other_files), json_files,
-                          adapters, drops, options.policy, _census(before), _census(after))
+    return ConversionPlan(tree.layout, options.target_layout, shards, indexes, copies, json_files,
+                          adapters, drops, options.policy, _census(before), _census(after), skipped)

@@ -1,6 +1,10 @@
-"""Read a checkpoint tree: detect its layout, read the DiT config, every shard header, the index and
-the LoRA adapters (headers plus their 0-d alpha scalars). Nothing else is read. Strict: any
+"""Read a checkpoint tree: detect its layout, list every file, read the DiT config, every shard header, the
+index and the LoRA adapters (headers plus their 0-d alpha scalars). Nothing else is read. Strict: any
 inconsistency that would make a conversion ambiguous is an error naming the file.
+
+Every file below the root is accounted for: a DiT shard, index or config; a LoRA adapter (any
+`*.safetensors` below the LoRA folder); the model index; a file carried over unchanged; or a skipped
+file with its reason (pickles, which are never opened, and the source repository's own metadata).
 """
 
 from __future__ import annotations
@@ -18,11 +22,30 @@ from .io import (
     read_index,
     read_json_object,
 )
+from .io.pickles import is_pickle_name
 from .layout_detect import detect_layout
 from .lora import ALPHA_SUFFIXES, detect_format, read_alpha
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-SKIPPED_TOP_LEVEL = (".cache", ".git", ".gitattributes", "conversion.json", "model_index.json")
+# Top-level entries that are the source repository's own bookkeeping, never part of a converted tree.
+SKIPPED_TOP_LEVEL = {
+    ".git": "the source repository's git data",
+    ".cache": "a download cache (huggingface_hub)",
+    ".gitattributes": "git metadata of the source repository",
+    "conversion.json": "the source's conversion manifest; the conversion writes its own",
+}
+PICKLE_REASON = "a pickle file: never opened (unpickling runs arbitrary code) and not copied"
+
+
+@dataclass(frozen=True)
+class OtherFile:
+    path: str  # relative to the tree root, POSIX separators
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str  # relative to the tree root; a folder ends in "/"
+    reason: str
 
 
 @dataclass
@@ -53,8 +76,9 @@ class Tree:
     layout: str
     dit: DitFiles
     adapters: list[Adapter]
-    other_files: list[str]  # relative paths carried over unchanged
+    other_files: list[OtherFile]  # carried over unchanged
     model_index: dict | None
+    skipped: list[Skipped] = field(default_factory=list)
 
     @property
     def naming(self) -> str:
@@ -76,17 +100,9 @@ def _inside(root: Path, path: Path, follow_symlinks: bool) -> None:
                            "pass --follow-symlinks if you trust it, or copy the file in")
 
 
-def _refuse_pickles(folder: Path) -> None:
-    for entry in sorted(folder.iterdir()):
-        if entry.suffix in PICKLE_SUFFIXES:
-            raise LongcatError("is a pickled checkpoint; it is never loaded (unpickling runs arbitrary code)",
-                               entry, "convert it to safetensors with a tool you trust first")
-
-
 def read_dit(root: Path, folder: str, naming: str, follow_symlinks: bool = False) -> DitFiles:
     base = root / folder
     config = read_json_object(base / "config.json")
-    _refuse_pickles(base)
     files = sorted(p for p in base.iterdir() if p.name.endswith(".safetensors"))
     indexes = sorted(p for p in base.iterdir() if p.name.endswith(".safetensors.index.json"))
     if len(indexes) > 1:
@@ -99,7 +115,8 @@ def read_dit(root: Path, folder: str, naming: str, follow_symlinks: bool = False
     headers = {f"{folder}/{p.name}": read_header(p) for p in files}
     index = read_index(indexes[0]) if indexes else None
     key_files = _key_files(base, folder, headers, index)
-    keymap.expand(config, naming, str(base / "config.json"))  # fails early on a malformed config
+    tensors = [info for header in headers.values() for info in header.tensors.values()]
+    keymap.check_fits(config, naming, str(base / "config.json"), len(tensors), sum(i.numel for i in tensors))
     return DitFiles(folder, config, headers, index, key_files)
 
 
@@ -132,62 +149,88 @@ def _key_files(base: Path, folder: str, headers: dict[str, SafetensorsHeader], i
     return key_files
 
 
-def read_adapters(root: Path, layout_name: str, follow_symlinks: bool = False) -> list[Adapter]:
+def read_adapters(root: Path, layout_name: str, files: list[str]) -> list[Adapter]:
+    """Every `*.safetensors` below the layout's LoRA folder (`files`: the tree's files, relative)."""
     spec = keymap.layout(layout_name)
-    base = root / spec["lora_dir"]
-    if not base.is_dir():
-        return []
-    _refuse_pickles(base)
-    files = sorted(base.glob("*.safetensors")) if spec["lora_format"] == "upstream" else sorted(base.glob("*/*.safetensors"))
+    prefix = spec["lora_dir"] + "/"
     adapters = []
-    for path in files:
-        _inside(root, path, follow_symlinks)
+    for relative in files:
+        if not (relative.startswith(prefix) and relative.endswith(".safetensors")):
+            continue
+        path = root / relative
         header = read_header(path)
         fmt = detect_format(header)
         if fmt != spec["lora_format"]:
             raise LongcatError(f"is a {fmt}-format LoRA in a {layout_name} tree", path,
                                f"{layout_name} trees hold {spec['lora_format']}-format adapters")
-        adapter = Adapter(path.stem, str(path.relative_to(root)), header, fmt)
+        adapter = Adapter(path.stem, relative, header, fmt)
         for key, info in header.tensors.items():
             if key.endswith(ALPHA_SUFFIXES):
                 adapter.alphas[key] = read_alpha(header, key, upstream=fmt == "upstream")
                 adapter.alpha_dtypes[key] = info.dtype
         adapters.append(adapter)
-    names = [a.name for a in adapters]
-    duplicates = {n for n in names if names.count(n) > 1}
-    if duplicates:
-        raise LongcatError(f"two adapters are named {sorted(duplicates)[0]!r}", base, "rename one of the files")
     return adapters
 
 
-def list_other_files(root: Path, layout_name: str, follow_symlinks: bool = False) -> list[str]:
-    spec = keymap.layout(layout_name)
-    owned = {spec["dit_dir"], spec["lora_dir"]}
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
-        relative_dir = Path(dirpath).relative_to(root)
-        top = relative_dir.parts[0] if relative_dir.parts else None
-        if top is None:
-            dirnames[:] = sorted(d for d in dirnames if d not in owned and d not in SKIPPED_TOP_LEVEL)
-            names = [f for f in filenames if f not in SKIPPED_TOP_LEVEL]
-        else:
-            dirnames.sort()
-            names = filenames
-        for name in sorted(names):
-            path = Path(dirpath) / name
+def list_files(root: Path, follow_symlinks: bool = False) -> tuple[list[str], list[Skipped]]:
+    """Every regular file below `root` (relative POSIX paths, sorted), and the top-level entries skipped.
+
+    Symlinked folders inside the tree are followed; one pointing outside it is refused unless
+    `follow_symlinks`; loops are refused. FIFOs, sockets and devices are refused."""
+    files: list[str] = []
+    skipped: list[Skipped] = []
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        real = os.path.realpath(here)
+        if real in visited:
+            raise LongcatError("is part of a symlink loop; refused", here, "replace the links by real folders")
+        visited.add(real)
+        relative_dir = here.relative_to(root)
+        for name in sorted(dirnames + filenames):
+            if not relative_dir.parts and name in SKIPPED_TOP_LEVEL:
+                skipped.append(Skipped(name + ("/" if name in dirnames else ""), SKIPPED_TOP_LEVEL[name]))
+        if not relative_dir.parts:
+            dirnames[:] = [d for d in dirnames if d not in SKIPPED_TOP_LEVEL]
+            filenames = [f for f in filenames if f not in SKIPPED_TOP_LEVEL]
+        dirnames.sort()
+        for name in dirnames:
+            _inside(root, here / name, follow_symlinks)
+        for name in sorted(filenames):
+            path = here / name
             _inside(root, path, follow_symlinks)
             if not path.is_file():
-                raise LongcatError("is not a regular file", path, "remove it")
-            found.append(str(path.relative_to(root)))
-    return found
+                raise LongcatError("is not a regular file (a FIFO, socket, device or broken link)", path, "remove it")
+            files.append((relative_dir / name).as_posix())
+    return files, skipped
+
+
+def _other_files(root: Path, files: list[str], dit: DitFiles, adapters: list[Adapter],
+                 skipped: list[Skipped]) -> list[OtherFile]:
+    """The files carried over unchanged: all but the DiT's shards/index/config, adapters, the model index and
+    pickles (which join `skipped`)."""
+    owned = set(dit.headers) | {a.file for a in adapters} | {f"{dit.folder}/config.json", "model_index.json"}
+    if dit.index is not None:
+        owned.add(f"{dit.folder}/{dit.index.path.name}")
+    others = []
+    for relative in files:
+        if relative in owned:
+            continue
+        if is_pickle_name(relative):
+            skipped.append(Skipped(relative, PICKLE_REASON))
+            continue
+        others.append(OtherFile(relative, (root / relative).stat().st_size))
+    return others
 
 
 def read_tree(root: str | Path, layout_name: str | None = None, follow_symlinks: bool = False) -> Tree:
     root = Path(os.path.abspath(root))
     layout_name = detect_layout(root, layout_name).name
     spec = keymap.layout(layout_name)
+    files, skipped = list_files(root, follow_symlinks)
     dit = read_dit(root, spec["dit_dir"], spec["naming"], follow_symlinks)
+    adapters = read_adapters(root, layout_name, files)
     model_index_path = root / "model_index.json"
     model_index = read_json_object(model_index_path) if model_index_path.is_file() else None
-    return Tree(root, layout_name, dit, read_adapters(root, layout_name, follow_symlinks),
-                list_other_files(root, layout_name, follow_symlinks), model_index)
+    return Tree(root, layout_name, dit, adapters, _other_files(root, files, dit, adapters, skipped), model_index,
+                skipped)

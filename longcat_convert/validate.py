@@ -15,13 +15,15 @@ from pathlib import Path
 
 from . import __version__, keymap
 from .dtypes import POLICY_NAMES
+from .errors import LongcatError
+from .io import SafetensorsHeader
 from .layout_detect import check_root, detect_layout
 from .validation.adapters import check_lora_folder
 from .validation.components import check_dit, check_text_encoder, check_vae, drop_expectations
 from .validation.configs import check_cross_rules, check_model_index, check_scheduler_config, check_tokenizer
 from .validation.findings import Findings
 from .validation.manifest import check_manifest_headers, load_manifest
-from .validation.tree import Context, check_tree_safety
+from .validation.tree import Context, check_tree_safety, report_stray_pickles
 from .validation.weights import DtypePolicy
 
 REPORT_SCHEMA_VERSION = 1
@@ -36,14 +38,38 @@ class ValidateOptions:
     follow_symlinks: bool = False  # accept symlinks pointing outside the tree
 
 
+@dataclass(frozen=True)
+class Validation:
+    report: dict  # schemas/validation-report.schema.json
+    headers: dict[str, SafetensorsHeader]  # every safetensors header read, by path relative to the root
+
+
 def validate_tree(root: str | Path, options: ValidateOptions = ValidateOptions()) -> dict:
     """The validation report (see schemas/validation-report.schema.json)."""
+    return run_validation(root, options).report
+
+
+def refuse_if_invalid(report: dict, root: Path, fix: str, shown: int = 3) -> None:
+    """Raise a one-line LongcatError naming the report's first errors (the rest are counted)."""
+    errors = [f for f in report["findings"] if f["severity"] == "error"]
+    if not errors:
+        return
+    first, others = errors[0], errors[1:shown]
+    message = first["message"] + "".join(f"; also {f['file'] + ': ' if f.get('file') else ''}{f['message']}"
+                                         for f in others)
+    if len(errors) > shown:
+        message += f" ({len(errors) - shown} more errors)"
+    raise LongcatError(message, root / first["file"] if first.get("file") else root, fix)
+
+
+def run_validation(root: str | Path, options: ValidateOptions = ValidateOptions()) -> Validation:
+    """Validate the tree at `root`: the report, and the headers it was built from."""
     started = time.perf_counter()
     root = Path(root)
     check_root(root)
     resolved = root.resolve()
     findings = Findings()
-    check_tree_safety(resolved, findings, options.follow_symlinks)
+    pickles = check_tree_safety(resolved, findings, options.follow_symlinks)
     detected = detect_layout(resolved, options.layout)
     layout = keymap.layout(detected.name)
     ctx = Context(resolved, findings)
@@ -68,9 +94,10 @@ def validate_tree(root: str | Path, options: ValidateOptions = ValidateOptions()
                       (vae, "vae/config.json") if vae else None)
     if manifest is not None:
         check_manifest_headers(ctx, manifest, detected.name)
+    report_stray_pickles(ctx, pickles)
     deep = _deep_scan(ctx, manifest, dit) if options.deep else None
 
-    return {
+    report = {
         "report": "longcat-convert validation",
         "schema_version": REPORT_SCHEMA_VERSION,
         "tool_version": __version__,
@@ -85,6 +112,7 @@ def validate_tree(root: str | Path, options: ValidateOptions = ValidateOptions()
         "findings": [finding.to_json() for finding in findings.items],
         "elapsed_seconds": round(time.perf_counter() - started, 4),
     }
+    return Validation(report, dict(ctx.headers))
 
 
 def _deep_scan(ctx: Context, manifest, dit):

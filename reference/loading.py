@@ -150,13 +150,21 @@ def _names(names: list[str]) -> str:
     return "(" + ", ".join(names[:SHOW]) + (", ..." if len(names) > SHOW else "") + ")"
 
 
+def expand_checked(tree: Tree, located: dict[str, SafetensorsHeader] | None = None) -> keymap.ExpandedMap:
+    """The key map for the tree's DiT config, once the config is proven to fit the weight files."""
+    located = dit_tensors(tree) if located is None else located
+    held = [header.tensors[name] for name, header in located.items()]
+    keymap.check_fits(tree.config, tree.naming, str(tree.config_path), len(held), sum(i.numel for i in held))
+    return keymap.expand(tree.config, tree.naming, str(tree.config_path))
+
+
 def load_dit(source: str | Path | Tree, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu") -> LongcatDiT:
     """Build the DiT in the tree's naming and fill it from the tree's shards, tensor by tensor."""
     tree = source if isinstance(source, Tree) else open_tree(source)
-    dit = LongcatDiT(tree.config, tree.naming, dtype=dtype, device=device, where=str(tree.config_path))
     located = dit_tensors(tree)
-    expanded = keymap.expand(tree.config, tree.naming, str(tree.config_path))
+    expanded = expand_checked(tree, located)  # before LongcatDiT allocates what the config says
+    dit = LongcatDiT(tree.config, tree.naming, dtype=dtype, device=device, where=str(tree.config_path))
     dropped = _check_droppable(located, expanded, tree.dit_dir)
     found = {name: header.tensors[name].shape for name, header in located.items() if name not in dropped}
     check_key_set(found, expanded.expected_shapes(tree.naming), tree.dit_dir)

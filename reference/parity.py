@@ -28,7 +28,16 @@ from longcat_convert.io import read_tensor
 
 from .config import DiTConfig
 from .dit import LongcatDiT
-from .loading import Tree, apply_loras, dit_tensors, load_dit, lora_paths, open_tree, read_lora
+from .loading import (
+    Tree,
+    apply_loras,
+    dit_tensors,
+    expand_checked,
+    load_dit,
+    lora_paths,
+    open_tree,
+    read_lora,
+)
 from .lora import clear_loras, read_upstream_lora
 from .lora_delta import Term, relative_delta_error
 
@@ -46,7 +55,7 @@ LORA_RTOL = {"F64": 1e-6, "F32": 1e-6, "F16": 2e-3, "BF16": 1e-2}
 def weights_parity(raw_tree: str | Path, converted_tree: str | Path, lora_rtol: float | None = None) -> dict:
     """Cases: `config` (architecture fields), `dit` (every tensor) and `lora:<name>` per LoRA of either tree."""
     raw, converted = _open_pair(raw_tree, converted_tree)
-    source_map = keymap.expand(raw.config, "upstream", str(raw.config_path))
+    source_map = expand_checked(raw)
     cases = [{"name": "config", **_compare_configs(raw, converted)},
              {"name": "dit", **_compare_tensors(raw, converted, source_map)}]
     cases += [{"name": f"lora:{name}", **entry}

@@ -331,17 +331,36 @@ def test_missing_source_key_is_an_error(raw_copy: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and victim in result.output and "missing" in result.output
 
 
-def test_pickle_is_refused_and_never_loaded(raw_copy: Path, tmp_path: Path) -> None:
-    marker = tmp_path / "unpickled"
-
+def _armed_pickle(path: Path, marker: Path) -> None:
     class Bomb:
         def __reduce__(self):
             return (marker.write_text, ("boom",))
 
-    torch.save({"x": Bomb()}, raw_copy / "dit" / "pytorch_model.bin")
+    torch.save({"x": Bomb()}, path)
+
+
+def test_pickle_beside_the_weights_is_never_loaded_and_not_carried_over(raw_copy: Path, tmp_path: Path) -> None:
+    """validate only warns about a pickle next to safetensors shards (loaders ignore it): convert converts the
+    tree, leaves the pickle out and says so in its summary and manifest."""
+    marker = tmp_path / "unpickled"
+    _armed_pickle(raw_copy / "dit" / "pytorch_model.bin", marker)
+    _armed_pickle(raw_copy / "scheduler" / "extra.pt", marker)
     result = run_cli("convert", raw_copy, tmp_path / "fv", "--to", "fastvideo")
-    assert result.exit_code == 2 and "pickled" in result.output and "pytorch_model.bin" in result.output
+    assert result.exit_code == 0, result.output
+    assert "not carried over: dit/pytorch_model.bin (a pickle file" in result.output
+    skipped = {entry["path"] for entry in json.loads((tmp_path / "fv" / "conversion.json").read_text())["skipped"]}
+    assert {"dit/pytorch_model.bin", "scheduler/extra.pt"} <= skipped
+    assert not list((tmp_path / "fv").rglob("*.bin")) and not list((tmp_path / "fv").rglob("*.pt"))
     assert not marker.exists()
+
+
+def test_pickle_in_place_of_the_weights_is_refused_and_never_loaded(raw_copy: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    (raw_copy / "text_encoder" / "model.safetensors").unlink()
+    _armed_pickle(raw_copy / "text_encoder" / "pytorch_model.bin", marker)
+    result = run_cli("convert", raw_copy, tmp_path / "fv", "--to", "fastvideo")
+    assert result.exit_code == 2 and "never loaded" in result.output and "pytorch_model.bin" in result.output
+    assert not marker.exists() and not (tmp_path / "fv").exists()
 
 
 def test_lora_for_unknown_module_is_refused(raw_copy: Path, tmp_path: Path) -> None:

@@ -34,14 +34,14 @@ def parse_json(data: bytes | str, path: str | Path | None = None, fix: str | Non
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
     except UnicodeDecodeError:
-        raise JsonFileError("is not UTF-8 text, so not a JSON file", path, fix) from None
+        raise JsonFileError("is not valid JSON (not UTF-8 text)", path, fix) from None
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise JsonFileError(f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", path,
                             fix) from None
     except RecursionError:
-        raise JsonFileError("is not a usable JSON file (nested too deeply)", path, fix) from None
+        raise JsonFileError("is not valid JSON (nested too deeply)", path, fix) from None
     except ValueError as exc:  # NaN/Infinity, integers of more than 4300 digits
         raise JsonFileError(f"is not valid JSON ({exc})", path, fix) from None
 
@@ -53,9 +53,9 @@ def read_json(path: str | Path, fix: str | None = None, max_bytes: int = MAX_JSO
         with open(path, "rb") as handle:
             data = handle.read(max_bytes + 1)
     except FileNotFoundError:
-        raise JsonFileError("is missing", path, fix, missing=True) from None
+        raise JsonFileError("is missing (the file does not exist)", path, fix, missing=True) from None
     except IsADirectoryError:
-        raise JsonFileError("is a folder, not a file", path, fix, missing=True) from None
+        raise JsonFileError("is a directory, not a file", path, fix, missing=True) from None
     except NotADirectoryError:
         raise JsonFileError("does not exist (a parent of it is a file)", path, fix, missing=True) from None
     except OSError as exc:
@@ -63,7 +63,7 @@ def read_json(path: str | Path, fix: str | None = None, max_bytes: int = MAX_JSO
     if len(data) > max_bytes:
         raise JsonFileError(f"is larger than {max_bytes} bytes, too large for a JSON file", path, fix)
     if not data.strip():
-        raise JsonFileError("is empty" + (" (0 bytes)" if not data else ""), path, fix)
+        raise JsonFileError("is empty" + (" (0 bytes)" if not data else "") + ": not valid JSON", path, fix)
     return parse_json(data, path, fix)
 
 

@@ -7,6 +7,7 @@ Unlike the loaders, every defect is collected: nothing is skipped silently.
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from .. import keymap
 from ..io import SafetensorsHeader, TensorInfo
+from ..io.pickles import is_pickle_name, pickle_message
 from ..lora import (
     ALPHA_SUFFIXES,
     FASTVIDEO_TAILS,
@@ -25,7 +27,7 @@ from ..lora import (
     fastvideo_represents,
     fused_targets,
 )
-from .tree import PICKLE_SUFFIXES, Context, pickle_message
+from .tree import Context
 from .weights import DtypePolicy, check_dtypes, read_header_or_report
 
 UP_BLOCK = re.compile(r"^lora_up\.blocks\.(\d+)\.weight$")
@@ -373,9 +375,14 @@ def _adapter_files(ctx: Context, folder: Path, layout: dict) -> list[Path]:
                                      f"(lora/<name>/); expected lora/{subdirs.get(entry.stem, entry.stem)}/"
                                      f"{entry.name}", ctx.rel(entry))
         elif entry.is_dir():
-            files = [p for p in sorted(entry.iterdir()) if p.is_file()]
+            files = _files_below(entry)
             adapters = [p for f in files for p in _accept(ctx, f)]
             found.extend(adapters)
+            for path in adapters:
+                if path.parent != entry:
+                    ctx.findings.warning("lora", "lora_placement", f"is nested below {ctx.rel(entry)}/, where no "
+                                         "loader looks (convert still converts it, keeping its folders)",
+                                         ctx.rel(path))
             if not nested and adapters:
                 ctx.findings.warning("lora", "lora_placement", "the upstream loader takes lora/<name>.safetensors, "
                                      "not a subfolder", ctx.rel(entry))
@@ -390,8 +397,14 @@ def _adapter_files(ctx: Context, folder: Path, layout: dict) -> list[Path]:
     return found
 
 
+def _files_below(folder: Path) -> list[Path]:
+    """Every file below `folder`, at any depth (symlink loops were refused before any check ran)."""
+    return sorted(Path(d) / name for d, _, names in os.walk(folder, followlinks=True) for name in names
+                  if (Path(d) / name).is_file())
+
+
 def _accept(ctx: Context, path: Path) -> list[Path]:
-    if path.suffix in PICKLE_SUFFIXES:
+    if is_pickle_name(path):
         ctx.findings.error("lora", "pickle_file", pickle_message(path), ctx.rel(path))
         return []
     return [path] if path.name.endswith(".safetensors") else []

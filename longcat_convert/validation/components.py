@@ -45,7 +45,7 @@ def check_dit(ctx: Context, layout: dict, policy: DtypePolicy) -> DitResult:
     weights = scan_weight_folder(ctx, "dit", folder, rules)
     if config is None:
         _check_other_naming(ctx, folder / "config.json", naming, config_rel)
-    expanded = _expand(ctx, config, naming, config_rel)
+    expanded = _expand(ctx, config, naming, config_rel, weights)
     facts = ctx.components.setdefault("dit", {})
     facts.update(weights.summary(ctx), naming=naming)
     if expanded is not None:
@@ -69,12 +69,15 @@ def _check_other_naming(ctx: Context, path: Path, naming: str, config_rel: str) 
                            "or convert it)", config_rel)
 
 
-def _expand(ctx: Context, config: dict | None, naming: str, config_rel: str) -> keymap.ExpandedMap | None:
+def _expand(ctx: Context, config: dict | None, naming: str, config_rel: str,
+            weights: WeightSet) -> keymap.ExpandedMap | None:
     if config is None:
         ctx.findings.info("dit", "config_field", "the key report is skipped: the DiT config cannot describe the "
                           "expected keys", config_rel)
         return None
     try:
+        tensors = weights.tensors
+        keymap.check_fits(config, naming, config_rel, len(tensors), sum(i.numel for i in tensors.values()))
         return keymap.expand(config, naming, config_rel)
     except LongcatError as exc:
         ctx.findings.error("dit", "config_rule", exc.message, config_rel)
@@ -118,7 +121,8 @@ def _check_text_encoder_keys(ctx: Context, weights: WeightSet, config: dict) -> 
         ctx.findings.error("text_encoder", "shape_mismatch", f"{embedding} has shape {list(info.shape)}, expected "
                            f"[vocab_size, d_model] = {list(expected)}", ctx.rel(weights.folder / name), embedding)
     blocks = {int(m.group(1)) for key in weights.located if (m := TEXT_ENCODER_BLOCK.match(key))}
-    if blocks != set(range(config["num_layers"])):
+    layers = config["num_layers"]  # compared without building range(num_layers): it may be absurdly large
+    if len(blocks) != layers or (blocks and (min(blocks) != 0 or max(blocks) != layers - 1)):
         ctx.findings.error("text_encoder", "missing_key" if len(blocks) < config["num_layers"] else "unexpected_key",
                            f"holds encoder blocks {_ranges(blocks)}, but num_layers is {config['num_layers']}", rel)
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 from ..errors import LongcatError
 from ..io import JsonFileError, SafetensorsHeader, read_json_object
+from ..io.pickles import STRAY_PICKLE, is_pickle_name
 from .findings import Findings
-
-PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 
 
 @dataclass
@@ -35,21 +34,34 @@ class Context:
             return str(path)
 
 
-def check_tree_safety(root: Path, findings: Findings, allow_outside_symlinks: bool = False) -> None:
-    """Walk the tree without following links; refuse loops and escapes, report dangling and special files."""
+def check_tree_safety(root: Path, findings: Findings, allow_outside_symlinks: bool = False) -> list[str]:
+    """Walk the tree without following links; refuse loops and escapes, report dangling and special files.
+    Returns the pickle files seen (relative paths), which are never opened."""
 
     def refuse(error: OSError) -> None:
         raise LongcatError(f"cannot be listed ({error.strerror or error})", error.filename)
 
+    pickles = []
     for folder, dirs, files in os.walk(root, onerror=refuse, followlinks=False):
         for name in sorted(dirs) + sorted(files):
             path = Path(folder) / name
             mode = os.lstat(path).st_mode
+            if name in files and is_pickle_name(name):
+                pickles.append(_rel(root, path))
             if stat.S_ISLNK(mode):
                 _check_symlink(root, path, findings, allow_outside_symlinks)
             elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                 findings.error("tree", "special_file", "is not a regular file (FIFO, socket or device); "
                                "it is never opened", _rel(root, path))
+    return pickles
+
+
+def report_stray_pickles(ctx: Context, pickles: list[str]) -> None:
+    """Pickles the component checks did not judge (outside weight folders): a warning each."""
+    judged = {f.file for f in ctx.findings.items if f.kind == "pickle_file"}
+    for rel in pickles:
+        if rel not in judged:
+            ctx.findings.warning("tree", "pickle_file", STRAY_PICKLE, rel)
 
 
 def _check_symlink(root: Path, path: Path, findings: Findings, allow_outside: bool) -> None:
@@ -75,26 +87,6 @@ def _check_symlink(root: Path, path: Path, findings: Findings, allow_outside: bo
 
 def _rel(root: Path, path: Path) -> str:
     return Path(os.path.abspath(path)).relative_to(root).as_posix()
-
-
-def sniff_pickle(path: Path) -> str | None:
-    """Describe a file whose first bytes show a PyTorch zip checkpoint or a raw pickle (never unpickled)."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-    except OSError:
-        return None
-    if head.startswith(b"PK\x03\x04"):
-        return "a zip archive (a PyTorch torch.save checkpoint)"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "a Python pickle"
-    return None
-
-
-def pickle_message(path: Path) -> str:
-    what = sniff_pickle(path) or "a PyTorch pickle checkpoint (by its suffix)"
-    return (f"is {what} where safetensors is expected: refused, never loaded (unpickling runs arbitrary code); "
-            "convert it to .safetensors from a trusted environment")
 
 
 def read_json(ctx: Context, component: str, path: Path, *, required: bool = True) -> dict | None:

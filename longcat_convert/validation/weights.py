@@ -13,8 +13,9 @@ from pathlib import Path
 from ..dtypes import FLOATING, friendly
 from ..errors import HeaderError, LongcatError
 from ..io import SafetensorsHeader, ShardIndex, TensorInfo, index_from_document, read_header, read_json
+from ..io.pickles import is_pickle_name, pickle_message, sniff_pickle
 from .schemas import schema_findings
-from .tree import PICKLE_SUFFIXES, Context, pickle_message, sniff_pickle
+from .tree import Context
 
 
 @dataclass
@@ -55,7 +56,7 @@ def scan_weight_folder(ctx: Context, component: str, folder: Path, rules: Folder
     files = sorted(p for p in folder.iterdir() if p.is_file())
     shard_paths = [p for p in files if p.name.endswith(".safetensors")]
     for path in files:
-        if path.suffix in PICKLE_SUFFIXES:
+        if is_pickle_name(path):
             # Next to safetensors weights loaders ignore a pickle; in their place it is what they would load.
             severity = "warning" if shard_paths else "error"
             ctx.findings.add(severity, component, "pickle_file", pickle_message(path), ctx.rel(path))
@@ -65,7 +66,7 @@ def scan_weight_folder(ctx: Context, component: str, folder: Path, rules: Folder
         if header is not None:
             weights.headers[path.name] = header
             ctx.headers[ctx.rel(path)] = header
-    if not shard_paths and not any(p.suffix in PICKLE_SUFFIXES for p in files):
+    if not shard_paths and not any(is_pickle_name(p) for p in files):
         ctx.findings.error(component, "no_weights", "holds no *.safetensors file", ctx.rel(folder))
     weights.index = _choose_index(ctx, component, folder, index_paths, rules)
     if weights.index is not None:
