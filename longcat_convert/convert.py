@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import DestinationClaim, check_destination
 from .errors import LongcatError
 from .execute import execute
 from .hub import resolve_source
@@ -29,7 +30,9 @@ class ConvertRequest:
     resume: bool = False
 
 
-def _check_paths(src: Path, dst: Path) -> None:
+def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a destination this run cannot own or that overlaps the source."""
+    check_destination(dst, overwrite)
     real_src, real_dst = Path(os.path.realpath(src)), Path(os.path.realpath(dst))
     if real_src == real_dst:
         raise LongcatError("the destination is the source", dst, "write the converted tree to a new folder")
@@ -42,8 +45,16 @@ def _check_paths(src: Path, dst: Path) -> None:
 
 def prepare(request: ConvertRequest) -> tuple[Tree, ConversionPlan]:
     """Read and plan; no byte is written."""
+    return _plan(request, _checked_source(request))
+
+
+def _checked_source(request: ConvertRequest) -> Path:
     src = resolve_source(request.src)
-    _check_paths(src, request.dst)
+    _check_paths(src, request.dst, request.overwrite)
+    return src
+
+
+def _plan(request: ConvertRequest, src: Path) -> tuple[Tree, ConversionPlan]:
     tree = read_tree(src, follow_symlinks=request.follow_symlinks)
     if tree.layout == request.to and request.dtype == "keep" and not request.keep_fp32:
         raise LongcatError(f"is already in the {request.to} layout and no dtype change was asked for", src,
@@ -54,5 +65,9 @@ def prepare(request: ConvertRequest) -> tuple[Tree, ConversionPlan]:
 
 
 def convert(request: ConvertRequest) -> dict:
-    tree, plan = prepare(request)
-    return execute(plan, tree, request.dst, overwrite=request.overwrite, quiet=request.quiet, resume=request.resume)
+    """DST is claimed (locked, what --overwrite may replace recorded) before planning, held to the end."""
+    src = _checked_source(request)
+    with DestinationClaim(request.dst, request.overwrite) as claim:
+        tree, plan = _plan(request, src)
+        return execute(plan, tree, request.dst, overwrite=request.overwrite, quiet=request.quiet,
+                       resume=request.resume, claim=claim)
