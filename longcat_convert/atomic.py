@@ -1,18 +1,22 @@
 """Output folders with one owner, written all or nothing.
 
-One owner: a run holds an exclusive `flock` on `.NAME.longcat-lock` beside DST from before it creates
-anything until after its commit or cleanup. A second run for the same DST fails at once, naming the
-holder (pid, host and start time written into the lock file, as information only). The lock dies with
-its process, whatever PID namespace or container that process lives in: liveness never rests on PIDs.
+One owner: a run claims DST (`DestinationClaim`) before it plans or creates anything and keeps the claim
+until after its commit or cleanup. The claim is an exclusive `flock` on `.NAME.longcat-lock` beside DST;
+a second run for the same DST fails at once, naming the holder (pid, host and start time written into
+the lock file, as information only). The lock dies with its process, whatever PID namespace or container
+that process lives in: liveness never rests on PIDs. The lock file is removed by its holder at the end;
+only a killed run leaves it, and the next run takes it over.
 
 All or nothing: the output is built in a hidden sibling `.NAME.longcat-partial-TOKEN` and moved into
 place at the end with renameat2(RENAME_NOREPLACE), so the commit never replaces a DST that appeared while
-the run worked. With overwrite, the DST that was there when the run took the lock (its st_dev, st_ino) is
-swapped out with renameat2(RENAME_EXCHANGE), checked to be that same object, then deleted; anything else
-at DST makes the run fail with DST untouched.
+the run worked. With overwrite, the folder that was at DST when the run claimed it is held open (so its
+st_dev/st_ino cannot be reused), swapped out with renameat2(RENAME_EXCHANGE), checked to be that same
+folder, then deleted; anything else at DST makes the run fail with DST untouched. Where renameat2 or its
+flags are unsupported, a check-then-rename is used (see rename_noreplace, _replace_in_two_steps).
 
 Leftovers: a partial folder exists only while its run holds the DST lock, so whoever holds the lock knows
-that every partial of DST belongs to a dead run. It deletes them, or (--resume) adopts one.
+that every partial of DST belongs to a dead run. It deletes them, or (--resume) adopts one. A DST name
+too long to take the suffixes gets siblings named by a shortened name and a hash (sibling_stem).
 """
 
 from __future__ import annotations
