@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from .hub import looks_like_repo_id
 from .io.reader import CHUNK_BYTES
 from .plan import ConversionPlan
 from .report import census_lines, human_bytes
+from .report_file import check_report_path, write_report
 
 
 def _plan_lines(plan: ConversionPlan) -> list[str]:
@@ -90,7 +90,12 @@ def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[s
       longcat-convert convert out/fv out/raw --to raw          # reverse: bit-identical tensors
       longcat-convert convert weights/LongCat-Video out/d --to diffusers --dry-run
     """
-    request = ConvertRequest(src=Path(src) if not looks_like_repo_id(src) else src, dst=dst, to=to, dtype=dtype,
+    local_src = not looks_like_repo_id(src)
+    report_target = None
+    if report_path:
+        outside = {"destination": dst, **({"source": Path(src)} if local_src else {})}
+        report_target = check_report_path(report_path, not_inside=outside)
+    request = ConvertRequest(src=Path(src) if local_src else src, dst=dst, to=to, dtype=dtype,
                              keep_fp32=keep_fp32, max_shard_size=max_shard_size, lora_alpha_fix=lora_alpha_fix,
                              overwrite=overwrite, follow_symlinks=follow_symlinks, quiet=quiet, resume=resume,
                              allow_mixed_dtypes=allow_mixed_dtypes)
@@ -98,14 +103,14 @@ def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[s
         _, plan = prepare(request)
         click.echo("\n".join(_plan_lines(plan)))
         click.echo("dry run: nothing was written")
-        if report_path:
-            report_path.write_text(json.dumps({"dry_run": True, "plan": plan.to_json()}, indent=2) + "\n")
+        if report_target:
+            write_report(report_target, {"dry_run": True, "plan": plan.to_json()}, report_path)
         return
     started = time.perf_counter()
     manifest = convert(request)
     elapsed = time.perf_counter() - started
-    if report_path:
-        report_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    if report_target:
+        write_report(report_target, manifest, report_path)
     if not quiet:
         click.echo("\n".join(_summary_lines(manifest, dst, elapsed)))
 

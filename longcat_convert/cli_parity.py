@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from .errors import LongcatError
 from .jsonschemas import schema_errors
+from .report_file import check_report_path, write_report
 
 
 def _case_line(case: dict) -> str:
@@ -55,6 +55,7 @@ def parity_command(raw: Path, converted: Path, level: str, dtype: str, threshold
     """
     if original_src is not None and level != "task":
         raise LongcatError(f"--original-src works with --level task only, not --level {level}")
+    report_target = check_report_path(report_path) if report_path else None
     from longcat_reference.parity import forward_parity, weights_parity
 
     if level == "weights":
@@ -76,8 +77,8 @@ def parity_command(raw: Path, converted: Path, level: str, dtype: str, threshold
     problems = schema_errors("parity-report", report)
     if problems:
         raise LongcatError(f"internal: the parity report does not match its schema: {problems[0]}")
-    if report_path:
-        report_path.write_text(json.dumps(report, indent=2) + "\n")
+    if report_target:
+        write_report(report_target, report, report_path)
     click.echo("\n".join(lines))
     click.echo(f"parity {level}: {'PASS' if report['passed'] else 'FAIL'}")
     raise SystemExit(0 if report["passed"] else 1)

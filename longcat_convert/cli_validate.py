@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .errors import LongcatError
+from .report_file import check_report_path, write_report
 from .validate import ValidateOptions, validate_tree
 from .validation.render import render_summary
 
@@ -50,16 +50,11 @@ def validate_command(tree: Path, layout: str | None, deep: bool, dtype: str | No
       longcat-convert validate out/fv --deep --report v.json     # + NaN/Inf/zero scan and manifest sha256s
       longcat-convert validate out/fv --json | jq .findings      # the report on stdout
     """
+    report_target = check_report_path(report_path) if report_path is not None else None
     options = ValidateOptions(layout, deep, dtype, allow_mixed_dtypes, follow_symlinks)
     report = validate_tree(tree, options)
-    if report_path is not None:
-        _write_report(report_path, report)
+    if report_target is not None:
+        write_report(report_target, report, report_path)
     click.echo(json.dumps(report, indent=2) if as_json else render_summary(report, show))
     sys.exit(0 if report["valid"] else 1)
 
-
-def _write_report(path: Path, report: dict) -> None:
-    try:
-        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise LongcatError(f"cannot write the report ({exc.strerror})", path) from None

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import DestinationClaim, check_destination
 from .errors import LongcatError
 from .execute import execute
 from .hub import looks_like_repo_id, resolve_source
@@ -32,7 +33,9 @@ class ConvertRequest:
     allow_mixed_dtypes: bool = False
 
 
-def _check_paths(src: Path, dst: Path) -> None:
+def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a destination this run cannot own or that overlaps the source."""
+    check_destination(dst, overwrite)
     real_src, real_dst = Path(os.path.realpath(src)), Path(os.path.realpath(dst))
     if real_src == real_dst:
         raise LongcatError("the destination is the source", dst, "write the converted tree to a new folder")
@@ -56,11 +59,18 @@ def _check_headers_unchanged(tree: Tree, validated: dict[str, SafetensorsHeader]
 
 def prepare(request: ConvertRequest) -> tuple[Tree, ConversionPlan]:
     """Validate, read and plan; no byte is written."""
-    from_hub = looks_like_repo_id(str(request.src))
+    return _plan(request, _checked_source(request))
+
+
+def _checked_source(request: ConvertRequest) -> Path:
     src = resolve_source(request.src)
-    _check_paths(src, request.dst)
+    _check_paths(src, request.dst, request.overwrite)
+    return src
+
+
+def _plan(request: ConvertRequest, src: Path) -> tuple[Tree, ConversionPlan]:
     # a hub snapshot's files are symlinks into the cache's blob store, outside the snapshot folder
-    follow_symlinks = request.follow_symlinks or from_hub
+    follow_symlinks = request.follow_symlinks or looks_like_repo_id(str(request.src))
     validation = run_validation(src, ValidateOptions(follow_symlinks=follow_symlinks,
                                                      allow_mixed_dtypes=request.allow_mixed_dtypes))
     refuse_if_invalid(validation.report, src, f"`longcat-convert validate {src}` lists every problem; "
@@ -76,5 +86,9 @@ def prepare(request: ConvertRequest) -> tuple[Tree, ConversionPlan]:
 
 
 def convert(request: ConvertRequest) -> dict:
-    tree, plan = prepare(request)
-    return execute(plan, tree, request.dst, overwrite=request.overwrite, quiet=request.quiet, resume=request.resume)
+    """DST is claimed (locked, what --overwrite may replace recorded) before planning, held to the end."""
+    src = _checked_source(request)
+    with DestinationClaim(request.dst, request.overwrite) as claim:
+        tree, plan = _plan(request, src)
+        return execute(plan, tree, request.dst, overwrite=request.overwrite, quiet=request.quiet,
+                       resume=request.resume, claim=claim)

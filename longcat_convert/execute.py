@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from . import __version__, journal, jsonschemas, keymap
-from .atomic import AtomicDirectory
+from .atomic import AtomicDirectory, DestinationClaim
 from .dtypes import TORCH_DTYPE
 from .errors import LongcatError
 from .faults import checkpoint
@@ -240,10 +240,11 @@ def _write_outputs(plan: ConversionPlan, tree: Tree, work: Path, headers: Header
 
 
 def execute(plan: ConversionPlan, tree: Tree, dst: Path, *, overwrite: bool = False, quiet: bool = False,
-            resume: bool = False) -> dict:
+            resume: bool = False, claim: DestinationClaim | None = None) -> dict:
     """Write the converted tree to `dst` atomically; returns the manifest.
 
-    resume: adopt the partial folder of an interrupted run of the same plan and keep what it proves done."""
+    resume: adopt the partial folder of an interrupted run of the same plan and keep what it proves done.
+    claim: `dst` already claimed by the caller since before planning (else it is claimed here)."""
     headers = HeaderCache(tree)
     _check_drops(plan, headers)
     checkpoint("planned")
@@ -251,7 +252,7 @@ def execute(plan: ConversionPlan, tree: Tree, dst: Path, *, overwrite: bool = Fa
     sources = sorted({tree.root / piece.file for s in plan.shards for t in s.tensors for piece in t.sources})
     fingerprint = plan_fingerprint(plan.to_json(), sources + [tree.root / c.source for c in plan.copies])
     adopt = (lambda folder: journal.adopt(folder, fingerprint) is not None) if resume else None
-    atomic = AtomicDirectory(dst, overwrite=overwrite, adopt=adopt)
+    atomic = AtomicDirectory(dst, overwrite=overwrite, adopt=adopt, claim=claim)
     with atomic as work, _progress(plan.tensor_bytes + copy_bytes, quiet) as progress:
         log = (journal.adopt(work, fingerprint) if atomic.adopted else None) or journal.start(work, fingerprint)
         tensors, files = _write_outputs(plan, tree, work, headers, log, progress)
