@@ -55,4 +55,6 @@ def prepare(request: ConvertRequest) -> tuple[Tree, ConversionPlan]:
 
 def convert(request: ConvertRequest) -> dict:
     tree, plan = prepare(request)
-    return execute(plan, tree, request.dst, overwrite=request.overwrite, quiet=request.quiet, resume=request.resume)
+    with tree.sources:  # the source files stay open from reading to commit: the bytes converted are those planned
+        return execute(plan, tree, request.dst, overwrite=request.overwrite, quiet=request.quiet,
+                       resume=request.resume)

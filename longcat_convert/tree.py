@@ -13,7 +13,7 @@ from pathlib import Path
 from . import keymap
 from .dtypes import scalar_from_bytes
 from .errors import LongcatError
-from .io import SafetensorsHeader, ShardIndex, read_bytes, read_header, read_index, tensor_range
+from .io import SafetensorsHeader, ShardIndex, SourceFiles, read_index, tensor_range
 from .layout_detect import detect_layout
 from .lora import detect_format
 
@@ -51,6 +51,7 @@ class Tree:
     adapters: list[Adapter]
     other_files: list[str]  # relative paths carried over unchanged
     model_index: dict | None
+    sources: SourceFiles = field(default_factory=SourceFiles)  # the files read above, held open for the conversion
 
     @property
     def naming(self) -> str:
@@ -91,7 +92,8 @@ def _refuse_pickles(folder: Path) -> None:
                                entry, "convert it to safetensors with a tool you trust first")
 
 
-def read_dit(root: Path, folder: str, naming: str, follow_symlinks: bool = False) -> DitFiles:
+def read_dit(root: Path, folder: str, naming: str, follow_symlinks: bool = False,
+             sources: SourceFiles | None = None) -> DitFiles:
     base = root / folder
     config = load_json(base / "config.json")
     _refuse_pickles(base)
@@ -104,7 +106,8 @@ def read_dit(root: Path, folder: str, naming: str, follow_symlinks: bool = False
         raise LongcatError("holds no .safetensors file", base, "the DiT weights are missing")
     for path in files:
         _inside(root, path, follow_symlinks)
-    headers = {f"{folder}/{p.name}": read_header(p) for p in files}
+    sources = sources or SourceFiles()
+    headers = {f"{folder}/{p.name}": sources.header(p) for p in files}
     index = read_index(indexes[0]) if indexes else None
     key_files = _key_files(base, folder, headers, index)
     keymap.expand(config, naming, str(base / "config.json"))  # fails early on a malformed config
@@ -140,7 +143,8 @@ def _key_files(base: Path, folder: str, headers: dict[str, SafetensorsHeader], i
     return key_files
 
 
-def read_adapters(root: Path, layout_name: str, follow_symlinks: bool = False) -> list[Adapter]:
+def read_adapters(root: Path, layout_name: str, follow_symlinks: bool = False,
+                  sources: SourceFiles | None = None) -> list[Adapter]:
     spec = keymap.layout(layout_name)
     base = root / spec["lora_dir"]
     if not base.is_dir():
@@ -148,9 +152,10 @@ def read_adapters(root: Path, layout_name: str, follow_symlinks: bool = False) -
     _refuse_pickles(base)
     files = sorted(base.glob("*.safetensors")) if spec["lora_format"] == "upstream" else sorted(base.glob("*/*.safetensors"))
     adapters = []
+    sources = sources or SourceFiles()
     for path in files:
         _inside(root, path, follow_symlinks)
-        header = read_header(path)
+        header = sources.header(path)
         fmt = detect_format(header)
         if fmt != spec["lora_format"]:
             raise LongcatError(f"is a {fmt}-format LoRA in a {layout_name} tree", path,
@@ -158,7 +163,7 @@ def read_adapters(root: Path, layout_name: str, follow_symlinks: bool = False) -
         adapter = Adapter(path.stem, str(path.relative_to(root)), header, fmt)
         for key, info in header.tensors.items():
             if key.endswith(("alpha_scale", "lora_alpha")):
-                adapter.alphas[key] = scalar_from_bytes(read_bytes(tensor_range(header, key)), info.dtype)
+                adapter.alphas[key] = scalar_from_bytes(sources.read(tensor_range(header, key)), info.dtype)
                 adapter.alpha_dtypes[key] = info.dtype
         adapters.append(adapter)
     names = [a.name for a in adapters]
@@ -194,8 +199,9 @@ def read_tree(root: str | Path, layout_name: str | None = None, follow_symlinks:
     root = Path(os.path.abspath(root))
     layout_name = detect_layout(root, layout_name).name
     spec = keymap.layout(layout_name)
-    dit = read_dit(root, spec["dit_dir"], spec["naming"], follow_symlinks)
+    sources = SourceFiles()
+    dit = read_dit(root, spec["dit_dir"], spec["naming"], follow_symlinks, sources)
     model_index_path = root / "model_index.json"
     model_index = load_json(model_index_path) if model_index_path.is_file() else None
-    return Tree(root, layout_name, dit, read_adapters(root, layout_name, follow_symlinks),
-                list_other_files(root, layout_name, follow_symlinks), model_index)
+    return Tree(root, layout_name, dit, read_adapters(root, layout_name, follow_symlinks, sources),
+                list_other_files(root, layout_name, follow_symlinks), model_index, sources)
