@@ -61,9 +61,10 @@ class Tree:
         return self.root / relative
 
 
-def load_json(path: Path) -> dict:
+def load_json(path: Path, sources: SourceFiles | None = None) -> dict:
+    """sources: read through them, so that a change before the conversion commits is caught."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8") if sources is None else sources.read_file(path).decode("utf-8"))
     except FileNotFoundError:
         raise LongcatError("does not exist", path) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -95,7 +96,8 @@ def _refuse_pickles(folder: Path) -> None:
 def read_dit(root: Path, folder: str, naming: str, follow_symlinks: bool = False,
              sources: SourceFiles | None = None) -> DitFiles:
     base = root / folder
-    config = load_json(base / "config.json")
+    sources = sources or SourceFiles()
+    config = load_json(base / "config.json", sources)
     _refuse_pickles(base)
     files = sorted(p for p in base.iterdir() if p.name.endswith(".safetensors"))
     indexes = sorted(p for p in base.iterdir() if p.name.endswith(".safetensors.index.json"))
@@ -106,9 +108,8 @@ def read_dit(root: Path, folder: str, naming: str, follow_symlinks: bool = False
         raise LongcatError("holds no .safetensors file", base, "the DiT weights are missing")
     for path in files:
         _inside(root, path, follow_symlinks)
-    sources = sources or SourceFiles()
     headers = {f"{folder}/{p.name}": sources.header(p) for p in files}
-    index = read_index(indexes[0]) if indexes else None
+    index = read_index(indexes[0], sources.read_file(indexes[0])) if indexes else None
     key_files = _key_files(base, folder, headers, index)
     keymap.expand(config, naming, str(base / "config.json"))  # fails early on a malformed config
     return DitFiles(folder, config, headers, index, key_files)

@@ -83,6 +83,9 @@ CASES: list[tuple[str, Mutation, str]] = [
     ("dit/diffusion_pytorch_model-00001-of-00006.safetensors", extend, "LoRAs checked"),
     ("dit/diffusion_pytorch_model-00004-of-00006.safetensors", remove, "index written"),
     ("dit/diffusion_pytorch_model-00006-of-00006.safetensors", replace_with_identical_copy, "configs written"),
+    # read while planning: the DiT config (the output's config is made from it) and the shard index
+    ("dit/config.json", rewrite_in_place_keeping_mtime, "planned"),
+    ("dit/diffusion_pytorch_model.safetensors.index.json", replace_with_identical_copy, "manifest written"),
     ("lora/cfg_step_lora.safetensors", rewrite_in_place_keeping_mtime, "planned"),
     ("lora/refinement_lora.safetensors", replace_with_longer_header, "refinement_lora.safetensors complete"),
     # copied components: changed while being copied, after their copy, or before it

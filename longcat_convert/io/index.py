@@ -32,10 +32,11 @@ def index_name(prefix: str) -> str:
     return f"{prefix}.safetensors.index.json"
 
 
-def read_index(path: str | Path) -> ShardIndex:
+def read_index(path: str | Path, content: bytes | None = None) -> ShardIndex:
+    """content: the file's bytes, when the caller has read them (else the path is read)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8") if content is None else content.decode("utf-8"))
     except FileNotFoundError:
         raise LongcatError("index file does not exist", path) from None
     except IsADirectoryError:

@@ -77,7 +77,7 @@ class _HeldFile:
 
 
 class SourceFiles:
-    """Open source files for one tree: `header`, `chunks`, `read`, `tensor`, `stream`, then `verify`.
+    """Source files of one tree: `header`, `chunks`, `read`, `tensor`, `stream`, `read_file`, then `verify`.
 
     Use as a context manager (or call `close`) to release the descriptors."""
 
@@ -119,15 +119,23 @@ class SourceFiles:
     # ---- other files, streamed one at a time -------------------------------------------------------
 
     def stream(self, path: str | Path, chunk: int = CHUNK_BYTES) -> Iterator[bytes]:
-        """A whole file's bytes from one descriptor, closed afterwards. Its identity when opened must still
-        hold after the last byte (else it changed mid-read) and again at `verify`."""
+        """A whole file's bytes from one descriptor, closed afterwards, for a file planned by name only (a
+        copy): its identity when opened must still hold after the last byte (else it changed mid-read) and
+        again at `verify`; a file gone since it was listed has changed."""
         path = Path(path)
         try:
-            fd, identity = _open(path)
+            yield from self._stream(path, chunk)
         except LongcatError:
             if not os.path.lexists(path):
                 raise source_changed(path, "it was removed") from None
             raise
+
+    def read_file(self, path: str | Path) -> bytes:
+        """A small file read while planning (a config, an index), proven unchanged at `verify` like the rest."""
+        return b"".join(self._stream(Path(path), CHUNK_BYTES))
+
+    def _stream(self, path: Path, chunk: int) -> Iterator[bytes]:
+        fd, identity = _open(path)
         try:
             position = 0
             while data := os.pread(fd, chunk, position):
