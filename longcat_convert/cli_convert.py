@@ -36,8 +36,11 @@ def _plan_lines(plan: ConversionPlan) -> list[str]:
     lines.append("  dtype census (before -> after):")
     lines += census_lines(plan.census_before, plan.census_after)
     blockdiag = max((t.nbytes for s in plan.shards for t in s.tensors if t.op != "rows"), default=0)
-    # chunks alive at once: the one being read, two queued, one being written, one being hashed
-    lines.append(f"  estimated working memory: {human_bytes(5 * CHUNK_BYTES + 2 * blockdiag)} beyond the interpreter "
+    # chunks alive at once: the one being read, two queued, one being written, one being hashed; a cast also
+    # queues two source chunks for the thread hashing the source bytes, and hashes a third
+    casts = any(not t.is_byte_copy for s in plan.shards for t in s.tensors if t.op == "rows")
+    chunks = 5 + (3 if casts else 0)
+    lines.append(f"  estimated working memory: {human_bytes(chunks * CHUNK_BYTES + 2 * blockdiag)} beyond the interpreter "
                  f"(largest tensor {human_bytes(plan.largest_tensor_bytes())} is streamed, never held whole)")
     lines.append(f"  estimated disk: {human_bytes(plan.tensor_bytes + plan.copy_bytes)}")
     return lines

@@ -26,11 +26,15 @@ def _case_line(case: dict) -> str:
 @click.argument("raw", type=click.Path(path_type=Path))
 @click.argument("converted", type=click.Path(path_type=Path))
 @click.option("--level", type=click.Choice(["weights", "forward", "task"]), default="weights", show_default=True,
-              help="weights: every converted tensor equals its source slices and every LoRA delta matches; "
+              help="weights: every converted tensor has the dtype the conversion's dtype policy gives it and equals "
+                   "its source slices (cast only where the policy asked), and every LoRA delta matches; "
                    "forward: the same seeded inputs through both models, per case errors; "
                    "task: every pipeline task from both trees, per-step latents and decoded frames.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="Forward level: compute dtype (thresholds: float32 rel L2 <= 1e-5, bfloat16 <= 2e-2).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]),
+              help="Forward and task levels: compute dtype, default float32 (thresholds: float32 rel L2 <= 1e-5, "
+                   "bfloat16 <= 2e-2). Weights level: only for a CONVERTED tree without conversion.json, the dtype "
+                   "it was cast to (by default every tensor must keep its source dtype; with a manifest, its dtype "
+                   "policy decides).")
 @click.option("--threshold", type=float, help="Forward level: override the rel L2 threshold for --dtype.")
 @click.option("--cases", multiple=True, help="Forward level: plain, cond, kvcache, lora, lora:<name> (default all).")
 @click.option("--tasks", multiple=True,
@@ -41,7 +45,7 @@ def _case_line(case: dict) -> str:
                    "its own upstream pipeline (CPU/SDPA shims on CPU or without flash-attn) instead of ours. Needs "
                    "upstream's dependencies: pip install -r PATH/requirements.txt.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
-def parity_command(raw: Path, converted: Path, level: str, dtype: str, threshold: float | None,
+def parity_command(raw: Path, converted: Path, level: str, dtype: str | None, threshold: float | None,
                    cases: tuple[str, ...], tasks: tuple[str, ...], steps: int, original_src: Path | None,
                    report_path: Path | None) -> None:
     """Compare CONVERTED against its source RAW (raw or diffusers layout); exit 1 on any miss.
@@ -59,15 +63,20 @@ def parity_command(raw: Path, converted: Path, level: str, dtype: str, threshold
     from longcat_reference.parity import forward_parity, weights_parity
 
     if level == "weights":
-        report = weights_parity(raw, converted)
-        lines = ["weights: every converted tensor against its source slices, every LoRA delta:"]
+        report = weights_parity(raw, converted, dtype=dtype)
+        policy = report["dtype_policy"]
+        lines = ["weights: every converted tensor against its source slices, every LoRA delta; dtypes as "
+                 f"{policy['origin']} (dtype {policy['dtype']}"
+                 + (f", float32 kept for {', '.join(policy['keep_fp32'])})" if policy["keep_fp32"] else ")") + ":"]
     elif level == "forward":
+        dtype = dtype or "float32"
         report = forward_parity(raw, converted, cases=list(cases) or None, dtype=dtype,
                                 thresholds={dtype: threshold} if threshold is not None else None)
         lines = [f"forward ({report['dtype']}, threshold rel L2 <= {report['threshold']:.0e}):"]
     else:
         from longcat_reference.pipeline.parity import TASKS, task_parity
 
+        dtype = dtype or "float32"
         report = task_parity(raw, converted, tasks=list(tasks) or TASKS, steps=steps, dtype=dtype,
                              thresholds={dtype: threshold} if threshold is not None else None,
                              original_src=original_src)

@@ -86,9 +86,11 @@ def _plan(request: ConvertRequest, src: Path) -> tuple[Tree, ConversionPlan]:
 
 
 def convert(request: ConvertRequest) -> dict:
-    """DST is claimed (locked, what --overwrite may replace recorded) before planning, held to the end."""
+    """DST is claimed (locked, what --overwrite may replace recorded) before planning, held to the end; the
+    source files stay open from reading to commit, so the bytes converted are those planned."""
     src = _checked_source(request)
     with DestinationClaim(request.dst, request.overwrite) as claim:
         tree, plan = _plan(request, src)
-        return execute(plan, tree, request.dst, overwrite=request.overwrite, quiet=request.quiet,
-                       resume=request.resume, claim=claim)
+        with tree.sources:
+            return execute(plan, tree, request.dst, overwrite=request.overwrite, quiet=request.quiet,
+                           resume=request.resume, claim=claim)

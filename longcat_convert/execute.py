@@ -7,9 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,17 +22,16 @@ from .faults import checkpoint
 from .io import (
     SafetensorsHeader,
     ShardWriter,
+    SourceFiles,
     TensorEntry,
-    iter_chunks,
+    decode_tensor,
     read_header,
-    read_tensor,
     tensor_range,
     write_index,
 )
-from .io.reader import CHUNK_BYTES
-from .io.writer import BackgroundSink
+from .io.writer import BackgroundSink, SegmentHasher
 from .journal import Journal, file_sha256, plan_fingerprint
-from .plan import ConversionPlan, OutputTensor, ShardPlan, Slice
+from .plan import ConversionPlan, FileCopy, OutputTensor, ShardPlan, Slice
 from .tree import Tree
 from .validate import ValidateOptions, refuse_if_invalid, validate_tree
 
@@ -42,19 +40,38 @@ if TYPE_CHECKING:
 
 MANIFEST = "conversion.json"
 
+Tap = Callable[[bytes], None]  # receives the raw source bytes behind an output tensor, in order
 
-class HeaderCache:
-    """Source headers, read once; adapters and DiT shards already read by the tree reader are reused."""
+
+class Sources:
+    """The plan's source files (paths relative to the tree root), read from the descriptors the tree was
+    read from: the bytes streamed are those of the files the plan was made from."""
 
     def __init__(self, tree: Tree):
         self.root = tree.root
-        self._headers: dict[str, SafetensorsHeader] = dict(tree.dit.headers)
-        self._headers.update({a.file: a.header for a in tree.adapters})
+        self.files: SourceFiles = tree.sources
 
-    def __getitem__(self, file: str) -> SafetensorsHeader:
-        if file not in self._headers:
-            self._headers[file] = read_header(self.root / file)
-        return self._headers[file]
+    def header(self, file: str) -> SafetensorsHeader:
+        return self.files.header(self.root / file)
+
+    def chunks(self, piece: Slice) -> Iterator[bytes]:
+        """The raw bytes of a slice's rows (all of its columns)."""
+        return self.files.chunks(tensor_range(self.header(piece.file), piece.key, piece.rows))
+
+    def block(self, piece: Slice, tap: Tap | None = None) -> torch.Tensor:
+        """A slice's rows as a tensor; `tap` sees their raw bytes."""
+        data = b"".join(self.chunks(piece))
+        if tap is not None:
+            tap(data)
+        return decode_tensor(self.header(piece.file), piece.key, piece.rows, data)
+
+    def digest(self, tensor: OutputTensor) -> str:
+        """sha256 of the raw source bytes behind an output tensor: its slices' rows, one after another."""
+        digest = hashlib.sha256()
+        for piece in tensor.sources:
+            for chunk in self.chunks(piece):
+                digest.update(chunk)
+        return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ tensor bytes
@@ -66,40 +83,55 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _slice_chunks(headers: HeaderCache, piece: Slice) -> Iterator[bytes]:
-    header = headers[piece.file]
+def _tapped(chunks: Iterable[bytes], tap: Tap | None) -> Iterator[bytes]:
+    for chunk in chunks:
+        if tap is not None:
+            tap(chunk)
+        yield chunk
+
+
+def _slice_chunks(sources: Sources, piece: Slice, tap: Tap | None) -> Iterator[bytes]:
     if piece.cols is None:
-        yield from iter_chunks(tensor_range(header, piece.key, piece.rows))
+        yield from _tapped(sources.chunks(piece), tap)
         return
-    block = read_tensor(header, piece.key, piece.rows)
+    block = sources.block(piece, tap)
     yield _tensor_bytes(block[:, piece.cols[0]:piece.cols[1]])
 
 
-def _blockdiag_chunks(headers: HeaderCache, tensor: OutputTensor) -> Iterator[bytes]:
+def _blockdiag_chunks(sources: Sources, tensor: OutputTensor, tap: Tap | None) -> Iterator[bytes]:
     """Rows of a zero matrix with the sources placed one after another on its diagonal."""
     import torch
 
     dtype = TORCH_DTYPE[tensor.source_dtype]
     col = 0
     for piece in tensor.sources:
-        block = read_tensor(headers[piece.file], piece.key, piece.rows)
+        block = sources.block(piece, tap)
         padded = torch.zeros(block.shape[0], tensor.shape[1], dtype=dtype)
         padded[:, col:col + block.shape[1]] = block
         col += block.shape[1]
         yield _tensor_bytes(padded)
 
 
-def _source_chunks(headers: HeaderCache, tensor: OutputTensor) -> Iterator[bytes]:
+def _scalar_chunks(sources: Sources, tensor: OutputTensor, tap: Tap | None) -> Iterator[bytes]:
+    """The planned value; its source (the alpha it was derived from) is read only for the source digest."""
+    import torch
+
+    if tap is not None:
+        for piece in tensor.sources:
+            for chunk in sources.chunks(piece):
+                tap(chunk)
+    yield _tensor_bytes(torch.full(tensor.shape, tensor.value, dtype=torch.float64).to(TORCH_DTYPE[tensor.source_dtype]))
+
+
+def _source_chunks(sources: Sources, tensor: OutputTensor, tap: Tap | None) -> Iterator[bytes]:
     """The output's bytes in the source dtype."""
     if tensor.op == "scalar":
-        import torch
-
-        yield _tensor_bytes(torch.full(tensor.shape, tensor.value, dtype=torch.float64).to(TORCH_DTYPE[tensor.source_dtype]))
+        yield from _scalar_chunks(sources, tensor, tap)
     elif tensor.op == "blockdiag":
-        yield from _blockdiag_chunks(headers, tensor)
+        yield from _blockdiag_chunks(sources, tensor, tap)
     else:
         for piece in tensor.sources:
-            yield from _slice_chunks(headers, piece)
+            yield from _slice_chunks(sources, piece, tap)
 
 
 def _convert_chunks(chunks: Iterable[bytes], tensor: OutputTensor) -> Iterator[bytes]:
@@ -114,8 +146,9 @@ def _convert_chunks(chunks: Iterable[bytes], tensor: OutputTensor) -> Iterator[b
         yield _tensor_bytes(values.to(target))
 
 
-def output_chunks(headers: HeaderCache, tensor: OutputTensor) -> Iterator[bytes]:
-    chunks = _source_chunks(headers, tensor)
+def output_chunks(sources: Sources, tensor: OutputTensor, tap: Tap | None = None) -> Iterator[bytes]:
+    """The output tensor's bytes; `tap`, if given, sees the raw source bytes they are made from."""
+    chunks = _source_chunks(sources, tensor, tap)
     if tensor.op == "scalar" or tensor.is_byte_copy:
         return chunks
     return _convert_chunks(chunks, tensor)
@@ -124,28 +157,39 @@ def output_chunks(headers: HeaderCache, tensor: OutputTensor) -> Iterator[bytes]
 # -------------------------------------------------------------------------------------------- steps
 
 
-def _check_drops(plan: ConversionPlan, headers: HeaderCache) -> None:
+def _check_drops(plan: ConversionPlan, sources: Sources) -> None:
     for drop in plan.drops:
-        values = read_tensor(headers[drop.file], drop.key).float()
+        values = sources.block(Slice(drop.file, drop.key)).float()
         expected = 1.0 if drop.require == "ones" else 0.0
         if not bool((values == expected).all()):
             raise LongcatError(f"tensor {drop.key!r} would be dropped ({drop.reason}), but it is not all {drop.require}",
-                               headers.root / drop.file, "this checkpoint has affine parameters neither target model can hold")
+                               sources.root / drop.file, "this checkpoint has affine parameters neither target model can hold")
 
 
-def _write_shard(work: Path, shard: ShardPlan, headers: HeaderCache, progress: tqdm) -> list[dict]:
-    """The manifest records of the shard's tensors (each with the sha256 of its bytes)."""
+def _write_shard(work: Path, shard: ShardPlan, sources: Sources, progress: tqdm) -> list[dict]:
+    """The manifest records of the shard's tensors, each with the sha256 of its bytes and of its source bytes
+    (the same for a byte copy; hashed on a thread as they are read otherwise)."""
     path = work / shard.file
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)  # an unfinished file from an adopted partial folder
     entries = [TensorEntry(t.name, t.dtype, t.shape) for t in shard.tensors]
-    with ShardWriter(path, entries, shard.metadata, direct_io=True) as writer:
-        for tensor in shard.tensors:
-            checkpoint(f"tensor {tensor.name} of {shard.file}")
-            writer.write_tensor(tensor.name, _counted(output_chunks(headers, tensor), progress))
+    hasher = SegmentHasher()
+    try:
+        with ShardWriter(path, entries, shard.metadata, direct_io=True) as writer:
+            for tensor in shard.tensors:
+                checkpoint(f"tensor {tensor.name} of {shard.file}")
+                tap = None
+                if not tensor.is_byte_copy:
+                    hasher.begin(tensor.name)
+                    tap = hasher.update
+                writer.write_tensor(tensor.name, _counted(output_chunks(sources, tensor, tap), progress))
+        source_digests = hasher.finish()
+    finally:
+        hasher.close_quietly()
     digests = writer.digests
     return [{"name": t.name, "file": shard.file, "dtype": t.dtype, "shape": list(t.shape), "source_dtype": t.source_dtype,
-             "rule": t.rule, "op": t.op, "sources": [s.to_json() for s in t.sources], "sha256": digests[t.name]}
+             "rule": t.rule, "op": t.op, "sources": [s.to_json() for s in t.sources], "sha256": digests[t.name],
+             "source_sha256": digests[t.name] if t.is_byte_copy else source_digests[t.name]}
             for t in shard.tensors]
 
 
@@ -155,23 +199,33 @@ def _counted(chunks: Iterable[bytes], progress: tqdm) -> Iterator[bytes]:
         yield chunk
 
 
-def _copy_file(source: Path, target: Path, progress: tqdm) -> dict:
+def _copy_file(files: SourceFiles, source: Path, target: Path, relative: str, progress: tqdm) -> dict:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.unlink(missing_ok=True)
-    with open(source, "rb") as reader, open(target, "xb") as writer:
+    copied = 0
+    with open(target, "xb") as writer:
         sink = BackgroundSink(writer, target, "copy", digest=True)  # writes and hashes in threads while the next chunk is read
         try:
-            while chunk := reader.read(CHUNK_BYTES):
+            for chunk in files.stream(source):
+                checkpoint(f"copying {relative}")
                 sink.write(chunk)
+                copied += len(chunk)
                 progress.update(len(chunk))
             sink.finish()
         finally:
             sink.close_quietly()
         writer.flush()
         os.fsync(writer.fileno())
-    shutil.copymode(source, target)
+    os.chmod(target, files.identity(source).mode)  # the mode of the file read, whatever is at the path now
     assert sink.digest is not None
-    return {"sha256": sink.digest.hexdigest(), "bytes": source.stat().st_size}
+    return {"sha256": sink.digest.hexdigest(), "bytes": copied}
+
+
+def _file_source_digest(files: SourceFiles, source: Path) -> str:
+    digest = hashlib.sha256()
+    for chunk in files.stream(source):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _write_text(path: Path, text: str) -> dict:
@@ -181,7 +235,7 @@ def _write_text(path: Path, text: str) -> dict:
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
-def _check_loras(plan: ConversionPlan, tree: Tree, work: Path) -> list[dict]:
+def _check_loras(plan: ConversionPlan, tree: Tree, work: Path, sources: Sources) -> list[dict]:
     if not plan.adapters:
         return []
     import torch  # only conversions with LoRAs pay for it
@@ -196,8 +250,9 @@ def _check_loras(plan: ConversionPlan, tree: Tree, work: Path) -> list[dict]:
         tolerance = 1e-9
         if any(t.multiplier is not None for t in shard.tensors):
             tolerance = max(4 * torch.finfo(TORCH_DTYPE[t.dtype]).eps for t in shard.tensors if t.op != "scalar")
-        source = responses(tree.root / adapter.source_file, adapter.source_format, expanded, round_to)
-        target = responses(work / adapter.target_file, adapter.target_format, expanded)
+        source = responses(sources.header(adapter.source_file), adapter.source_format, expanded, round_to,
+                           sources.files.tensor)
+        target = responses(read_header(work / adapter.target_file), adapter.target_format, expanded)
         result = compare(adapter.name, source, target, tolerance)
         if not result.passed:
             raise LongcatError(f"LoRA {adapter.name}: the converted adapter's effective delta differs from the source "
@@ -212,26 +267,48 @@ def _progress(total: int, quiet: bool) -> tqdm:
                 disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
 
 
-def _write_outputs(plan: ConversionPlan, tree: Tree, work: Path, headers: HeaderCache, journal: Journal,
+def _kept_shard(log: Journal, shard: ShardPlan, sources: Sources) -> list[dict] | None:
+    """The journal's records of a shard whose output is intact and whose every tensor's source bytes still
+    hash to the recorded source digest; None if it must be written (again)."""
+    records = log.completed(shard.file)
+    if records is None:
+        return None
+    recorded = {r.get("name"): r.get("source_sha256") for r in records}
+    if any(recorded.get(t.name) != sources.digest(t) for t in shard.tensors):
+        return None
+    return records
+
+
+def _kept_copy(log: Journal, copy: FileCopy, sources: Sources) -> list[dict] | None:
+    """The journal's record of a copy that is intact and whose source still has the same bytes."""
+    records = log.completed(copy.target)
+    if records is None or _file_source_digest(sources.files, sources.root / copy.source) != records[0]["sha256"]:
+        return None
+    return records
+
+
+def _write_outputs(plan: ConversionPlan, tree: Tree, work: Path, sources: Sources, log: Journal,
                    progress: tqdm) -> tuple[list[dict], list[dict]]:
-    """Shards and copied files, skipping those an adopted journal proves complete."""
+    """Shards and copied files, skipping those an adopted journal proves complete and made from the same source
+    bytes."""
     tensors: list[dict] = []
     files: list[dict] = []
     for shard in plan.shards:
-        records = journal.completed(shard.file)
+        records = _kept_shard(log, shard, sources)
         if records is None:
-            records = _write_shard(work, shard, headers, progress)
-            journal.record(shard.file, records)
+            records = _write_shard(work, shard, sources, progress)
+            log.record(shard.file, records)
         else:
             progress.update(shard.nbytes)
         tensors.extend(records)
+        sources.files.verify()  # fail early rather than after the remaining shards
         checkpoint(f"shard {shard.file} complete")
     for copy in plan.copies:
-        records = journal.completed(copy.target)
+        records = _kept_copy(log, copy, sources)
         if records is None:
-            records = [{**_copy_file(tree.root / copy.source, work / copy.target, progress), "path": copy.target,
-                        "source": copy.source, "how": "copied"}]
-            journal.record(copy.target, records, records[0]["sha256"])
+            copied = _copy_file(sources.files, tree.root / copy.source, work / copy.target, copy.target, progress)
+            records = [{**copied, "path": copy.target, "source": copy.source, "how": "copied"}]
+            log.record(copy.target, records, records[0]["sha256"])
         else:
             progress.update(records[0]["bytes"])
         files.extend(records)
@@ -243,19 +320,20 @@ def execute(plan: ConversionPlan, tree: Tree, dst: Path, *, overwrite: bool = Fa
             resume: bool = False, claim: DestinationClaim | None = None) -> dict:
     """Write the converted tree to `dst` atomically; returns the manifest.
 
+    Every source byte is read from the files the tree was read from (`tree.sources`); if any of them has
+    changed when the output is complete, nothing is committed.
     resume: adopt the partial folder of an interrupted run of the same plan and keep what it proves done.
     claim: `dst` already claimed by the caller since before planning (else it is claimed here)."""
-    headers = HeaderCache(tree)
-    _check_drops(plan, headers)
+    sources = Sources(tree)
+    _check_drops(plan, sources)
     checkpoint("planned")
     copy_bytes = plan.copy_bytes
-    sources = sorted({tree.root / piece.file for s in plan.shards for t in s.tensors for piece in t.sources})
-    fingerprint = plan_fingerprint(plan.to_json(), sources + [tree.root / c.source for c in plan.copies])
+    fingerprint = plan_fingerprint(plan.to_json())
     adopt = (lambda folder: journal.adopt(folder, fingerprint) is not None) if resume else None
     atomic = AtomicDirectory(dst, overwrite=overwrite, adopt=adopt, claim=claim)
     with atomic as work, _progress(plan.tensor_bytes + copy_bytes, quiet) as progress:
         log = (journal.adopt(work, fingerprint) if atomic.adopted else None) or journal.start(work, fingerprint)
-        tensors, files = _write_outputs(plan, tree, work, headers, log, progress)
+        tensors, files = _write_outputs(plan, tree, work, sources, log, progress)
         for relative, content in plan.json_files.items():
             files.append({**_write_text(work / relative, json.dumps(content, indent=2) + "\n"), "path": relative,
                           "how": "written"})
@@ -264,12 +342,13 @@ def execute(plan: ConversionPlan, tree: Tree, dst: Path, *, overwrite: bool = Fa
             write_index(work / index.file, index.weight_map, index.total_size)
             files.append({**_file_digest(work / index.file), "path": index.file, "how": "written"})
         checkpoint("index written")
-        lora_checks = _check_loras(plan, tree, work)
+        lora_checks = _check_loras(plan, tree, work, sources)
         checkpoint("LoRAs checked")
         manifest = _manifest(plan, tree, tensors, files, lora_checks)
         jsonschemas.check("manifest", manifest, work / MANIFEST)
         _write_text(work / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         checkpoint("manifest written")
+        sources.files.verify()  # the last moment before the rename: everything read is still what was planned
         log.discard()
         _check_output(work, dst, plan.target_layout)
     checkpoint("renamed into place")

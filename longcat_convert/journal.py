@@ -1,9 +1,12 @@
 """The progress journal of an unfinished conversion, for `--resume`.
 
 While a conversion runs, its partial folder holds `.longcat-journal.json`: the plan's fingerprint and,
-for every output file already complete, its sha256 and manifest records. A rerun with --resume adopts
-the newest partial folder of a dead process whose fingerprint matches, keeps only the files whose bytes
-still hash to the journal's value, and redoes the rest; anything else is deleted, never trusted.
+for every output file already complete, its sha256 and manifest records (each tensor's record holds the
+sha256 of its own bytes and of the source bytes it was made from). A rerun with --resume adopts the
+newest partial folder of a dead process whose fingerprint matches, keeps only the files whose bytes still
+hash to the journal's value and whose source bytes still hash to the recorded source digests (checked
+by the caller, which reads the source), and redoes the rest; anything else is deleted, never trusted.
+The fingerprint covers the plan only: sizes and modification times prove nothing about content.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from .io import iter_chunks, read_header, read_json_object, tensor_range
 from .io.reader import CHUNK_BYTES
 
 JOURNAL = ".longcat-journal.json"
+JOURNAL_FORMAT = 2  # 2: records carry source_sha256, the fingerprint no longer trusts size and mtime
 
 
 def file_sha256(path: Path) -> str:
@@ -97,8 +101,8 @@ def adopt(folder: Path, fingerprint: str) -> Journal | None:
     return Journal(folder, fingerprint, data["done"])
 
 
-def plan_fingerprint(plan_json: dict, source_files: list[Path]) -> str:
-    """Identifies the plan and the exact source bytes it reads (by size and modification time)."""
-    stats = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in source_files]
-    body = json.dumps({"plan": plan_json, "sources": stats}, sort_keys=True)
+def plan_fingerprint(plan_json: dict) -> str:
+    """Identifies the plan (and the journal's format). Whether the source bytes are still those a kept file
+    was made from is proven per file, by re-hashing them (see execute)."""
+    body = json.dumps({"format": JOURNAL_FORMAT, "plan": plan_json}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .dtypes import scalar_from_bytes
 from .errors import LongcatError
-from .io import SafetensorsHeader, read_bytes, tensor_range
+from .io import ByteRange, SafetensorsHeader, read_bytes, tensor_range
 
 PREFIX = "lora___lorahyphen___"
 SEPARATOR = "___lorahyphen___"
@@ -97,19 +98,21 @@ def fused_targets(out_features: int, n_blocks: int, k_targets: int, rank_per_blo
     return parts
 
 
-def decode_alpha(header: SafetensorsHeader, key: str) -> float:
+def decode_alpha(header: SafetensorsHeader, key: str, read: Callable[[ByteRange], bytes] = read_bytes) -> float:
     """The value of an alpha scalar whose dtype and shape `alpha_problem` accepted."""
     info = header.tensors[key]
-    return scalar_from_bytes(read_bytes(tensor_range(header, key)), info.dtype)
+    return scalar_from_bytes(read(tensor_range(header, key)), info.dtype)
 
 
-def read_alpha(header: SafetensorsHeader, key: str, upstream: bool) -> float:
-    """The value of an alpha scalar; one-line error when it is not a single finite float."""
+def read_alpha(header: SafetensorsHeader, key: str, upstream: bool,
+               read: Callable[[ByteRange], bytes] = read_bytes) -> float:
+    """The value of an alpha scalar; one-line error when it is not a single finite float. `read`: how its
+    bytes are read (a conversion reads through its held source files)."""
     info = header.tensors[key]
     problem = alpha_problem(info.dtype, info.shape, None, upstream)
     value = None
     if problem is None:
-        value = decode_alpha(header, key)
+        value = decode_alpha(header, key, read)
         problem = alpha_problem(info.dtype, info.shape, value, upstream)
     if problem is not None or value is None:
         raise LongcatError(f"LoRA key {key!r} {problem}", header.path,

@@ -7,17 +7,20 @@ order, and a dropped block, a wrong row order or a wrong scale shows up at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from . import keymap
 from .dtypes import TORCH_DTYPE
-from .io import SafetensorsHeader, read_header, read_tensor
-from .lora import fastvideo_scale, parse_fastvideo, parse_upstream, read_alpha
+from .io import SafetensorsHeader, read_tensor
+from .lora import fastvideo_scale, parse_fastvideo, parse_upstream
 
 PROBES = 4
+
+# reads one tensor of a file whose header is given: read_tensor by path, or SourceFiles.tensor from a held file
+TensorReader = Callable[[SafetensorsHeader, str], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -44,37 +47,43 @@ def _probe(in_features: int) -> torch.Tensor:
     return torch.randn(in_features, PROBES, generator=generator, dtype=torch.float64)
 
 
-def _load(header: SafetensorsHeader, key: str, round_to: str | None) -> torch.Tensor:
-    tensor = read_tensor(header, key)
+def _load(read: TensorReader, header: SafetensorsHeader, key: str, round_to: str | None) -> torch.Tensor:
+    tensor = read(header, key)
     if round_to is not None:
         tensor = tensor.to(TORCH_DTYPE[round_to])
     return tensor.to(torch.float64)
 
 
-def upstream_responses(header: SafetensorsHeader, round_to: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+def _scalar(read: TensorReader, header: SafetensorsHeader, key: str) -> float:
+    return float(read(header, key).double().reshape(-1)[0])
+
+
+def upstream_responses(header: SafetensorsHeader, round_to: dict[str, str] | None = None,
+                       read: TensorReader = read_tensor) -> dict[str, torch.Tensor]:
     """ΔW·X per module of an upstream-format adapter: alpha_scale · blockdiag(U) · D · X."""
     round_to = round_to or {}
     responses = {}
     for module, record in parse_upstream(header).items():
-        down = _load(header, record.down, round_to.get(record.down))
+        down = _load(read, header, record.down, round_to.get(record.down))
         hidden = down @ _probe(down.shape[1])
         rank = down.shape[0] // record.n_blocks
-        parts = [_load(header, key, round_to.get(key)) @ hidden[j * rank:(j + 1) * rank]
+        parts = [_load(read, header, key, round_to.get(key)) @ hidden[j * rank:(j + 1) * rank]
                  for j, key in enumerate(record.up_keys())]
-        responses[module] = torch.cat(parts) * read_alpha(header, record.alpha, upstream=True)
+        responses[module] = torch.cat(parts) * _scalar(read, header, record.alpha)
     return responses
 
 
 def fastvideo_responses(header: SafetensorsHeader, expanded: keymap.ExpandedMap,
-                        round_to: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+                        round_to: dict[str, str] | None = None, read: TensorReader = read_tensor
+                        ) -> dict[str, torch.Tensor]:
     """ΔW·X per upstream module of a FastVideo-format adapter, with the scale FastVideo applies."""
     round_to = round_to or {}
     by_target = expanded.linear_by_fastvideo()
     pieces: dict[str, dict[int, torch.Tensor]] = {}
     for name, record in parse_fastvideo(header).items():
-        a = _load(header, record.a, round_to.get(record.a))
-        b = _load(header, record.b, round_to.get(record.b))
-        scale = fastvideo_scale(read_alpha(header, record.alpha, upstream=False), a.shape[0])
+        a = _load(read, header, record.a, round_to.get(record.a))
+        b = _load(read, header, record.b, round_to.get(record.b))
+        scale = fastvideo_scale(_scalar(read, header, record.alpha), a.shape[0])
         linear, part = by_target.get(name, (None, 0))
         key = linear.upstream if linear else f"<unknown {name}>"
         pieces.setdefault(key, {})[part] = b @ (a @ _probe(a.shape[1])) * scale
@@ -87,11 +96,11 @@ def fastvideo_responses(header: SafetensorsHeader, expanded: keymap.ExpandedMap,
     return responses
 
 
-def responses(path: Path, fmt: str, expanded: keymap.ExpandedMap, round_to: dict[str, str] | None = None):
-    header = read_header(path)
+def responses(header: SafetensorsHeader, fmt: str, expanded: keymap.ExpandedMap,
+              round_to: dict[str, str] | None = None, read: TensorReader = read_tensor) -> dict[str, torch.Tensor]:
     if fmt == "upstream":
-        return upstream_responses(header, round_to)
-    return fastvideo_responses(header, expanded, round_to)
+        return upstream_responses(header, round_to, read)
+    return fastvideo_responses(header, expanded, round_to, read)
 
 
 def compare(adapter: str, source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],

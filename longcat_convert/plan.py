@@ -142,6 +142,19 @@ class DtypePolicy:
     def describe(self) -> dict:
         return {"dtype": self.target or "keep", "keep_fp32": list(self.keep_fp32)}
 
+    @classmethod
+    def from_description(cls, description: object, where: str | None = None) -> DtypePolicy:
+        """The inverse of describe() (a manifest's dtype_policy); refuses a policy convert never writes."""
+        dtype = description.get("dtype") if isinstance(description, dict) else None
+        keep = description.get("keep_fp32") if isinstance(description, dict) else None
+        if dtype != "keep" and dtype not in POLICY_NAMES.values():
+            raise LongcatError(f"dtype policy {dtype!r} is not one convert writes (keep, "
+                               f"{', '.join(POLICY_NAMES.values())})", where, "the manifest was altered or is corrupt")
+        if not isinstance(keep, list) or not all(isinstance(pattern, str) for pattern in keep):
+            raise LongcatError(f"dtype policy keep_fp32 {keep!r} is not a list of patterns", where,
+                               "the manifest was altered or is corrupt")
+        return cls(None if dtype == "keep" else dtype, tuple(keep))
+
 
 @dataclass
 class ConversionPlan:

@@ -15,13 +15,8 @@ from pathlib import Path
 
 from . import keymap
 from .errors import LongcatError
-from .io import (
-    SafetensorsHeader,
-    ShardIndex,
-    read_header,
-    read_index,
-    read_json_object,
-)
+from .io import SafetensorsHeader, ShardIndex, SourceFiles, read_index
+from .io.jsonfile import MAX_JSON_BYTES, JsonFileError, parse_json
 from .io.pickles import is_pickle_name
 from .layout_detect import detect_layout
 from .lora import ALPHA_SUFFIXES, detect_format, read_alpha
@@ -79,6 +74,7 @@ class Tree:
     other_files: list[OtherFile]  # carried over unchanged
     model_index: dict | None
     skipped: list[Skipped] = field(default_factory=list)
+    sources: SourceFiles = field(default_factory=SourceFiles)  # the files read above, held open for the conversion
 
     @property
     def naming(self) -> str:
@@ -86,6 +82,20 @@ class Tree:
 
     def path(self, relative: str) -> Path:
         return self.root / relative
+
+
+def load_json(path: Path, sources: SourceFiles) -> dict:
+    """A JSON object read through `sources`, so that a change before the conversion commits is caught."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise JsonFileError("is missing (the file does not exist)", path, missing=True) from None
+    if size > MAX_JSON_BYTES:
+        raise JsonFileError(f"is larger than {MAX_JSON_BYTES} bytes, too large for a JSON file", path)
+    document = parse_json(sources.read_file(path), path)
+    if not isinstance(document, dict):
+        raise JsonFileError(f"holds a JSON {type(document).__name__}, not an object", path)
+    return document
 
 
 def _inside(root: Path, path: Path, follow_symlinks: bool) -> None:
@@ -100,9 +110,11 @@ def _inside(root: Path, path: Path, follow_symlinks: bool) -> None:
                            "pass --follow-symlinks if you trust it, or copy the file in")
 
 
-def read_dit(root: Path, folder: str, naming: str, follow_symlinks: bool = False) -> DitFiles:
+def read_dit(root: Path, folder: str, naming: str, follow_symlinks: bool = False,
+             sources: SourceFiles | None = None) -> DitFiles:
     base = root / folder
-    config = read_json_object(base / "config.json")
+    sources = sources or SourceFiles()
+    config = load_json(base / "config.json", sources)
     files = sorted(p for p in base.iterdir() if p.name.endswith(".safetensors"))
     indexes = sorted(p for p in base.iterdir() if p.name.endswith(".safetensors.index.json"))
     if len(indexes) > 1:
@@ -112,8 +124,8 @@ def read_dit(root: Path, folder: str, naming: str, follow_symlinks: bool = False
         raise LongcatError("holds no .safetensors file", base, "the DiT weights are missing")
     for path in files:
         _inside(root, path, follow_symlinks)
-    headers = {f"{folder}/{p.name}": read_header(p) for p in files}
-    index = read_index(indexes[0]) if indexes else None
+    headers = {f"{folder}/{p.name}": sources.header(p) for p in files}
+    index = read_index(indexes[0], sources.read_file(indexes[0])) if indexes else None
     key_files = _key_files(base, folder, headers, index)
     tensors = [info for header in headers.values() for info in header.tensors.values()]
     keymap.check_fits(config, naming, str(base / "config.json"), len(tensors), sum(i.numel for i in tensors))
@@ -149,16 +161,17 @@ def _key_files(base: Path, folder: str, headers: dict[str, SafetensorsHeader], i
     return key_files
 
 
-def read_adapters(root: Path, layout_name: str, files: list[str]) -> list[Adapter]:
+def read_adapters(root: Path, layout_name: str, files: list[str], sources: SourceFiles | None = None) -> list[Adapter]:
     """Every `*.safetensors` below the layout's LoRA folder (`files`: the tree's files, relative)."""
     spec = keymap.layout(layout_name)
     prefix = spec["lora_dir"] + "/"
     adapters = []
+    sources = sources or SourceFiles()
     for relative in files:
         if not (relative.startswith(prefix) and relative.endswith(".safetensors")):
             continue
         path = root / relative
-        header = read_header(path)
+        header = sources.header(path)
         fmt = detect_format(header)
         if fmt != spec["lora_format"]:
             raise LongcatError(f"is a {fmt}-format LoRA in a {layout_name} tree", path,
@@ -166,7 +179,7 @@ def read_adapters(root: Path, layout_name: str, files: list[str]) -> list[Adapte
         adapter = Adapter(path.stem, relative, header, fmt)
         for key, info in header.tensors.items():
             if key.endswith(ALPHA_SUFFIXES):
-                adapter.alphas[key] = read_alpha(header, key, upstream=fmt == "upstream")
+                adapter.alphas[key] = read_alpha(header, key, upstream=fmt == "upstream", read=sources.read)
                 adapter.alpha_dtypes[key] = info.dtype
         adapters.append(adapter)
     return adapters
@@ -227,10 +240,11 @@ def read_tree(root: str | Path, layout_name: str | None = None, follow_symlinks:
     root = Path(os.path.abspath(root))
     layout_name = detect_layout(root, layout_name).name
     spec = keymap.layout(layout_name)
+    sources = SourceFiles()
     files, skipped = list_files(root, follow_symlinks)
-    dit = read_dit(root, spec["dit_dir"], spec["naming"], follow_symlinks)
-    adapters = read_adapters(root, layout_name, files)
+    dit = read_dit(root, spec["dit_dir"], spec["naming"], follow_symlinks, sources)
+    adapters = read_adapters(root, layout_name, files, sources)
     model_index_path = root / "model_index.json"
-    model_index = read_json_object(model_index_path) if model_index_path.is_file() else None
+    model_index = load_json(model_index_path, sources) if model_index_path.is_file() else None
     return Tree(root, layout_name, dit, adapters, _other_files(root, files, dit, adapters, skipped), model_index,
-                skipped)
+                skipped, sources)

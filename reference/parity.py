@@ -1,9 +1,12 @@
 """Parity between a raw (upstream-named) tree and a converted tree, at two levels.
 
-weights: every converted DiT tensor must equal, bit for bit (after a dtype cast if the converted tree
-changed dtypes), the rows of its source tensor that the key map assigns to it; every LoRA module's
+weights: every converted DiT tensor must have the dtype the conversion's dtype policy gives it and equal,
+bit for bit, the rows of its source tensor that the key map assigns to it (cast to that dtype, where the
+policy asked for a cast); every LoRA tensor must have its policy dtype too, and every LoRA module's
 effective ΔW = scale·B·A must match the source's (relative Frobenius error, computed from the low-rank
-factors so it stays cheap for the full model).
+factors so it stays cheap for the full model). The policy is the converted tree's conversion.json
+`dtype_policy`; a tree without one keeps every source dtype unless the caller names the dtype it was
+cast to. A dtype the policy did not produce is a failure even when the values survive the cast.
 
 forward: the same seeded inputs go through the upstream-layout model on the raw weights and the
 target-layout model on the converted weights (plain, conditioned, KV-cache and one case per LoRA).
@@ -21,10 +24,12 @@ from pathlib import Path
 
 import torch
 
-from longcat_convert import keymap
-from longcat_convert.dtypes import SAFETENSORS_NAME
+from longcat_convert import jsonschemas, keymap
+from longcat_convert.dtypes import POLICY_NAMES, SAFETENSORS_NAME
 from longcat_convert.errors import LongcatError
-from longcat_convert.io import read_tensor
+from longcat_convert.io import read_header, read_json_object, read_tensor
+from longcat_convert.lora import encode_module
+from longcat_convert.plan import DtypePolicy
 
 from .config import DiTConfig
 from .dit import LongcatDiT
@@ -48,20 +53,71 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 BASE_CASES = ("plain", "cond", "kvcache")
 # tolerance on the relative ΔW error, by the least precise dtype involved
 LORA_RTOL = {"F64": 1e-6, "F32": 1e-6, "F16": 2e-3, "BF16": 1e-2}
+MANIFEST = "conversion.json"
+ALPHA_TAILS = ("alpha_scale", "lora_alpha")  # convert never casts these scalars
 
 
 # ==== weights level =================================================================================
 
-def weights_parity(raw_tree: str | Path, converted_tree: str | Path, lora_rtol: float | None = None) -> dict:
-    """Cases: `config` (architecture fields), `dit` (every tensor) and `lora:<name>` per LoRA of either tree."""
+def weights_parity(raw_tree: str | Path, converted_tree: str | Path, lora_rtol: float | None = None,
+                   dtype: str | None = None) -> dict:
+    """Cases: `config` (architecture fields), `dit` (every tensor) and `lora:<name>` per LoRA of either tree.
+
+    dtype: for a converted tree without conversion.json, the dtype (float32, bfloat16, float16) its floating
+    tensors were cast to; without it every tensor must keep its source dtype."""
     raw, converted = _open_pair(raw_tree, converted_tree)
+    expected = _expected_dtypes(converted, dtype)
     source_map = expand_checked(raw)
-    cases = [{"name": "config", **_compare_configs(raw, converted)},
-             {"name": "dit", **_compare_tensors(raw, converted, source_map)}]
+    dit = _compare_tensors(raw, converted, source_map, expected)
+    if expected.error:
+        dit = {**dit, "passed": False, "error": expected.error}
+    cases = [{"name": "config", **_compare_configs(raw, converted)}, {"name": "dit", **dit}]
     cases += [{"name": f"lora:{name}", **entry}
-              for name, entry in _compare_loras(raw, converted, source_map, lora_rtol).items()]
-    return {"level": "weights", "raw": _tree_info(raw), "converted": _tree_info(converted), "cases": cases,
-            "passed": all(case["passed"] for case in cases)}
+              for name, entry in _compare_loras(raw, converted, source_map, lora_rtol, expected).items()]
+    return {"level": "weights", "raw": _tree_info(raw), "converted": _tree_info(converted),
+            "dtype_policy": expected.to_json(), "cases": cases, "passed": all(case["passed"] for case in cases)}
+
+
+@dataclass(frozen=True)
+class _ExpectedDtypes:
+    """What dtype each converted tensor must have: the source's, cast as `policy` says."""
+
+    policy: DtypePolicy
+    origin: str  # where the policy comes from, for messages
+    error: str | None = None  # conversion.json exists but gives no usable policy (the strict default is used)
+
+    def dtype(self, name: str, source_dtype: str) -> str:
+        return self.policy.resolve(name, source_dtype)
+
+    def to_json(self) -> dict:
+        return {**self.policy.describe(), "origin": self.origin}
+
+
+def _expected_dtypes(converted: Tree, dtype: str | None) -> _ExpectedDtypes:
+    if dtype is not None and dtype not in POLICY_NAMES:
+        raise LongcatError(f"unsupported dtype {dtype!r} for the weights level; choose one of {', '.join(POLICY_NAMES)}")
+    claimed = DtypePolicy(POLICY_NAMES[dtype]) if dtype is not None else None
+    path = converted.root / MANIFEST
+    if not path.is_file():
+        if claimed is not None:
+            return _ExpectedDtypes(claimed, f"dtype {dtype} given by the caller")
+        return _ExpectedDtypes(DtypePolicy(), f"no {MANIFEST}: every source dtype kept")
+    try:
+        policy = _manifest_policy(path)
+    except LongcatError as exc:
+        return _ExpectedDtypes(DtypePolicy(), f"{MANIFEST} unusable: every source dtype kept", exc.one_line())
+    if claimed is not None and claimed.target != policy.target:
+        raise LongcatError(f"dtype {dtype} contradicts the dtype policy {policy.describe()['dtype']} that {MANIFEST} "
+                           "records", path, "drop the dtype: it is only for converted trees without a manifest")
+    return _ExpectedDtypes(policy, f"{MANIFEST} dtype policy")
+
+
+def _manifest_policy(path: Path) -> DtypePolicy:
+    document = read_json_object(path)
+    problems = jsonschemas.schema_errors("manifest", document)
+    if problems:
+        raise LongcatError(f"does not match the manifest schema: {problems[0]}", path)
+    return DtypePolicy.from_description(document["dtype_policy"], str(path))
 
 
 def _open_pair(raw_tree: str | Path, converted_tree: str | Path) -> tuple[Tree, Tree]:
@@ -99,7 +155,7 @@ class _TensorTally:
         return {"checked": self.checked, "exact": self.exact, "equal_after_cast": self.cast}
 
 
-def _compare_tensors(raw: Tree, converted: Tree, source_map: keymap.ExpandedMap) -> dict:
+def _compare_tensors(raw: Tree, converted: Tree, source_map: keymap.ExpandedMap, dtypes: _ExpectedDtypes) -> dict:
     source = dit_tensors(raw)
     try:
         target = dit_tensors(converted)
@@ -120,6 +176,13 @@ def _compare_tensors(raw: Tree, converted: Tree, source_map: keymap.ExpandedMap)
                 continue
             tally.checked += 1
             rows = _part_rows(rule, part, len(keys))
+            source_dtype = source[rule.upstream].tensors[rule.upstream].dtype
+            want_dtype, got_dtype = dtypes.dtype(key, source_dtype), target[key].tensors[key].dtype
+            if got_dtype != want_dtype:
+                mismatches.append({"key": key, "source": rule.upstream, "rows": list(rows) if rows else None,
+                                   "problem": f"dtype {got_dtype}, expected {want_dtype} ({dtypes.origin}; "
+                                              f"source {source_dtype})"})
+                continue
             want = read_tensor(source[rule.upstream], rule.upstream, rows)
             got = read_tensor(target[key], key)
             verdict = _tensor_verdict(want, got)
@@ -145,7 +208,8 @@ def _part_rows(rule: keymap.ParamRule, part: int, count: int) -> tuple[int, int]
 
 
 def _tensor_verdict(want: torch.Tensor, got: torch.Tensor) -> str:
-    """'exact', 'cast' (equal after casting the source to the converted dtype) or what differs."""
+    """'exact', 'cast' (equal after casting the source to the converted dtype) or what differs. The caller has
+    checked that the converted dtype is the one the policy gives, so a cast here is one the policy asked for."""
     if tuple(want.shape) != tuple(got.shape):
         return f"shape {list(got.shape)} != {list(want.shape)}"
     if want.dtype == got.dtype:
@@ -178,7 +242,8 @@ def _diagnose(rule: keymap.ParamRule, source: dict, got: torch.Tensor, keys: tup
 
 # ---- LoRA ΔW -----------------------------------------------------------------------------------------
 
-def _compare_loras(raw: Tree, converted: Tree, source_map: keymap.ExpandedMap, lora_rtol: float | None) -> dict:
+def _compare_loras(raw: Tree, converted: Tree, source_map: keymap.ExpandedMap, lora_rtol: float | None,
+                   expected: _ExpectedDtypes) -> dict:
     sources = lora_paths(raw)
     try:
         targets = lora_paths(converted)
@@ -193,10 +258,11 @@ def _compare_loras(raw: Tree, converted: Tree, source_map: keymap.ExpandedMap, l
         try:
             lora = read_lora(converted, name)
             terms, unexpected = _converted_terms(lora.modules, lora.format, source_map)
+            wrong_dtypes = _lora_dtype_mismatches(path, lora.path, lora.format, source_map, expected)
         except LongcatError as exc:
             report[name] = {"passed": False, "error": exc.one_line()}
             continue
-        report[name] = _compare_lora(source, terms, unexpected, lora_rtol, str(lora.path))
+        report[name] = _compare_lora(source, terms, unexpected, lora_rtol, str(lora.path), wrong_dtypes)
     for name in sorted(set(targets) - set(sources)):
         report[name] = {"passed": False, "error": f"converted LoRA {targets[name]} has no source in {raw.lora_dir}"}
     return report
@@ -224,11 +290,43 @@ def _converted_terms(modules: dict, lora_format: str, source_map: keymap.Expande
     return grouped, sorted(unexpected)
 
 
+def _lora_dtype_mismatches(source_path: Path, target_path: Path, target_format: str, source_map: keymap.ExpandedMap,
+                           expected: _ExpectedDtypes) -> list[dict]:
+    """Converted LoRA tensors whose dtype is not their source tensor's under the policy (alphas are never cast)."""
+    source = read_header(source_path).tensors
+    by_fastvideo = source_map.linear_by_fastvideo()
+    mismatches = []
+    for name, info in read_header(target_path).tensors.items():
+        origin = _lora_source_key(name, target_format, by_fastvideo, source)
+        if origin is None:
+            continue  # a piece the key map does not know is reported as unexpected
+        source_dtype = source[origin].dtype
+        want = source_dtype if name.endswith(ALPHA_TAILS) else expected.dtype(name, source_dtype)
+        if info.dtype != want:
+            mismatches.append({"tensor": name, "problem": f"dtype {info.dtype}, expected {want} ({expected.origin}; "
+                                                          f"source {origin} is {source_dtype})"})
+    return mismatches
+
+
+def _lora_source_key(name: str, target_format: str, by_fastvideo: dict, source: dict) -> str | None:
+    """The upstream-format source tensor a converted LoRA tensor is made from (for its dtype)."""
+    if target_format == "upstream":
+        return name if name in source else None
+    target, _, tail = name.rpartition(".")
+    linear = by_fastvideo.get(target)
+    if linear is None:
+        return None
+    encoded = encode_module(linear[0].upstream)
+    candidates = {"lora_A": [f"{encoded}.lora_down.weight"], "lora_alpha": [f"{encoded}.alpha_scale"],
+                  "lora_B": [f"{encoded}.lora_up.weight", f"{encoded}.lora_up.blocks.0.weight"]}.get(tail, [])
+    return next((key for key in candidates if key in source), None)
+
+
 def _compare_lora(source: dict, converted: dict[str, list[Term]], unexpected_targets: list[str],
-                  lora_rtol: float | None, where: str) -> dict:
+                  lora_rtol: float | None, where: str, wrong_dtypes: list[dict]) -> dict:
     missing = sorted(set(source) - set(converted))
     unexpected = sorted(set(converted) - set(source)) + unexpected_targets
-    mismatches, worst = [], 0.0
+    mismatches, worst = list(wrong_dtypes), 0.0
     for module in sorted(set(source) & set(converted)):
         want, got = _source_terms(source[module]), converted[module]
         in_features = source[module].down.shape[1]

@@ -254,6 +254,39 @@ def test_manifest_hashes_every_tensor_and_file(tiny_raw: Path, tmp_path: Path) -
     assert qkv["sources"][0]["key"] == "blocks.1.attn.qkv.weight" and qkv["sources"][0]["rows"] == [128, 256]
 
 
+# (op, cast, column slices): byte copies, casts, adaLN block-diagonals, FastVideo lora_B column slices, alphas
+@pytest.mark.parametrize("fixture, to, dtype, kinds", [
+    ("tiny_raw", "fastvideo", "keep", {("rows", False, False), ("blockdiag", False, False), ("scalar", False, False)}),
+    ("tiny_raw", "fastvideo", "bfloat16", {("rows", True, False), ("blockdiag", True, False), ("scalar", False, False)}),
+    ("tiny_raw_all", "raw", "float16", {("rows", True, False), ("rows", True, True), ("scalar", False, False)}),
+])
+def test_manifest_records_the_sha256_of_each_tensors_source_bytes(fixture: str, to: str, dtype: str, kinds: set,
+                                                                  request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """source_sha256 = sha256 of the source rows each output was made from, one slice after another (computed
+    here from the source files with safetensors); for a byte copy it is the tensor's own sha256."""
+    src = request.getfixturevalue(fixture)
+    if to == "raw":  # fastvideo -> raw: LoRA blocks rebuilt from column slices of lora_B
+        _convert(src, tmp_path / "fv", "fastvideo")
+        src = tmp_path / "fv"
+    manifest = _convert(src, tmp_path / "out", to, dtype=dtype)
+    loaded: dict[str, dict[str, torch.Tensor]] = {}
+    ops = set()
+    for record in manifest["tensors"]:
+        digest = hashlib.sha256()
+        for piece in record["sources"]:
+            tensors = loaded.setdefault(piece["file"], load_file(src / piece["file"]))
+            tensor = tensors[piece["key"]]
+            if "rows" in piece:
+                tensor = tensor[piece["rows"][0]:piece["rows"][1]]
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        assert record["source_sha256"] == digest.hexdigest(), record["name"]
+        if record["dtype"] == record["source_dtype"] and record["op"] == "rows" and not any("cols" in p for p in record["sources"]):
+            assert record["source_sha256"] == record["sha256"], record["name"]
+        ops.add((record["op"], record["dtype"] != record["source_dtype"], any("cols" in p for p in record["sources"])))
+    assert ops == kinds
+    assert schema_errors("manifest", manifest) == []
+
+
 # ----------------------------------------------------------------------------------- safety & errors
 
 

@@ -4,6 +4,7 @@ must finish the job byte-identically to an uninterrupted run."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from longcat_convert.convert import ConvertRequest, convert
+from longcat_convert.io import read_header
 from longcat_convert.validate import ValidateOptions, validate_tree
 
 CONVERT = "from longcat_convert.cli import main; main()"
@@ -129,3 +132,65 @@ def test_resume_ignores_a_partial_of_another_plan(tiny_raw: Path, reference: tup
     assert resumed.returncode == 0, resumed.stderr
     assert _digests(dst) == _digests(expected)
     assert [p.name for p in tmp_path.iterdir()] == ["fv"]
+
+
+# ---- --resume proves the source bytes, not their size and mtime ------------------------------------------------
+
+
+def _rewrite_keeping_size_and_mtime(path: Path, offset: int, new: bytes) -> None:
+    before = path.stat()
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        assert handle.read(len(new)) != new
+        handle.seek(offset)
+        handle.write(new)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def _change_tensor(path: Path, key: str) -> None:
+    """Flip every bit of the first 8 bytes of one tensor's data (the header stays as it was)."""
+    header = read_header(path)
+    offset = header.absolute_range(header.tensors[key])[0]
+    old = path.read_bytes()[offset:offset + 8]
+    _rewrite_keeping_size_and_mtime(path, offset, bytes(b ^ 0xFF for b in old))
+
+
+@pytest.mark.parametrize("victim, extra", [
+    ("dit/diffusion_pytorch_model-00003-of-00006.safetensors", ()),
+    ("dit/diffusion_pytorch_model-00003-of-00006.safetensors", ("--dtype", "bfloat16")),  # source hashed apart
+    ("lora/refinement_lora.safetensors", ()),  # block-diagonal lora_B: built from several source tensors
+])
+def test_resume_redoes_what_a_changed_source_made(raw_copy: Path, tmp_path: Path, reference: tuple[Path, list[str]],
+                                                  victim: str, extra: tuple[str, ...]) -> None:
+    """Content changed after a crash, size and mtime put back: only the outputs made from the changed bytes
+    (and the changed copy) are redone, and the result is what a fresh conversion of the new source gives."""
+    out = tmp_path / "out"
+    dst = out / "fv"
+    points = reference[1]  # raw_copy is a copy of the reference's source
+    if extra:
+        traced = _run(raw_copy, tmp_path / "traced", *extra, kill_at=10**9, trace=True)
+        assert traced.returncode == 0, traced.stderr
+        points = _checkpoints(traced)
+    killed = _run(raw_copy, dst, *extra, kill_at=_index_of(points, "copied scheduler/"))
+    assert killed.returncode == -signal.SIGKILL and not dst.exists()
+    source_file = raw_copy / victim
+    key = sorted(read_header(source_file).tensors, key=lambda k: ("up" not in k, k))[0]
+    _change_tensor(source_file, key)
+    config = raw_copy / "scheduler/scheduler_config.json"
+    offset = config.read_bytes().index(b"1000")
+    _rewrite_keeping_size_and_mtime(config, offset, b"1001")
+
+    resumed = _run(raw_copy, dst, "--resume", *extra, kill_at=10**9, trace=True)
+    assert resumed.returncode == 0, resumed.stderr
+    convert(ConvertRequest(raw_copy, tmp_path / "fresh", "fastvideo", dtype=extra[1] if extra else "keep",
+                           max_shard_size="300KB", quiet=True))
+    assert _digests(dst) == _digests(tmp_path / "fresh")
+
+    manifest = json.loads((dst / "conversion.json").read_text())
+    made_from_victim = {r["file"] for r in manifest["tensors"]
+                        if any(s["file"] == victim and s["key"] == key for s in r["sources"])}
+    rewritten = {line.rsplit(" of ", 1)[1] for line in _checkpoints(resumed) if ": tensor " in line}
+    assert made_from_victim and rewritten == made_from_victim
+    assert any("copying scheduler/scheduler_config.json" in line for line in _checkpoints(resumed))
+    assert [p.name for p in out.iterdir()] == ["fv"]

@@ -18,7 +18,9 @@ from longcat_reference.parity import forward_parity, weights_parity
 from safetensors.torch import load_file, save_file
 
 from longcat_convert import jsonschemas, keymap
+from longcat_convert.convert import ConvertRequest, convert
 from longcat_convert.errors import LongcatError
+from tests.helpers import run_cli
 
 CONFIG = {
     "_class_name": "LongCatVideoTransformer3DModel", "hidden_size": 64, "depth": 2, "num_heads": 2,
@@ -400,23 +402,118 @@ def test_parity_accepts_raw_and_diffusers_targets(raw_tree, tmp_path):
     assert forward_parity(raw_tree, diffusers, cases=["kvcache", "lora"])["passed"]
 
 
-def test_parity_of_a_bf16_copy_is_exact_after_cast(raw_tree, tmp_path):
+def test_parity_of_a_bf16_copy_is_exact_after_cast_only_when_the_cast_is_declared(raw_tree, tmp_path):
     def to_bf16(weights):
         weights.update({key: value.to(torch.bfloat16) for key, value in weights.items()})
+
+    def lora_to_bf16(name, lora):
+        lora.update({key: value.to(torch.bfloat16) for key, value in lora.items() if not key.endswith("lora_alpha")})
 
     def truncated_bf16(weights):
         to_bf16(weights)
         bits = raw_weights()["blocks.0.ffn.w1.weight"].view(torch.int32) & -65536  # truncate instead of rounding
         weights["blocks.0.ffn.w1.weight"] = bits.view(torch.float32).to(torch.bfloat16)
 
-    bf16 = write_fastvideo_tree(raw_tree, tmp_path / "bf16", mutate_weights=to_bf16)
-    report = weights_parity(raw_tree, bf16)
+    bf16 = write_fastvideo_tree(raw_tree, tmp_path / "bf16", mutate_weights=to_bf16, mutate_loras=lora_to_bf16)
+    undeclared = weights_parity(raw_tree, bf16)  # no conversion.json: every dtype must be the source's
+    dit = case(undeclared, "dit")
+    assert not undeclared["passed"] and dit["mismatched"] == dit["checked"] and dit["equal_after_cast"] == 0
+    assert "dtype BF16, expected F32" in dit["mismatches"][0]["problem"]
+    assert not case(undeclared, "lora:cfg_step_lora")["passed"]
+    report = weights_parity(raw_tree, bf16, dtype="bfloat16")
     assert report["passed"] and case(report, "dit")["equal_after_cast"] == case(report, "dit")["checked"]
+    assert report["dtype_policy"] == {"dtype": "BF16", "keep_fp32": [], "origin": "dtype bfloat16 given by the caller"}
+    assert_schema(report)
     assert forward_parity(raw_tree, bf16, cases=["plain", "cond"], dtype="bfloat16")["passed"]
     assert not forward_parity(raw_tree, bf16, cases=["plain"])["passed"]  # fp32 threshold sees the rounding
-    sloppy = write_fastvideo_tree(raw_tree, tmp_path / "sloppy", mutate_weights=truncated_bf16)
-    tensors = case(weights_parity(raw_tree, sloppy), "dit")
+    sloppy = write_fastvideo_tree(raw_tree, tmp_path / "sloppy", mutate_weights=truncated_bf16,
+                                  mutate_loras=lora_to_bf16)
+    tensors = case(weights_parity(raw_tree, sloppy, dtype="bfloat16"), "dit")
     assert [m["key"] for m in tensors["mismatches"]] == ["blocks.0.ffn.w1.weight"]
+
+
+# ---- parity against the dtype policy conversion.json records ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def converted_trees(tiny_raw, tmp_path_factory) -> dict[str, Path]:
+    """Real conversions (with their manifests) of the complete tiny tree: dtypes kept, and bfloat16 with adaLN
+    kept in float32."""
+    root = tmp_path_factory.mktemp("converted")
+    trees = {"keep": root / "keep", "bf16": root / "bf16"}
+    convert(ConvertRequest(tiny_raw, trees["keep"], "fastvideo", quiet=True))
+    convert(ConvertRequest(tiny_raw, trees["bf16"], "fastvideo", dtype="bfloat16", keep_fp32=("*adaln*",), quiet=True))
+    return trees
+
+
+def _resave(tree: Path, relative_glob: str, key: str, dtype: torch.dtype) -> None:
+    """Re-save one tensor of a converted tree in another dtype (the rest of the file unchanged)."""
+    (path,) = [p for p in tree.glob(relative_glob) if key in load_file(p)]
+    tensors = load_file(path)
+    tensors[key] = tensors[key].to(dtype)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _edit_manifest(tree: Path, **policy) -> None:
+    path = tree / "conversion.json"
+    manifest = json.loads(path.read_text())
+    manifest["dtype_policy"].update(policy)
+    path.write_text(json.dumps(manifest))
+
+
+DIT = "transformer/*.safetensors"
+DISTILLED, REFINEMENT = "lora/distilled/*.safetensors", "lora/refinement/*.safetensors"
+# (converted tree, change, failing cases, text of the first failure)
+POLICY_CASES = [
+    ("keep", None, [], None),
+    ("bf16", None, [], None),
+    # the issue's reproduction: an fp32 tensor re-saved as F8_E4M3 is equal after a cast, but no cast was asked for
+    ("keep", lambda t: _resave(t, DIT, "blocks.0.cross_attn.q_norm.weight", torch.float8_e4m3fn), ["dit"],
+     "dtype F8_E4M3, expected F32"),
+    ("keep", lambda t: _resave(t, DIT, "blocks.1.ffn.w2.weight", torch.bfloat16), ["dit"], "dtype BF16, expected F32"),
+    ("keep", lambda t: _resave(t, DISTILLED, "blocks.0.cross_attn.to_k.lora_B", torch.bfloat16), ["lora:cfg_step_lora"],
+     "dtype BF16, expected F32"),
+    ("bf16", lambda t: _resave(t, DIT, "blocks.0.adaln_linear_1.weight", torch.bfloat16), ["dit"],
+     "dtype BF16, expected F32"),  # --keep-fp32 '*adaln*' kept it in float32
+    ("bf16", lambda t: _resave(t, DIT, "blocks.1.self_attn.to_v.weight", torch.float16), ["dit"],
+     "dtype F16, expected BF16"),
+    ("bf16", lambda t: _resave(t, REFINEMENT, "blocks.1.ffn.w1.lora_A", torch.float8_e5m2), ["lora:refinement_lora"],
+     "dtype F8_E5M2, expected BF16"),
+    ("keep", lambda t: _edit_manifest(t, dtype="F8_E4M3"), ["dit"], "dtype policy 'F8_E4M3' is not one convert writes"),
+    ("keep", lambda t: _edit_manifest(t, dtype="BF16"), ["dit", "lora:cfg_step_lora", "lora:refinement_lora"],
+     "dtype F32, expected BF16"),
+    ("bf16", lambda t: _edit_manifest(t, keep_fp32=[]), ["dit", "lora:refinement_lora"],  # it has adaLN pieces
+     "dtype F32, expected BF16"),
+]
+
+
+@pytest.mark.parametrize("tree, change, failing, text", POLICY_CASES)
+def test_weights_parity_fails_every_dtype_the_policy_did_not_produce(converted_trees, tiny_raw, tmp_path, tree,
+                                                                     change, failing, text):
+    converted = Path(shutil.copytree(converted_trees[tree], tmp_path / tree))
+    if change is not None:
+        change(converted)
+    report = weights_parity(tiny_raw, converted)
+    assert_schema(report)
+    assert sorted(c["name"] for c in report["cases"] if not c["passed"]) == failing
+    assert report["passed"] == (not failing)
+    if text is not None:
+        first = case(report, failing[0])
+        assert text in (first.get("error") or first["mismatches"][0]["problem"]), first
+    if not failing and tree == "bf16":
+        dit = case(report, "dit")
+        assert dit["equal_after_cast"] > 0 and dit["exact"] > 0 and dit["equal_after_cast"] + dit["exact"] == dit["checked"]
+
+
+def test_parity_cli_names_the_tensor_and_both_dtypes(converted_trees, tiny_raw, tmp_path):
+    converted = Path(shutil.copytree(converted_trees["keep"], tmp_path / "keep"))
+    _resave(converted, DIT, "blocks.0.cross_attn.q_norm.weight", torch.float8_e4m3fn)
+    result = run_cli("parity", tiny_raw, converted)
+    assert result.exit_code == 1 and "parity weights: FAIL" in result.output
+    assert "blocks.0.cross_attn.q_norm.weight" in result.output and "dtype F8_E4M3, expected F32" in result.output
+    clash = run_cli("parity", tiny_raw, converted, "--dtype", "bfloat16")
+    assert clash.exit_code == 2 and "contradicts the dtype policy keep" in clash.output
+
+
 
 
 def _swap_q_k(weights: dict) -> None:
@@ -482,3 +579,5 @@ def test_parity_rejects_bad_arguments(raw_tree, fastvideo_tree):
         forward_parity(raw_tree, fastvideo_tree, cases=["t2v"])
     with pytest.raises(LongcatError, match="unsupported dtype"):
         forward_parity(raw_tree, fastvideo_tree, dtype="int8")
+    with pytest.raises(LongcatError, match="unsupported dtype"):
+        weights_parity(raw_tree, fastvideo_tree, dtype="float8")

@@ -13,6 +13,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
 from ..dtypes import ITEMSIZE
 from ..errors import HeaderError
@@ -65,17 +66,43 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     """Parse and check the header of one safetensors file; raises HeaderError naming the defect."""
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            file_size = os.fstat(handle.fileno()).st_size
-            return _parse(path, handle, file_size)
-    except IsADirectoryError:
-        raise HeaderError("is a directory, not a safetensors file", path) from None
-    except PermissionError:
-        raise HeaderError("cannot be read (permission denied)", path, "check the file's permissions") from None
-    except FileNotFoundError:
-        raise HeaderError("does not exist", path) from None
-    except NotADirectoryError:
-        raise HeaderError("cannot be opened: a parent of it is a file, not a folder", path) from None
+        with open(path, "rb", opener=_open_nonblocking) as handle:
+            return _parse(path, handle, regular_file_size(os.fstat(handle.fileno()), path))
+    except OSError as exc:
+        raise open_error(exc, path) from None
+
+
+def read_header_fd(fd: int, path: str | Path) -> SafetensorsHeader:
+    """The same check on a file already open as `fd` (read from its start; the descriptor stays open).
+    `path` only names the file in errors and in the header's `path`."""
+    path = Path(path)
+    with open(fd, "rb", closefd=False) as handle:
+        handle.seek(0)
+        return _parse(path, handle, regular_file_size(os.fstat(fd), path))
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    """A FIFO would block open() until someone writes to it; non-blocking, it opens and is then refused."""
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
+def regular_file_size(stat: os.stat_result, path: Path) -> int:
+    if not S_ISREG(stat.st_mode):
+        raise HeaderError("is not a regular file", path, "point at a regular file")
+    return stat.st_size
+
+
+def open_error(exc: OSError, path: Path) -> HeaderError:
+    """One line for a file that cannot be opened."""
+    if isinstance(exc, IsADirectoryError):
+        return HeaderError("is a directory, not a safetensors file", path)
+    if isinstance(exc, PermissionError):
+        return HeaderError("cannot be read (permission denied)", path, "check the file's permissions")
+    if isinstance(exc, FileNotFoundError):
+        return HeaderError("does not exist", path)
+    if isinstance(exc, NotADirectoryError):
+        return HeaderError("cannot be opened: a parent of it is a file, not a folder", path)
+    return HeaderError(f"cannot be read ({exc.strerror or exc})", path)
 
 
 def _parse(path: Path, handle, file_size: int) -> SafetensorsHeader:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import LongcatError
-from .jsonfile import read_json
+from .jsonfile import parse_json, read_json
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,12 @@ def index_name(prefix: str) -> str:
     return f"{prefix}.safetensors.index.json"
 
 
-def read_index(path: str | Path) -> ShardIndex:
+def read_index(path: str | Path, content: bytes | None = None) -> ShardIndex:
+    """content: the file's bytes, when the caller has read them (else the path is read)."""
     path = Path(path)
-    return index_from_document(read_json(path, "re-create it, e.g. with `longcat-convert convert`"), path)
+    fix = "re-create it, e.g. with `longcat-convert convert`"
+    document = read_json(path, fix) if content is None else parse_json(content, path, fix)
+    return index_from_document(document, path)
 
 
 def index_from_document(data, path: Path) -> ShardIndex:

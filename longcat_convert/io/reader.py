@@ -48,9 +48,13 @@ def advise(fd: int, offset: int, length: int, advice: str) -> None:
             pass
 
 
-def iter_chunks(byte_range: ByteRange, chunk: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """Yield the bytes of a range in chunks of at most `chunk` bytes (never the whole range at once)."""
-    fd = os.open(byte_range.path, os.O_RDONLY)
+def iter_chunks(byte_range: ByteRange, chunk: int = CHUNK_BYTES, fd: int | None = None) -> Iterator[bytes]:
+    """Yield the bytes of a range in chunks of at most `chunk` bytes (never the whole range at once).
+
+    fd: read from this descriptor of `byte_range.path` (left open) instead of opening the path."""
+    own = fd is None
+    if fd is None:
+        fd = os.open(byte_range.path, os.O_RDONLY)
     try:
         position, remaining = byte_range.offset, byte_range.length
         while remaining:
@@ -64,23 +68,28 @@ def iter_chunks(byte_range: ByteRange, chunk: int = CHUNK_BYTES) -> Iterator[byt
                 advise(fd, position, min(chunk, remaining), "WILLNEED")  # the kernel reads on while the caller works
             yield data
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
 
 
-def read_bytes(byte_range: ByteRange) -> bytes:
-    return b"".join(iter_chunks(byte_range, max(byte_range.length, 1)))
+def read_bytes(byte_range: ByteRange, fd: int | None = None) -> bytes:
+    return b"".join(iter_chunks(byte_range, max(byte_range.length, 1), fd))
 
 
 def read_tensor(header: SafetensorsHeader, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Materialise one tensor (or a row block of it) as a torch tensor."""
+    byte_range = tensor_range(header, name, rows)  # checks `rows` before shape[0] is touched (0-d tensors)
+    return decode_tensor(header, name, rows, read_bytes(byte_range))
+
+
+def decode_tensor(header: SafetensorsHeader, name: str, rows: tuple[int, int] | None, data: bytes) -> torch.Tensor:
+    """The tensor (or row block) whose bytes, as read from `tensor_range(header, name, rows)`, are `data`."""
     import torch
 
     info: TensorInfo = header.tensors[name]
-    byte_range = tensor_range(header, name, rows)  # checks `rows` before shape[0] is touched (0-d tensors)
     shape = list(info.shape)
     if rows is not None:
         shape[0] = rows[1] - rows[0]
-    data = bytearray(read_bytes(byte_range))
     if not data:
         return torch.empty(shape, dtype=TORCH_DTYPE[info.dtype])
-    return torch.frombuffer(data, dtype=TORCH_DTYPE[info.dtype]).reshape(shape)
+    return torch.frombuffer(bytearray(data), dtype=TORCH_DTYPE[info.dtype]).reshape(shape)

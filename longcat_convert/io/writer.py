@@ -250,6 +250,36 @@ class _SegmentDigests:
             self._name = None
 
 
+class SegmentHasher:
+    """sha256 of named segments of bytes that are read but not written as such (the source of a cast), on a
+    thread of its own so that hashing overlaps with reading and converting. Chunks must be immutable bytes."""
+
+    def __init__(self, label: str = "source") -> None:
+        self._segments = _SegmentDigests()
+        self._worker = _Worker(f"longcat-{label}-sha256", self._segments.consume, self._segments.finish)
+
+    def begin(self, name: str) -> None:
+        self._raise_error()
+        self._worker.put(_Segment(name))
+
+    def update(self, chunk: bytes) -> None:
+        self._raise_error()
+        self._worker.put(chunk)
+
+    def finish(self) -> dict[str, str]:
+        """Wait for the queued chunks; the sha256 hex digest of each segment, by name."""
+        self._worker.stop()
+        self._raise_error()
+        return dict(self._segments.digests)
+
+    def close_quietly(self) -> None:
+        self._worker.stop()
+
+    def _raise_error(self) -> None:
+        if self._worker.error is not None:
+            raise self._worker.error
+
+
 class BackgroundSink:
     """Append byte chunks to an open binary file from a writer thread, in order.
 
