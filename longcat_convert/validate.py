@@ -27,6 +27,7 @@ from .validation.tree import Context, check_tree_safety, report_stray_pickles
 from .validation.weights import DtypePolicy
 
 REPORT_SCHEMA_VERSION = 1
+SHARED_COMPONENTS = tuple(keymap.load_map_document()["shared_components"])
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def run_validation(root: str | Path, options: ValidateOptions = ValidateOptions(
     pickles = check_tree_safety(resolved, findings, options.follow_symlinks)
     detected = detect_layout(resolved, options.layout)
     layout = keymap.layout(detected.name)
-    ctx = Context(resolved, findings)
+    ctx = Context(resolved, findings, dit_only=not any((resolved / name).exists() for name in SHARED_COMPONENTS))
     manifest = load_manifest(ctx)
     policy = DtypePolicy(POLICY_NAMES[options.dtype] if options.dtype else None, options.allow_mixed_dtypes,
                          manifest.dtypes_by_file() if manifest else {})
@@ -80,18 +81,12 @@ def run_validation(root: str | Path, options: ValidateOptions = ValidateOptions(
     _check_model_index(ctx, layout)
     dit = check_dit(ctx, layout, policy)
     check_lora_folder(ctx, layout, dit.expanded, policy)
-    copied = DtypePolicy(None, options.allow_mixed_dtypes, policy.recorded)  # conversion copies these as they are
-    text_encoder = check_text_encoder(ctx, copied)
-    tokenizer = ctx.root / "tokenizer"
-    if tokenizer.is_dir():
-        check_tokenizer(ctx, tokenizer, options.deep)
+    if ctx.dit_only:
+        folders = ", ".join(f"{name}/" for name in SHARED_COMPONENTS)
+        findings.warning("tree", "missing_component", f"a DiT-only tree (no {folders}): the DiT and its LoRAs can be "
+                         "loaded and converted; the pipeline needs those folders too")
     else:
-        findings.error("tokenizer", "missing_component", "folder is missing", "tokenizer/")
-    vae = check_vae(ctx, copied)
-    check_scheduler_config(ctx, ctx.root / "scheduler" / "scheduler_config.json", detected.name)
-    check_cross_rules(ctx, (dit.config, dit.config_rel) if dit.config else None,
-                      (text_encoder, "text_encoder/config.json") if text_encoder else None,
-                      (vae, "vae/config.json") if vae else None)
+        _check_shared_components(ctx, options, policy, detected.name, dit)
     if manifest is not None:
         check_manifest_headers(ctx, manifest, detected.name)
     report_stray_pickles(ctx, pickles)
@@ -113,6 +108,23 @@ def run_validation(root: str | Path, options: ValidateOptions = ValidateOptions(
         "elapsed_seconds": round(time.perf_counter() - started, 4),
     }
     return Validation(report, dict(ctx.headers))
+
+
+def _check_shared_components(ctx: Context, options: ValidateOptions, policy: DtypePolicy, layout_name: str,
+                             dit) -> None:
+    """text_encoder/, tokenizer/, vae/ and scheduler/, and the rules tying their configs to the DiT's."""
+    copied = DtypePolicy(None, options.allow_mixed_dtypes, policy.recorded)  # conversion copies these as they are
+    text_encoder = check_text_encoder(ctx, copied)
+    tokenizer = ctx.root / "tokenizer"
+    if tokenizer.is_dir():
+        check_tokenizer(ctx, tokenizer, options.deep)
+    else:
+        ctx.findings.error("tokenizer", "missing_component", "folder is missing", "tokenizer/")
+    vae = check_vae(ctx, copied)
+    check_scheduler_config(ctx, ctx.root / "scheduler" / "scheduler_config.json", layout_name)
+    check_cross_rules(ctx, (dit.config, dit.config_rel) if dit.config else None,
+                      (text_encoder, "text_encoder/config.json") if text_encoder else None,
+                      (vae, "vae/config.json") if vae else None)
 
 
 def _deep_scan(ctx: Context, manifest, dit):

@@ -231,3 +231,21 @@ def test_hostile_json_is_one_line(raw_copy: Path, tmp_path: Path, text: str, con
     validated = run_cli("validate", raw_copy)
     assert validated.exit_code == 1 and "Traceback" not in validated.output and config in validated.output
     _refused(_convert(raw_copy, tmp_path / "out", "--to", "fastvideo"), tmp_path / "out", config)
+
+
+# --- DiT-only trees -----------------------------------------------------------------------------------------------
+
+
+def test_a_dit_only_tree_is_valid_with_a_warning_and_converts(raw_copy: Path, tmp_path: Path) -> None:
+    """Someone who downloaded only dit/ and lora/ (the oracle builds such trees) can convert them; a tree missing
+    only some shared components is still broken (the corpus's 'missing component')."""
+    for name in ("text_encoder", "tokenizer", "vae", "scheduler"):
+        shutil.rmtree(raw_copy / name)
+    validated = run_cli("validate", raw_copy)
+    assert validated.exit_code == 0 and "a DiT-only tree" in validated.output, validated.output
+    for target in ("fastvideo", "diffusers"):
+        assert _convert(raw_copy, tmp_path / target, "--to", target, "-q").exit_code == 0
+        assert run_cli("validate", tmp_path / target).exit_code == 0
+    shutil.rmtree(raw_copy / "lora")
+    (raw_copy / "vae").mkdir()
+    assert run_cli("validate", raw_copy).exit_code == 1

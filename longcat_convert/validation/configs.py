@@ -238,7 +238,7 @@ def _check_component_folders(ctx: Context, rel: str, document: dict, expected: d
             continue
         if name not in expected:
             ctx.findings.warning("model_index", "model_index", f"lists an extra component {name} {value!r}", rel)
-        if not (ctx.root / name).is_dir():
+        if not (ctx.root / name).is_dir() and not (ctx.dit_only and name != "transformer"):
             ctx.findings.error("model_index", "model_index", f"lists component {name} but {name}/ does not exist",
                                rel)
 

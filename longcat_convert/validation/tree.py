@@ -26,6 +26,7 @@ class Context:
     findings: Findings = field(default_factory=Findings)
     headers: dict[str, SafetensorsHeader] = field(default_factory=dict)  # relative path -> readable header
     components: dict[str, dict] = field(default_factory=dict)  # per-component facts for the report
+    dit_only: bool = False  # none of the shared components (text encoder, tokenizer, VAE, scheduler) is present
 
     def rel(self, path: Path) -> str:
         try:
