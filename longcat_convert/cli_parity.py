@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import click
 
+from . import progress
+from .cli_common import dtype_option, echo_json, json_option, quiet_option, report_option, write_json
 from .errors import LongcatError
 from .jsonschemas import schema_errors
 
@@ -29,9 +31,9 @@ def _case_line(case: dict) -> str:
               help="weights: every converted tensor equals its source slices and every LoRA delta matches; "
                    "forward: the same seeded inputs through both models, per case errors; "
                    "task: every pipeline task from both trees, per-step latents and decoded frames.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="Forward level: compute dtype (thresholds: float32 rel L2 <= 1e-5, bfloat16 <= 2e-2).")
-@click.option("--threshold", type=float, help="Forward level: override the rel L2 threshold for --dtype.")
+@dtype_option(("float32", "bfloat16"), "Forward and task levels: compute dtype (forward thresholds: float32 rel "
+              "L2 <= 1e-5, bfloat16 <= 2e-2; task: 1e-4, 5e-2).", "float32")
+@click.option("--threshold", type=float, help="Forward and task levels: override the rel L2 threshold for --dtype.")
 @click.option("--cases", multiple=True, help="Forward level: plain, cond, kvcache, lora, lora:<name> (default all).")
 @click.option("--tasks", multiple=True,
               help="Task level: t2v, t2v-distill, i2v, vc, vc-nokv, refine, long (default all). Repeatable.")
@@ -40,21 +42,47 @@ def _case_line(case: dict) -> str:
               help="Task level: a LongCat-Video checkout (the folder holding longcat_video/); the RAW side is run by "
                    "its own upstream pipeline (CPU/SDPA shims on CPU or without flash-attn) instead of ours. Needs "
                    "upstream's dependencies: pip install -r PATH/requirements.txt.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@report_option("the report (schemas/parity-report.schema.json)")
+@json_option("the report")
+@quiet_option()
 def parity_command(raw: Path, converted: Path, level: str, dtype: str, threshold: float | None,
                    cases: tuple[str, ...], tasks: tuple[str, ...], steps: int, original_src: Path | None,
-                   report_path: Path | None) -> None:
+                   report_path: Path | None, as_json: bool, quiet: bool) -> None:
     """Compare CONVERTED against its source RAW (raw or diffusers layout); exit 1 on any miss.
 
     \b
     Examples:
       longcat-convert parity weights/LongCat-Video out/fv
-      longcat-convert parity /tmp/raw /tmp/fv --level forward --dtype bfloat16 --report parity.json
+      longcat-convert parity /tmp/raw /tmp/fv --level forward --dtype bfloat16 \\
+          --report parity.json
       longcat-convert parity /tmp/raw /tmp/fv --level task --tasks t2v --tasks vc
-      longcat-convert parity /tmp/raw /tmp/fv --level task --original-src ~/src/LongCat-Video
+      longcat-convert parity /tmp/raw /tmp/fv --level task \\
+          --original-src ~/src/LongCat-Video
     """
     if original_src is not None and level != "task":
         raise LongcatError(f"--original-src works with --level task only, not --level {level}")
+    if steps < 1:
+        raise LongcatError(f"--steps must be at least 1, got {steps}")
+    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
+        raise LongcatError(f"--threshold must be a positive number, got {threshold}")
+    with progress.reporting(progress.wanted(quiet)):
+        report, lines = _run_level(raw, converted, level, dtype, threshold, cases, tasks, steps, original_src)
+    lines += [_case_line(case) for case in report["cases"]]
+    problems = schema_errors("parity-report", report)
+    if problems:
+        raise LongcatError(f"internal: the parity report does not match its schema: {problems[0]}")
+    if report_path:
+        write_json(report_path, report)
+    if as_json:
+        echo_json(report)
+    else:
+        click.echo("\n".join(lines))
+        click.echo(f"parity {level}: {'PASS' if report['passed'] else 'FAIL'}")
+    raise SystemExit(0 if report["passed"] else 1)
+
+
+def _run_level(raw: Path, converted: Path, level: str, dtype: str, threshold: float | None, cases: tuple[str, ...],
+               tasks: tuple[str, ...], steps: int, original_src: Path | None) -> tuple[dict, list[str]]:
     from longcat_reference.parity import forward_parity, weights_parity
 
     if level == "weights":
@@ -72,12 +100,4 @@ def parity_command(raw: Path, converted: Path, level: str, dtype: str, threshold
                              original_src=original_src)
         against = f"; raw side: upstream pipeline from {original_src}" if original_src is not None else ""
         lines = [f"task ({dtype}, {steps} steps; per-step latents and decoded frames{against}):"]
-    lines += [_case_line(case) for case in report["cases"]]
-    problems = schema_errors("parity-report", report)
-    if problems:
-        raise LongcatError(f"internal: the parity report does not match its schema: {problems[0]}")
-    if report_path:
-        report_path.write_text(json.dumps(report, indent=2) + "\n")
-    click.echo("\n".join(lines))
-    click.echo(f"parity {level}: {'PASS' if report['passed'] else 'FAIL'}")
-    raise SystemExit(0 if report["passed"] else 1)
+    return report, lines
