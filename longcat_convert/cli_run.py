@@ -19,6 +19,7 @@ from .cli_common import dtype_option, quiet_option
 from .errors import LongcatError
 
 TASKS = ("t2v", "i2v", "vc", "refine", "long")
+MEDIA_TASKS = {"image": ("i2v", "refine"), "video": ("vc", "refine"), "cond_video": ("refine",)}
 
 
 @click.command("run")
@@ -54,8 +55,9 @@ TASKS = ("t2v", "i2v", "vc", "refine", "long")
 @click.option("--guidance", type=float, help="CFG-Zero* scale; CFG is on above 1 (default 4, distilled 1).")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seeds the generator every draw comes from.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@dtype_option(("float32", "bfloat16"), "Compute dtype of every component [default: float32 on CPU (exact, and "
-              "fast on any CPU), bfloat16 on CUDA as upstream].")
+@dtype_option(("float32", "bfloat16"), "Compute dtype of every component [default: float32 on CPU, exact and "
+              "fast on every CPU (bfloat16 is fast only where the CPU has native bf16, e.g. AMX); bfloat16 on "
+              "CUDA, as upstream].")
 @click.option("--max-sequence-length", type=int, default=512, show_default=True,
               help="Text tokens (upstream 512; smaller is faster on tiny models).")
 @click.option("--no-kv-cache", is_flag=True, help="vc: recompute the conditioning every step.")
@@ -102,7 +104,9 @@ def run_command(tree: Path, task: str, output: Path, image: Path | None, video: 
     request = RunRequest(task=task, **options)
     notices = check_request(request)  # fails on bad options before any file is read
     output = _checked_output(output)
-    media = _read_media(image, video, cond_video)
+    notices += _unused_media(task, image=image, video=video, cond_video=cond_video)
+    media = _read_media(*(path if task in MEDIA_TASKS[name] else None
+                          for name, path in (("image", image), ("video", video), ("cond_video", cond_video))))
     plan = plan_run(tree, request, media)
     for notice in notices:
         click.echo(f"note: {notice}", err=True)
@@ -127,6 +131,11 @@ def _checked_output(output: Path) -> Path:
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise LongcatError("cannot be written: its folder is not writable", output, "choose another -o path")
     return output
+
+
+def _unused_media(task: str, **paths: Path | None) -> list[str]:
+    return [f"--{name.replace('_', '-')} applies to {', '.join(MEDIA_TASKS[name])}, not {task}; ignored"
+            for name, path in paths.items() if path is not None and task not in MEDIA_TASKS[name]]
 
 
 def _read_media(image: Path | None, video: Path | None, cond_video: Path | None):

@@ -201,3 +201,13 @@ def test_a_tree_without_the_pipeline_components_is_refused_before_loading(tiny_r
     shutil.rmtree(tree / "vae")
     with pytest.raises(LongcatError, match="no vae/ folder"):
         plan_run(tree, RunRequest(task="t2v"), Media(), measure=False)
+
+
+def test_options_another_task_reads_are_noted_as_ignored(tiny_raw, clip, tmp_path, no_model):
+    result = _invoke("run", tiny_raw, "--task", "t2v", "--segments", "3", "--t-thresh", "0.3", "--video", clip,
+                     "--height", "32", "--width", "32", "-o", tmp_path / "out.npz")
+    assert isinstance(result.exception, ModelLoaded)
+    for note in ("note: --segments applies to long, not t2v; ignored",
+                 "note: --t-thresh applies to refine, not t2v; ignored",
+                 "note: --video applies to vc, refine, not t2v; ignored"):
+        assert note in result.output, result.output

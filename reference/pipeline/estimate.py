@@ -7,8 +7,8 @@ the DiT's width, an attention of its head size, a 3x3x3 conv of the VAE's full-r
 Memory is the weights in the compute dtype plus the largest call's activations (dense N² logits when the
 block-sparse reference attention runs).
 
-It tells seconds from minutes from days; it is not a schedule. On the tiny trees here it came out
-within about 0.5–3× of the measured time of each stage (see README).
+It tells seconds from minutes from days; it is not a schedule. On the tiny tree here it ran 1.7–2.2×
+over the measured time (see README).
 """
 
 from __future__ import annotations

@@ -51,10 +51,16 @@ T2V_SIZE = (480, 832)  # upstream's t2v and long-video demos
 VC_COND_FRAMES = 13
 REFINE_STEPS = 50
 LONG_GUIDANCE = 4.0
-MEASURE_FLOPS = 5e10  # below this a run takes seconds anywhere: no probes, no estimate shown
+MEASURE_FLOPS = 1e10  # below this a run takes seconds anywhere: no probes (~0.3 s), no estimate shown
 SHOW_SECONDS = 30.0  # the plan line carries an estimate from this long on
 SHOW_BYTES = 2 * 1024**3  # ... or from this much memory on
 REFUSE_CPU_SECONDS = 3600.0  # a CPU run estimated longer than this needs --yes
+# options that only some tasks read; given to another task they are ignored, with a note
+APPLIES_TO = {"num_cond_frames": ("vc", "refine", "long"), "resolution": ("i2v", "vc"),
+              "num_frames": ("t2v", "i2v", "vc", "long"), "no_kv_cache": ("vc",), "no_enhance_hf": ("vc",),
+              "t_thresh": ("refine",), "spatial_refine_only": ("refine", "long"), "no_bsa": ("refine", "long"),
+              "segments": ("long",), "no_refine": ("long",), "refine_height": ("long",), "refine_width": ("long",),
+              "negative_prompt": ("t2v", "i2v", "vc", "long"), "guidance": ("t2v", "i2v", "vc", "long")}
 REFUSE_FIX = ("use --device cuda, or lower --height/--width, --num-frames or --steps; pass --yes to run it "
               "anyway")
 
@@ -195,7 +201,14 @@ def check_request(request: RunRequest) -> list[str]:
         raise LongcatError(f"--t-thresh must lie in [0, 1), got {request.t_thresh}")
     if not 0 <= request.seed < 2**63:
         raise LongcatError(f"--seed must lie in [0, 2^63), got {request.seed}")
-    return _frame_notices(request)
+    return _ignored(request) + _frame_notices(request)
+
+
+def _ignored(request: RunRequest) -> list[str]:
+    defaults = RunRequest(task=request.task)
+    return [f"--{name.replace('_', '-')} applies to {', '.join(tasks)}, not {request.task}; ignored"
+            for name, tasks in APPLIES_TO.items()
+            if request.task not in tasks and getattr(request, name) != getattr(defaults, name)]
 
 
 def _check_pair(size: tuple[int, int] | None, scale: int, flags: str) -> None:
@@ -219,7 +232,7 @@ def _at_least(value: int | None, minimum: int, flag: str) -> None:
 
 def _frame_notices(request: RunRequest) -> list[str]:
     if request.task == "refine":
-        return []  # refinement takes the frames of its input video
+        return []  # refinement takes the frames of its input video (a --num-frames is noted as ignored)
     if request.num_frames < 1:
         raise LongcatError(f"--num-frames must be at least 1, got {request.num_frames}")
     rounded = round_frames(request.num_frames)
