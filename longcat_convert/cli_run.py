@@ -108,6 +108,7 @@ def run_command(tree: Path, task: str, output: Path, image: Path | None, video: 
     media = _read_media(*(path if task in MEDIA_TASKS[name] else None
                           for name, path in (("image", image), ("video", video), ("cond_video", cond_video))))
     plan = plan_run(tree, request, media)
+    plan.notices = notices
     for notice in notices:
         click.echo(f"note: {notice}", err=True)
     if not quiet:

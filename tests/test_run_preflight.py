@@ -156,8 +156,9 @@ def test_the_plan_agrees_with_what_ran(tiny_raw, clip, tmp_path, task, extra, ca
     info = json.loads(str(np.load(tmp_path / "out.npz")["info"]))
     ran = info["segments"] if task == "long" else [info]
     plan = plan_run(tiny_raw, RunRequest(**info["options"]), _media(task, image, clip), measure=False)
-    assert len(plan.calls) == len(ran) == calls
-    for call, done in zip(plan.calls, ran, strict=True):
+    planned = [call for call in plan.calls for _ in range(call.repeat)]
+    assert len(planned) == len(ran) == calls
+    for call, done in zip(planned, ran, strict=True):
         assert (call.height, call.width, call.steps) == (done["height"], done["width"], done["steps"])
 
 
@@ -211,3 +212,8 @@ def test_options_another_task_reads_are_noted_as_ignored(tiny_raw, clip, tmp_pat
                  "note: --t-thresh applies to refine, not t2v; ignored",
                  "note: --video applies to vc, refine, not t2v; ignored"):
         assert note in result.output, result.output
+
+
+def test_an_absurd_segment_count_is_planned_at_once_and_refused(tiny_raw, tmp_path, no_model):
+    result = run_cli("run", tiny_raw, "--task", "long", "--segments", "1000000000", "-o", tmp_path / "out.npz")
+    assert result.exit_code == 2 and ("would take" in result.output or "this machine has" in result.output)

@@ -50,6 +50,7 @@ class Call:
     kv_cache: bool = False  # conditioning attended through a cache, not recomputed
     encoded_frames: int = 0  # pixel frames VAE-encoded at (height, width)
     dense_bsa: bool = False  # block-sparse attention through the dense reference (N² logits)
+    repeat: int = 1  # identical calls in a row (long video's continuations and later refine windows)
 
 
 @dataclass(frozen=True)
@@ -183,10 +184,10 @@ def weights_bytes(model: Model, itemsize: int) -> int:
 
 
 def total_cost(model: Model, calls: list[Call], text_tokens: int, itemsize: int) -> Cost:
-    costs = [call_cost(model, call, text_tokens, itemsize) for call in calls]
-    return Cost(sum(c.dense_flops for c in costs), sum(c.attention_flops for c in costs),
-                sum(c.vae_flops for c in costs),
-                weights_bytes(model, itemsize) + max((c.memory_bytes for c in costs), default=0))
+    costs = [(call.repeat, call_cost(model, call, text_tokens, itemsize)) for call in calls]
+    return Cost(sum(n * c.dense_flops for n, c in costs), sum(n * c.attention_flops for n, c in costs),
+                sum(n * c.vae_flops for n, c in costs),
+                weights_bytes(model, itemsize) + max((c.memory_bytes for _, c in costs), default=0))
 
 
 # ---- measured rates -------------------------------------------------------------------------------------

@@ -391,8 +391,9 @@ def _long(request: RunRequest, media: Media, scheduler: SchedulerConfig, frames:
     vc_height, vc_width = target_size((height, width), request.size, "480p", STAGE1_SCALE)
     vc_length, _ = _vc_steps(steps, False, True, scheduler, "")
     cond = _cond_latents(frames, frames, count)
-    calls += [Call("vc", vc_height, vc_width, frames, vc_length, cfg, cond_latents=cond, kv_cache=True,
-                   encoded_frames=count)] * request.segments
+    if request.segments:
+        calls.append(Call("vc", vc_height, vc_width, frames, vc_length, cfg, cond_latents=cond, kv_cache=True,
+                          encoded_frames=count, repeat=request.segments))
     stage1 = frames + request.segments * (frames - count)
     steps_text = f"t2v {calls[0].steps} steps, {request.segments} continuations of {vc_length} (enhance_hf)"
     frames_text = f"{stage1} stage-1 frames ({request.segments} continuations of {frames} frames, {count} shared)"
@@ -400,23 +401,26 @@ def _long(request: RunRequest, media: Media, scheduler: SchedulerConfig, frames:
     if not request.no_refine:
         refine_calls, refined = _long_refine(request, (height, width), frames, count, steps, scheduler)
         calls += refine_calls
-        steps_text += f", {len(refine_calls)} refine windows of {refine_calls[0].steps}"
+        steps_text += f", {request.segments + 1} refine windows of {refine_calls[0].steps}"
         frames_text += f", {refined} after refinement at {refine_calls[0].height}x{refine_calls[0].width}"
     return calls, size_text, frames_text, steps_text
 
 
 def _long_refine(request: RunRequest, size: tuple[int, int], frames: int, count: int, steps: int,
                  scheduler: SchedulerConfig) -> tuple[list[Call], int]:
+    """The first window (no conditioning), then `segments` windows conditioned on the previous one."""
     height, width = target_size(size, request.refine_size, "720p", REFINE_SCALE)
     factor = 1 if request.spatial_refine_only else 2
     length, _ = _refine_steps(steps, 0.5, scheduler)
-    calls, refined, cond_count = [], 0, 0
-    for _ in range(request.segments + 1):
-        total = factor * frames
+    total = factor * frames
+    calls, refined = [], 0
+    for cond_count, repeat in ((0, 1), (factor * count, request.segments)):
+        if not repeat:
+            continue
         padding = Padding.compute(total, cond_count)
         padded = total + padding.front + padding.back
         calls.append(Call("refine", height, width, padded, length, False, cond_latents=padding.num_cond_latents,
-                          encoded_frames=padded + padding.num_cond_frames, dense_bsa=not request.no_bsa))
-        refined += total - cond_count
-        cond_count = factor * count
+                          encoded_frames=padded + padding.num_cond_frames, dense_bsa=not request.no_bsa,
+                          repeat=repeat))
+        refined += repeat * (total - cond_count)
     return calls, refined
