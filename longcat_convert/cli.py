@@ -61,16 +61,24 @@ def main_group() -> None:
 
     \b
     Layouts:
-      raw        the tree as Meituan publishes it (dit/ vae/ text_encoder/ tokenizer/ scheduler/ lora/)
-      fastvideo  what FastVideo's LongCatTransformer3DModel loads (split q/k/v, transformer/, lora/<name>/)
-      diffusers  upstream key names under transformer/ with a diffusers model_index.json
+      raw        the tree as Meituan publishes it: dit/ vae/ text_encoder/
+                 tokenizer/ scheduler/ lora/
+      fastvideo  what FastVideo's LongCatTransformer3DModel loads: split
+                 q/k/v, transformer/, lora/<name>/
+      diffusers  upstream key names under transformer/, a diffusers
+                 model_index.json
 
     \b
     Typical session:
-      longcat-convert tiny /tmp/raw                       # a small raw tree to try things on
-      longcat-convert inspect /tmp/raw                    # what is in it
+      longcat-convert tiny /tmp/raw           # a small raw tree to try on
+      longcat-convert inspect /tmp/raw        # what is in it
       longcat-convert convert /tmp/raw /tmp/fv --to fastvideo
-      longcat-convert validate /tmp/fv                    # schema + key report, exit 0/1/2
+      longcat-convert validate /tmp/fv        # schemas + keys, exit 0/1/2
+
+    \b
+    Examples:
+      longcat-convert demo                    # everything, on tiny trees
+      longcat-convert run --help              # run any LongCat task
     """
 
 

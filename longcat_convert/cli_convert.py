@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from . import progress
+from .cli_common import dtype_option, echo_json, json_option, quiet_option, report_option
 from .convert import ConvertRequest, convert, prepare
 from .hub import looks_like_repo_id
 from .io.reader import CHUNK_BYTES
@@ -51,8 +53,8 @@ def _plan_lines(plan: ConversionPlan) -> list[str]:
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--to", "to", type=click.Choice(["fastvideo", "diffusers", "raw"]), required=True,
               help="Target layout.")
-@click.option("--dtype", type=click.Choice(["keep", "bfloat16", "float16", "float32"]), default="keep",
-              show_default=True, help="dtype of the written DiT and LoRA tensors (never changed silently).")
+@dtype_option(("keep", "float32", "bfloat16", "float16"), "dtype of the written DiT and LoRA tensors (never "
+              "changed silently).", "keep")
 @click.option("--keep-fp32", "keep_fp32", multiple=True, metavar="PATTERN",
               help="Glob on output tensor names kept in float32 whatever --dtype says, e.g. '*adaln*'. Repeatable.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest DiT shard, e.g. 5GB, 500MB, 2GiB.")
@@ -67,11 +69,12 @@ def _plan_lines(plan: ConversionPlan) -> list[str]:
 @click.option("--allow-mixed-dtypes", is_flag=True,
               help="Accept a source whose components mix dtypes (as `validate --allow-mixed-dtypes` does).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (outputs, shards, dtypes, memory, disk); write nothing.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the manifest/plan as JSON here.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@report_option("the manifest (with --dry-run: the plan)")
+@json_option("the manifest (with --dry-run: the plan)")
+@quiet_option("Also no summary.")
 def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[str, ...], max_shard_size: str,
                     lora_alpha_fix: str, overwrite: bool, resume: bool, follow_symlinks: bool, allow_mixed_dtypes: bool,
-                    dry_run: bool, report_path: Path | None, quiet: bool) -> None:
+                    dry_run: bool, report_path: Path | None, as_json: bool, quiet: bool) -> None:
     """Convert the LongCat-Video tree SRC into a new tree DST in another layout.
 
     SRC must pass `longcat-convert validate` (the same checks run first; the first errors are shown),
@@ -79,7 +82,8 @@ def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[s
     or left out with its reason (pickles, the source's git data), listed in the summary and manifest.
 
     SRC is a folder, or a Hugging Face repo id such as meituan-longcat/LongCat-Video (only the needed
-    folders are downloaded; with HF_HUB_OFFLINE=1 the local cache is used).
+    folders are downloaded; with HF_HUB_OFFLINE=1 the local cache is used). Anything that looks like a
+    path (starting with ., / or ~, or whose parent folder exists) is a folder.
 
     Streams tensor bytes (memory stays near one chunk, whatever the model size), splits fused
     q/k/v and k/v projections for FastVideo (and joins them back for raw/diffusers), converts every
@@ -89,8 +93,9 @@ def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[s
     \b
     Examples:
       longcat-convert convert weights/LongCat-Video out/fv --to fastvideo
-      longcat-convert convert weights/LongCat-Video out/fv --to fastvideo --dtype bfloat16 --keep-fp32 '*adaln*'
-      longcat-convert convert out/fv out/raw --to raw          # reverse: bit-identical tensors
+      longcat-convert convert meituan-longcat/LongCat-Video out/fv \\
+          --to fastvideo --dtype bfloat16 --keep-fp32 '*adaln*'
+      longcat-convert convert out/fv out/raw --to raw   # reverse: bit-identical
       longcat-convert convert weights/LongCat-Video out/d --to diffusers --dry-run
     """
     local_src = not looks_like_repo_id(src)
@@ -98,23 +103,30 @@ def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[s
     if report_path:
         outside = {"destination": dst, **({"source": Path(src)} if local_src else {})}
         report_target = check_report_path(report_path, not_inside=outside)
-    request = ConvertRequest(src=Path(src) if local_src else src, dst=dst, to=to, dtype=dtype,
+    request = ConvertRequest(src=src, dst=dst, to=to, dtype=dtype,
                              keep_fp32=keep_fp32, max_shard_size=max_shard_size, lora_alpha_fix=lora_alpha_fix,
                              overwrite=overwrite, follow_symlinks=follow_symlinks, quiet=quiet, resume=resume,
                              allow_mixed_dtypes=allow_mixed_dtypes)
     if dry_run:
         _, plan = prepare(request)
-        click.echo("\n".join(_plan_lines(plan)))
-        click.echo("dry run: nothing was written")
+        document = {"dry_run": True, "plan": plan.to_json()}
         if report_target:
-            write_report(report_target, {"dry_run": True, "plan": plan.to_json()}, report_path)
+            write_report(report_target, document, report_path)
+        if as_json:
+            echo_json(document)
+        else:
+            click.echo("\n".join(_plan_lines(plan)))
+            click.echo("dry run: nothing was written")
         return
     started = time.perf_counter()
-    manifest = convert(request)
+    with progress.reporting(progress.wanted(quiet)):
+        manifest = convert(request)
     elapsed = time.perf_counter() - started
     if report_target:
         write_report(report_target, manifest, report_path)
-    if not quiet:
+    if as_json:
+        echo_json(manifest)
+    elif not quiet:
         click.echo("\n".join(_summary_lines(manifest, dst, elapsed)))
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .cli_common import json_option
 from .dtypes import friendly
 from .inspect_tree import describe_path
 from .report import human_bytes
@@ -37,11 +38,17 @@ def _lines(summary: dict) -> list[str]:
 @click.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--layout", type=click.Choice(["raw", "fastvideo", "diffusers"]), help="Force a layout instead of detecting it.")
-@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@json_option("the description")
 def inspect_command(path: Path, layout: str | None, as_json: bool) -> None:
     """Describe the tree at PATH: layout, components, DiT size and dtypes, shards, LoRA adapters.
 
     Reads safetensors headers and configs only, so it takes a moment even on the 83 GB published tree.
+
+    \b
+    Examples:
+      longcat-convert inspect weights/LongCat-Video
+      longcat-convert inspect out/fv --json | jq .dit.dtypes
+      longcat-convert inspect out/odd --layout diffusers     # skip detection
     """
     summary = describe_path(path, layout)
     click.echo(json.dumps(summary, indent=2) if as_json else "\n".join(_lines(summary)))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
 
+from . import progress
+from .cli_common import dtype_option, echo_json, json_option, quiet_option, report_option
 from .errors import LongcatError
 from .jsonschemas import schema_errors
 from .report_file import check_report_path, write_report
@@ -30,12 +33,11 @@ def _case_line(case: dict) -> str:
                    "its source slices (cast only where the policy asked), and every LoRA delta matches; "
                    "forward: the same seeded inputs through both models, per case errors; "
                    "task: every pipeline task from both trees, per-step latents and decoded frames.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]),
-              help="Forward and task levels: compute dtype, default float32 (thresholds: float32 rel L2 <= 1e-5, "
-                   "bfloat16 <= 2e-2). Weights level: only for a CONVERTED tree without conversion.json, the dtype "
-                   "it was cast to (by default every tensor must keep its source dtype; with a manifest, its dtype "
-                   "policy decides).")
-@click.option("--threshold", type=float, help="Forward level: override the rel L2 threshold for --dtype.")
+@dtype_option(("float32", "bfloat16"), "Forward and task levels: compute dtype, default float32 (forward thresholds: "
+              "float32 rel L2 <= 1e-5, bfloat16 <= 2e-2; task: 1e-4, 5e-2). Weights level: only for a CONVERTED "
+              "tree without conversion.json, the dtype it was cast to (by default every tensor must keep its source "
+              "dtype; with a manifest, its dtype policy decides).")
+@click.option("--threshold", type=float, help="Forward and task levels: override the rel L2 threshold for --dtype.")
 @click.option("--cases", multiple=True, help="Forward level: plain, cond, kvcache, lora, lora:<name> (default all).")
 @click.option("--tasks", multiple=True,
               help="Task level: t2v, t2v-distill, i2v, vc, vc-nokv, refine, long (default all). Repeatable.")
@@ -44,22 +46,49 @@ def _case_line(case: dict) -> str:
               help="Task level: a LongCat-Video checkout (the folder holding longcat_video/); the RAW side is run by "
                    "its own upstream pipeline (CPU/SDPA shims on CPU or without flash-attn) instead of ours. Needs "
                    "upstream's dependencies: pip install -r PATH/requirements.txt.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@report_option("the report (schemas/parity-report.schema.json)")
+@json_option("the report")
+@quiet_option()
 def parity_command(raw: Path, converted: Path, level: str, dtype: str | None, threshold: float | None,
                    cases: tuple[str, ...], tasks: tuple[str, ...], steps: int, original_src: Path | None,
-                   report_path: Path | None) -> None:
+                   report_path: Path | None, as_json: bool, quiet: bool) -> None:
     """Compare CONVERTED against its source RAW (raw or diffusers layout); exit 1 on any miss.
 
     \b
     Examples:
       longcat-convert parity weights/LongCat-Video out/fv
-      longcat-convert parity /tmp/raw /tmp/fv --level forward --dtype bfloat16 --report parity.json
+      longcat-convert parity /tmp/raw /tmp/fv --level forward --dtype bfloat16 \\
+          --report parity.json
       longcat-convert parity /tmp/raw /tmp/fv --level task --tasks t2v --tasks vc
-      longcat-convert parity /tmp/raw /tmp/fv --level task --original-src ~/src/LongCat-Video
+      longcat-convert parity /tmp/raw /tmp/fv --level task \\
+          --original-src ~/src/LongCat-Video
     """
     if original_src is not None and level != "task":
         raise LongcatError(f"--original-src works with --level task only, not --level {level}")
     report_target = check_report_path(report_path) if report_path else None
+    if steps < 1:
+        raise LongcatError(f"--steps must be at least 1, got {steps}")
+    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
+        raise LongcatError(f"--threshold must be a positive number, got {threshold}")
+    with progress.reporting(progress.wanted(quiet)):
+        report, lines = _run_level(raw, converted, level, dtype, threshold, cases, tasks, steps, original_src)
+    lines += [_case_line(case) for case in report["cases"]]
+    problems = schema_errors("parity-report", report)
+    if problems:
+        raise LongcatError(f"internal: the parity report does not match its schema: {problems[0]}")
+    if report_target:
+        write_report(report_target, report, report_path)
+    if as_json:
+        echo_json(report)
+    else:
+        click.echo("\n".join(lines))
+        click.echo(f"parity {level}: {'PASS' if report['passed'] else 'FAIL'}")
+    raise SystemExit(0 if report["passed"] else 1)
+
+
+def _run_level(raw: Path, converted: Path, level: str, dtype: str | None, threshold: float | None,
+               cases: tuple[str, ...], tasks: tuple[str, ...], steps: int,
+               original_src: Path | None) -> tuple[dict, list[str]]:
     from longcat_reference.parity import forward_parity, weights_parity
 
     if level == "weights":
@@ -82,12 +111,4 @@ def parity_command(raw: Path, converted: Path, level: str, dtype: str | None, th
                              original_src=original_src)
         against = f"; raw side: upstream pipeline from {original_src}" if original_src is not None else ""
         lines = [f"task ({dtype}, {steps} steps; per-step latents and decoded frames{against}):"]
-    lines += [_case_line(case) for case in report["cases"]]
-    problems = schema_errors("parity-report", report)
-    if problems:
-        raise LongcatError(f"internal: the parity report does not match its schema: {problems[0]}")
-    if report_target:
-        write_report(report_target, report, report_path)
-    click.echo("\n".join(lines))
-    click.echo(f"parity {level}: {'PASS' if report['passed'] else 'FAIL'}")
-    raise SystemExit(0 if report["passed"] else 1)
+    return report, lines

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import click
 
+from .cli_common import dtype_option
 from .tiny import LORA_TARGET_SETS, build_tiny_tree
 
 
 @click.command("tiny")
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True, help="Seed for every random value (same seed, same bytes).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="dtype of the DiT, LoRAs, text encoder and VAE weights.")
+@dtype_option(("float32", "bfloat16"), "dtype of the DiT, LoRAs, text encoder and VAE weights.", "float32")
 @click.option("--depth", default=2, show_default=True, help="Number of DiT blocks (the published model has 48).")
 @click.option("--hidden", default=128, show_default=True, help="DiT hidden size, a multiple of 64 (published: 4096).")
 @click.option("--lora-targets", type=click.Choice(LORA_TARGET_SETS), default="published", show_default=True,
@@ -24,12 +24,18 @@ def tiny_command(dst: Path, seed: int, dtype: str, depth: int, hidden: int, lora
     """Write a complete raw LongCat-Video tree at DST, tiny but shaped exactly like the published one.
 
     \b
-    DST/dit/            config.json with every published field, sharded safetensors + index
-    DST/lora/           cfg_step_lora and refinement_lora in the upstream LoRA format
-    DST/text_encoder/   a small transformers UMT5EncoderModel
-    DST/tokenizer/      a real umT5-style fast tokenizer (pad 0, </s> appended)
-    DST/vae/            a small diffusers AutoencoderKLWan with the Wan 2.1 latent statistics
-    DST/scheduler/      FlowMatchEulerDiscreteScheduler with shift 12
+    DST/dit/           config.json with every published field, shards + index
+    DST/lora/          cfg_step_lora and refinement_lora, upstream format
+    DST/text_encoder/  a small transformers UMT5EncoderModel
+    DST/tokenizer/     a real umT5-style fast tokenizer (pad 0, </s> appended)
+    DST/vae/           a small diffusers AutoencoderKLWan, Wan 2.1 statistics
+    DST/scheduler/     FlowMatchEulerDiscreteScheduler with shift 12
+
+    \b
+    Examples:
+      longcat-convert tiny /tmp/raw            # fp32, the published LoRA targets
+      longcat-convert tiny /tmp/raw16 --dtype bfloat16 --seed 3
+      longcat-convert tiny /tmp/deep --depth 4 --hidden 256 --lora-targets all
     """
     path = build_tiny_tree(dst, seed=seed, dtype=dtype, depth=depth, hidden=hidden,
                            lora_targets=lora_targets, overwrite=overwrite)

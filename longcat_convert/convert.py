@@ -70,7 +70,8 @@ def _checked_source(request: ConvertRequest) -> Path:
 
 def _plan(request: ConvertRequest, src: Path) -> tuple[Tree, ConversionPlan]:
     # a hub snapshot's files are symlinks into the cache's blob store, outside the snapshot folder
-    follow_symlinks = request.follow_symlinks or looks_like_repo_id(str(request.src))
+    from_hub = isinstance(request.src, str) and looks_like_repo_id(request.src)  # as resolve_source decides
+    follow_symlinks = request.follow_symlinks or from_hub
     validation = run_validation(src, ValidateOptions(follow_symlinks=follow_symlinks,
                                                      allow_mixed_dtypes=request.allow_mixed_dtypes))
     refuse_if_invalid(validation.report, src, f"`longcat-convert validate {src}` lists every problem; "

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import progress
 from .convert import ConvertRequest, convert
 from .errors import LongcatError
 from .io import read_bytes, read_header, tensor_range
@@ -16,9 +17,20 @@ from .tiny import build_tiny_tree
 @dataclass
 class StepResult:
     step: str
-    passed: bool
+    verdict: str  # PASS, FAIL or SKIP (a step it needs failed)
     detail: str
     seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "PASS"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    action: Callable[[], str]
+    needs: str | None = None  # the step that must have passed first
 
 
 def tensors_bitwise_equal(a: Path, b: Path, pattern: str, by_file: bool) -> tuple[int, list[str]]:
@@ -41,50 +53,65 @@ def tensors_bitwise_equal(a: Path, b: Path, pattern: str, by_file: bool) -> tupl
 
 
 class Demo:
-    def __init__(self, workdir: Path, echo: Callable[[str], None]):
+    def __init__(self, workdir: Path, echo: Callable[[str], None], kept: bool = True):
+        """kept: whether `workdir` outlives the demo (the summary says where the trees are, or that they are gone)."""
         self.workdir = workdir
         self.echo = echo
+        self.kept = kept
         self.results: list[StepResult] = []
-
-    def step(self, name: str, action: Callable[[], str]) -> bool:
-        started = time.perf_counter()
-        try:
-            detail, passed = action(), True
-        except LongcatError as exc:
-            detail, passed = exc.one_line(), False
-        except AssertionError as exc:
-            detail, passed = str(exc), False
-        result = StepResult(name, passed, detail, time.perf_counter() - started)
-        self.results.append(result)
-        self.echo(f"{'PASS' if passed else 'FAIL'}  {name:<44} {result.seconds:6.1f} s  {detail}")
-        return passed
 
     def tree(self, name: str) -> Path:
         return self.workdir / name
 
-    def run(self) -> bool:
+    def plan(self) -> list[Step]:
+        """Every step, in order, each with the step it builds on."""
+        steps: list[Step] = []
         for dtype in ("float32", "bfloat16"):
             raw = self.tree(f"raw-{dtype}")
-            if not self.step(f"tiny ({dtype}, LoRAs on every Linear)", lambda raw=raw, dtype=dtype: self._tiny(raw, dtype)):
-                continue
-            self.step(f"validate --deep raw ({dtype})", lambda raw=raw: self._validate(raw))
+            tiny = f"tiny ({dtype}, LoRAs on every Linear)"
+            steps.append(Step(tiny, lambda raw=raw, dtype=dtype: self._tiny(raw, dtype)))
+            steps.append(Step(f"validate --deep raw ({dtype})", lambda raw=raw: self._validate(raw), tiny))
             for layout in ("fastvideo", "diffusers"):
-                converted = self.tree(f"{layout}-{dtype}")
-                if not self.step(f"convert raw -> {layout} ({dtype})",
-                                 lambda raw=raw, converted=converted, layout=layout: self._convert(raw, converted, layout)):
-                    continue
-                self.step(f"validate --deep {layout} ({dtype})", lambda converted=converted: self._validate(converted))
-                self.step(f"parity weights raw vs {layout} ({dtype})",
-                          lambda raw=raw, converted=converted: self._parity_weights(raw, converted))
-                self.step(f"parity forward raw vs {layout} ({dtype})",
-                          lambda raw=raw, converted=converted, dtype=dtype: self._parity_forward(raw, converted, dtype))
+                converted, back = self.tree(f"{layout}-{dtype}"), self.tree(f"{layout}-{dtype}-back")
+                made = f"convert raw -> {layout} ({dtype})"
+                steps.append(Step(made, lambda raw=raw, c=converted, layout=layout: self._convert(raw, c, layout), tiny))
+                steps.append(Step(f"validate --deep {layout} ({dtype})", lambda c=converted: self._validate(c), made))
+                steps.append(Step(f"parity weights raw vs {layout} ({dtype})",
+                                  lambda raw=raw, c=converted: self._parity_weights(raw, c), made))
+                steps.append(Step(f"parity forward raw vs {layout} ({dtype})",
+                                  lambda raw=raw, c=converted, dtype=dtype: self._parity_forward(raw, c, dtype), made))
                 if dtype == "float32":
-                    self.step(f"parity task, every task, raw vs {layout}",
-                              lambda raw=raw, converted=converted: self._parity_tasks(raw, converted))
-                back = self.tree(f"{layout}-{dtype}-back")
-                self.step(f"convert {layout} -> raw, bitwise equal ({dtype})",
-                          lambda raw=raw, converted=converted, back=back: self._round_trip(raw, converted, back))
-        return all(r.passed for r in self.results)
+                    steps.append(Step(f"parity task, every task, raw vs {layout}",
+                                      lambda raw=raw, c=converted: self._parity_tasks(raw, c), made))
+                steps.append(Step(f"round trip {layout} -> raw ({dtype})",
+                                  lambda raw=raw, c=converted, back=back: self._round_trip(raw, c, back), made))
+        return steps
+
+    def run(self) -> bool:
+        steps = self.plan()
+        width = max(len(step.name) for step in steps)
+        passed: set[str] = set()
+        for number, step in enumerate(steps, start=1):
+            with progress.scope(f"demo {number}/{len(steps)}"), progress.stage(step.name):
+                result = self._attempt(step, passed)
+            if result.passed:
+                passed.add(step.name)
+            self.results.append(result)
+            self.echo(f"{result.verdict:<4}  {step.name:<{width}}  {result.seconds:6.1f} s  {result.detail}")
+        return all(result.passed for result in self.results)
+
+    @staticmethod
+    def _attempt(step: Step, passed: set[str]) -> StepResult:
+        if step.needs is not None and step.needs not in passed:
+            return StepResult(step.name, "SKIP", f"needs '{step.needs}', which did not pass", 0.0)
+        started = time.perf_counter()
+        try:
+            detail, verdict = step.action(), "PASS"
+        except LongcatError as exc:
+            detail, verdict = exc.one_line(), "FAIL"
+        except AssertionError as exc:
+            detail, verdict = str(exc), "FAIL"
+        return StepResult(step.name, verdict, detail, time.perf_counter() - started)
 
     def _validate(self, tree: Path) -> str:
         from .validate import ValidateOptions, validate_tree
@@ -129,7 +156,7 @@ class Demo:
             count, differing = tensors_bitwise_equal(raw / folder, back / folder, "*.safetensors", by_file)
             assert not differing, f"{len(differing)} tensors differ, e.g. {differing[0]}"
             total += count
-        return f"{total} tensors identical"
+        return f"{total} tensors bitwise identical to the source"
 
     def _parity_tasks(self, raw: Path, converted: Path) -> str:
         from longcat_reference.pipeline.parity import task_parity
@@ -143,5 +170,7 @@ class Demo:
 
     def table(self) -> list[str]:
         passed = sum(r.passed for r in self.results)
+        where = (f"trees kept in {self.workdir}" if self.kept
+                 else "trees in a temporary folder, removed on exit; pass WORKDIR to keep them")
         return [f"demo: {passed}/{len(self.results)} steps passed in {sum(r.seconds for r in self.results):.0f} s "
-                f"(work folder {self.workdir})"]
+                f"({where})"]

@@ -5,7 +5,8 @@ fastvideo  `transformer/config.json` names FastVideo's class (LongCatTransformer
 diffusers  `transformer/config.json` names the upstream class (LongCatVideoTransformer3DModel)
 
 When `transformer/config.json` is missing or unreadable, `model_index.json`'s `_class_name` decides.
-Anything else is an error that says what was found and suggests `--layout`.
+Anything else is an error that says what the folder holds and what it lacks to be a LongCat-Video tree;
+`--layout` (inspect, validate) is suggested only where choosing a layout can help.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from .errors import LongcatError
 from .io.jsonfile import read_json_object
 
 FASTVIDEO_PIPELINE_CLASSES = ("LongCatPipeline", "LongCatImageToVideoPipeline", "LongCatVideoContinuationPipeline")
-FORCE_HINT = "pass --layout raw|fastvideo|diffusers to choose one"
+COMPONENT_DIRS = ("dit", "transformer", "text_encoder", "tokenizer", "vae", "scheduler", "lora")
+TREE_FIX = "point at the folder that holds dit/ or transformer/, e.g. the downloaded LongCat-Video folder"
+SHOWN_ENTRIES = 8
 
 
 @dataclass(frozen=True)
@@ -32,20 +35,34 @@ def detect_layout(root: str | Path, forced: str | None = None) -> DetectedLayout
     """The layout of the tree at `root`; raises LongcatError when it is not a tree or none matches."""
     root = Path(root)
     check_root(root)
+    present = [name for name in COMPONENT_DIRS if (root / name).is_dir()]
     if forced is not None:
         keymap.layout(forced)  # raises on an unknown name
+        if not present:  # no layout makes a folder without any component a tree
+            raise _not_a_tree(root, present)
         return DetectedLayout(forced, "forced with --layout", forced=True)
-    has_dit, has_transformer = (root / "dit").is_dir(), (root / "transformer").is_dir()
-    if has_dit and has_transformer:
+    if "dit" in present and "transformer" in present:
         raise LongcatError("holds both dit/ (raw layout) and transformer/ (fastvideo or diffusers layout)", root,
-                           FORCE_HINT)
-    if has_dit:
+                           "remove the one that does not belong (inspect and validate can also be told the "
+                           "layout with --layout raw|fastvideo|diffusers)")
+    if "dit" in present:
         return DetectedLayout("raw", "dit/ exists")
-    if has_transformer:
+    if "transformer" in present:
         return _from_transformer(root)
-    found = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())[:8])
-    raise LongcatError(f"no LongCat-Video tree here: expected dit/ (raw) or transformer/config.json "
-                       f"(fastvideo, diffusers); found {found}", root, FORCE_HINT)
+    raise _not_a_tree(root, present)
+
+
+def _not_a_tree(root: Path, present: list[str]) -> LongcatError:
+    """What the folder holds and what it lacks: dit/ or transformer/ next to the other components."""
+    if present:
+        holds = f"it has {', '.join(name + '/' for name in present)} but no dit/ or transformer/"
+    else:
+        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+        shown = ", ".join(entries[:SHOWN_ENTRIES]) + (f", … ({len(entries)} entries)"
+                                                      if len(entries) > SHOWN_ENTRIES else "")
+        holds = f"it holds {shown}"
+    return LongcatError(f"no LongCat-Video tree here: a tree has dit/ (raw layout) or transformer/ (fastvideo, "
+                        f"diffusers) next to text_encoder/, tokenizer/, vae/ and scheduler/; {holds}", root, TREE_FIX)
 
 
 def check_root(root: Path) -> None:
@@ -76,7 +93,9 @@ def _from_transformer(root: Path) -> DetectedLayout:
     what = f"_class_name {class_name!r}" if class_name else "no readable _class_name"
     raise LongcatError(f"cannot tell the layout: transformer/config.json has {what}, expected "
                        f"{keymap.class_name('fastvideo')} (fastvideo) or {keymap.class_name('upstream')} (diffusers), "
-                       f"and model_index.json does not say either", root, FORCE_HINT)
+                       f"and model_index.json does not say either", root,
+                       "set transformer/config.json's _class_name to one of them (inspect and validate can also be "
+                       "told the layout with --layout raw|fastvideo|diffusers)")
 
 
 def _class_name(path: Path) -> str | None:

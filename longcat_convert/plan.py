@@ -28,6 +28,7 @@ from .lora import (
 )
 from .sharding import group_into_shards
 from .tree import Adapter, Skipped, Tree
+from .versions import diffusers_version
 
 LORA_BLOCKS_METADATA = "longcat_convert.lora_up_blocks"
 
@@ -543,7 +544,7 @@ def _model_index(target_layout: str, dit_config: dict) -> dict | None:
     if form is None:
         return None
     spec = keymap.load_map_document()["model_index"][form]
-    body = {"_class_name": spec["_class_name"], "_diffusers_version": dit_config.get("_diffusers_version", "0.35.1")}
+    body = {"_class_name": spec["_class_name"], "_diffusers_version": diffusers_version()}
     if "workload_type" in spec:
         body["workload_type"] = spec["workload_type"]
     body.update({name: list(pair) for name, pair in spec["components"].items()})

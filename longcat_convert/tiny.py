@@ -11,8 +11,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import keymap
 from .dtypes import POLICY_NAMES, SAFETENSORS_NAME
@@ -20,6 +19,9 @@ from .errors import LongcatError
 from .io import ShardWriter, TensorEntry, index_name, shard_name, write_index
 from .lora import encode_module
 from .sharding import group_into_shards
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so that argument checks come first and fast
+    import torch
 
 LORA_TARGET_SETS = ("published", "extended", "all")
 CFG_STEP_SUFFIXES = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear",
@@ -66,12 +68,16 @@ def dit_config(spec: TinySpec) -> dict:
 
 
 def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
     if name not in ("float32", "bfloat16"):
         raise LongcatError(f"tiny trees are float32 or bfloat16, not {name!r}")
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def _dit_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    import torch
+
     values = torch.randn(shape, generator=gen)
     if key.endswith("norm.weight"):
         return 1.0 + 0.1 * values  # RMSNorm / LayerNorm scales sit near 1
@@ -94,11 +100,15 @@ def _write_shards(folder: Path, prefix: str, tensors: dict[str, torch.Tensor], m
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    import torch
+
     flat = tensor.contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
 def write_dit(folder: Path, spec: TinySpec) -> dict:
+    import torch
+
     config = dit_config(spec)
     expanded = keymap.expand(config, "upstream")
     gen = torch.Generator().manual_seed(spec.seed)
@@ -127,6 +137,8 @@ def lora_targets(expanded: keymap.ExpandedMap, adapter: str, which: str) -> list
 
 def lora_state(expanded: keymap.ExpandedMap, targets: Iterable[str], rank: int, alpha: float,
                gen: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    import torch
+
     state: dict[str, torch.Tensor] = {}
     for module in targets:
         linear = expanded.linears[module]
@@ -147,6 +159,8 @@ ADAPTERS = {"cfg_step_lora": (8, 4.0), "refinement_lora": (4, 2.0)}
 
 
 def write_loras(folder: Path, config: dict, spec: TinySpec) -> None:
+    import torch
+
     expanded = keymap.expand(config, "upstream")
     gen = torch.Generator().manual_seed(spec.seed + 1)
     folder.mkdir(parents=True)
@@ -163,7 +177,6 @@ def build_tiny_tree(dst: Path, *, seed: int = 0, dtype: str = "float32", depth: 
                     lora_targets: str = "published", overwrite: bool = False) -> Path:
     """Write a complete raw tree into `dst` (atomically: built in a sibling folder, then renamed)."""
     from .atomic import AtomicDirectory
-    from .tiny_components import write_components
 
     if dtype not in POLICY_NAMES or dtype == "float16":
         raise LongcatError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
@@ -173,6 +186,8 @@ def build_tiny_tree(dst: Path, *, seed: int = 0, dtype: str = "float32", depth: 
         raise LongcatError(f"--depth must be positive, not {depth}")
     spec = TinySpec(seed=seed, dtype=dtype, depth=depth, hidden=hidden, lora_targets=lora_targets)
     with AtomicDirectory(Path(dst), overwrite=overwrite) as work:
+        from .tiny_components import write_components  # torch, transformers, diffusers: after the checks
+
         config = write_dit(work / "dit", spec)
         write_loras(work / "lora", config, spec)
         write_components(work, config["caption_channels"], seed, _torch_dtype(dtype))

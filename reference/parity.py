@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from longcat_convert import jsonschemas, keymap
+from longcat_convert import jsonschemas, keymap, progress
 from longcat_convert.dtypes import POLICY_NAMES, SAFETENSORS_NAME
 from longcat_convert.errors import LongcatError
 from longcat_convert.io import read_header, read_json_object, read_tensor
@@ -389,12 +389,14 @@ def forward_parity(raw_tree: str | Path, converted_tree: str | Path, cases: Iter
         raise LongcatError(f"no threshold for dtype {dtype_name}; pass thresholds={{'{dtype_name}': ...}}")
     names = _case_names(cases, sorted(lora_paths(raw)))
     inputs = make_inputs(DiTConfig.from_dict(raw.config, "upstream", str(raw.config_path)), seed)
-    reference = _run_cases(load_dit(raw, torch_dtype, device), raw, names, inputs)
+    with progress.scope("raw tree"):
+        reference = _run_cases(_load_dit(raw, torch_dtype, device), raw, names, inputs)
     failures = [name for name, out in reference.items() if isinstance(out, str)]
     if failures:
         raise LongcatError(f"the raw tree cannot run case {failures[0]}: {reference[failures[0]]}", raw.root)
     try:
-        outputs = _run_cases(load_dit(converted, torch_dtype, device), converted, names, inputs)
+        with progress.scope("converted tree"):
+            outputs = _run_cases(_load_dit(converted, torch_dtype, device), converted, names, inputs)
     except LongcatError as exc:
         outputs = dict.fromkeys(names, f"cannot load the converted DiT: {exc.one_line()}")
     threshold = limits[dtype_name]
@@ -403,6 +405,11 @@ def forward_parity(raw_tree: str | Path, converted_tree: str | Path, cases: Iter
     return {"level": "forward", "raw": _tree_info(raw), "converted": _tree_info(converted), "dtype": dtype_name,
             "threshold": threshold, "seed": seed, "cases": results,
             "passed": all(result["passed"] for result in results)}
+
+
+def _load_dit(tree: Tree, dtype: torch.dtype, device: str | torch.device) -> LongcatDiT:
+    with progress.stage("loading the DiT"):
+        return load_dit(tree, dtype, device)
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> tuple[torch.dtype, str]:
@@ -436,7 +443,7 @@ def _run_cases(dit: LongcatDiT, tree: Tree, names: list[str], inputs: ForwardInp
     """Outputs per case (on CPU), or an error line for a case the tree cannot run."""
     outputs: dict[str, torch.Tensor | str] = {}
     with torch.no_grad():
-        for name in names:
+        for name in progress.steps(names, len(names), "forward cases"):
             clear_loras(dit)
             if name.startswith("lora:"):
                 try:

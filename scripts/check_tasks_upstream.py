@@ -3,6 +3,7 @@
 usage (from the repo, in the project venv):
     python scripts/check_tasks_upstream.py [TREE] [--work DIR] [--seed 0] [--tol 1e-4]
         [--upstream-python ~/.cache/longcat-oracle/venv/bin/python] [--original-src ~/.cache/longcat-oracle/longcat]
+        [--prompt TEXT] [--cases t2v vc ...]
 
 Without TREE a tiny raw tree is built in --work. The script runs our tasks in this process, then runs
 itself with `--upstream` in the upstream venv, exchanging `.pt` files through --work. That process does not
@@ -277,6 +278,15 @@ def compare(ours: dict, upstream: dict, tol: float) -> bool:
     return passed
 
 
+def _select(prompt: str, cases: list[str] | None) -> None:
+    """Both processes run the same prompt and cases: the module constants every case reads."""
+    global PROMPT
+    PROMPT = prompt
+    for name in list(CASES):
+        if cases and name not in cases:
+            del CASES[name]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tree", nargs="?", type=Path, help="raw tiny tree (built in --work when omitted)")
@@ -286,8 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upstream-python", type=Path, default=DEFAULT_UPSTREAM_PYTHON)
     parser.add_argument("--original-src", type=Path, default=DEFAULT_CHECKOUT,
                         help="the upstream LongCat-Video checkout (holds longcat_video/)")
+    parser.add_argument("--prompt", default=PROMPT,
+                        help="the prompt of every case, e.g. one of upstream's demo prompts with non-ASCII text")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), help="run only these cases")
     parser.add_argument("--upstream", metavar="OUT", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    _select(args.prompt, args.cases)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     if args.upstream:
@@ -306,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.work / "upstream.pt"
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
     command = [str(args.upstream_python), __file__, str(tree), "--seed", str(args.seed), "--original-src",
-               str(args.original_src), "--upstream", str(out)]
+               str(args.original_src), "--prompt", args.prompt, "--upstream", str(out)]
+    command += ["--cases", *args.cases] if args.cases else []
     if subprocess.run(command, env=env).returncode != 0:
         print("error: the upstream run failed (see above)", file=sys.stderr)
         return 2

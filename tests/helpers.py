@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -29,3 +30,14 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def run_cli(*args: str) -> Result:
     _register()
     return CliRunner().invoke(main_group, [str(a) for a in args], catch_exceptions=False)
+
+
+def make_hub_cache(tree: Path, cache: Path, repo_id: str) -> Path:
+    """A Hugging Face cache (HF_HUB_CACHE) holding `tree` as the snapshot of `repo_id`, for offline tests."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    shutil.copytree(tree, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot

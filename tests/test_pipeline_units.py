@@ -70,14 +70,12 @@ def test_prompt_cleaning():
         single_prompt(["a", "b"])
 
 
-def test_prompt_cleaning_unescapes_html_with_ftfy_or_refuses_without_it():
-    try:
-        import ftfy  # noqa: F401
-    except ImportError:
-        with pytest.raises(LongcatError, match="ftfy"):
-            clean_prompt("sits &amp;amp; waits")
-    else:
-        assert clean_prompt("sits &amp;amp; waits") == "sits & waits"
+def test_prompt_cleaning_takes_upstreams_own_prompts():
+    # upstream's prompt_clean: ftfy.fix_text, html.unescape twice, strip, collapse whitespace
+    assert clean_prompt("sits &amp;amp; waits") == "sits & waits"
+    assert clean_prompt("a café terrace") == "a café terrace"  # upstream's i2v demo prompt
+    assert clean_prompt("the rider’s  horse") == "the rider's horse"  # ftfy straightens curly quotes
+    assert clean_prompt("a cafÃ©") == "a café"  # and repairs mojibake
 
 
 def test_default_stream_equals_the_seeded_global_rng():

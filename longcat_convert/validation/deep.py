@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import progress
 from ..dtypes import FLOATING, TORCH_DTYPE
 from ..io import SafetensorsHeader, TensorInfo
 from ..io.reader import advise
@@ -74,6 +75,13 @@ def deep_scan(ctx: Context, manifest: Manifest | None, expectations: dict[tuple[
     """Scan every readable safetensors file the checks met; `expectations` maps (file, key) to ones/zeros.
 
     Hashes are computed only where the manifest has something to compare them with."""
+    tensor_bytes = sum(info.nbytes for header in ctx.headers.values() for info in header.tensors.values())
+    with progress.counter(tensor_bytes, "validate --deep") as bar:
+        return _scan_all(ctx, manifest, expectations, bar)
+
+
+def _scan_all(ctx: Context, manifest: Manifest | None, expectations: dict[tuple[str, str], str],
+              bar) -> DeepSummary:
     summary = DeepSummary()
     hashed_files = {t.file for t in manifest.tensors.values()} if manifest else set()
     for rel in sorted(ctx.headers):
@@ -82,6 +90,7 @@ def deep_scan(ctx: Context, manifest: Manifest | None, expectations: dict[tuple[
 
         def on_tensor(info: TensorInfo, stats: TensorStats, rel: str = rel) -> None:
             _judge_tensor(ctx, rel, info, stats, manifest, expectations.get((rel, info.name)), summary)
+            bar.update(info.nbytes)
 
         try:
             file_digest = scan_file(header, on_tensor, hash_tensors=rel in hashed_files,

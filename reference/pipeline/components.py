@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from longcat_convert import progress
 from longcat_convert.errors import LongcatError
 from longcat_convert.quiet import quiet_libraries
 
@@ -94,10 +95,16 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def load_pipeline(tree: str | Path | Tree, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu",
                   vae_dtype: str | torch.dtype | None = None, text_dtype: str | torch.dtype | None = None) -> Pipeline:
     """Load all components. Upstream runs every component in bf16; `vae_dtype`/`text_dtype` default to `dtype`."""
+    with progress.stage("loading the model"):
+        return _load_pipeline(tree, dtype, device, vae_dtype, text_dtype)
+
+
+def _load_pipeline(tree: str | Path | Tree, dtype: str | torch.dtype, device: str | torch.device,
+                   vae_dtype: str | torch.dtype | None, text_dtype: str | torch.dtype | None) -> Pipeline:
     tree = tree if isinstance(tree, Tree) else open_tree(tree)
     dit_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
-    folders = {name: _component_dir(tree, name) for name in ("tokenizer", "text_encoder", "vae", "scheduler")}
+    folders = {name: component_dir(tree, name) for name in ("tokenizer", "text_encoder", "vae", "scheduler")}
     dit = load_dit(tree, dit_dtype, device)
     with quiet_libraries():
         from diffusers import AutoencoderKLWan
@@ -116,7 +123,7 @@ def load_pipeline(tree: str | Path | Tree, dtype: str | torch.dtype = "bfloat16"
     return Pipeline(tree, dit, tokenizer, text_encoder, vae, scheduler, device)
 
 
-def _component_dir(tree: Tree, name: str) -> Path:
+def component_dir(tree: Tree, name: str) -> Path:
     folder = tree.root / name
     if not folder.is_dir():
         raise LongcatError(f"the tree has no {name}/ folder; running tasks needs the full pipeline", tree.root)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from longcat_convert import progress
 from longcat_convert.errors import LongcatError
 
 from .components import Pipeline
@@ -98,7 +99,7 @@ def denormalize(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
 
 def encode_sample(pipe: Pipeline, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """[1, 3, T, H, W] -> posterior sample [1, z, 1+⌊(T−1)/4⌋, H/8, W/8] in the VAE dtype (not normalized)."""
-    with torch.no_grad():
+    with torch.no_grad(), progress.stage("VAE encode"):
         posterior = pipe.vae.encode(pixels.to(pipe.device, pipe.vae_dtype)).latent_dist
     noise = randn(tuple(posterior.mean.shape), generator, posterior.parameters.dtype, pipe.device)
     return posterior.mean + posterior.std * noise
@@ -107,7 +108,7 @@ def encode_sample(pipe: Pipeline, pixels: torch.Tensor, generator: torch.Generat
 def decode(pipe: Pipeline, latents: torch.Tensor) -> np.ndarray:
     """Normalized latents [1, z, T_lat, h, w] -> float32 frames [T, H, W, 3] in [0, 1]."""
     latents = denormalize(pipe, latents.to(pipe.device, pipe.vae_dtype))
-    with torch.no_grad():
+    with torch.no_grad(), progress.stage("VAE decode"):
         video = pipe.vae.decode(latents, return_dict=False)[0]
     frames = (video[0] * 0.5 + 0.5).clamp(0, 1)
     return frames.permute(1, 2, 3, 0).float().cpu().numpy()

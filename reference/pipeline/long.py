@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from longcat_convert import progress
 from longcat_convert.errors import LongcatError
 
 from ..bsa import BsaParams
@@ -50,17 +51,19 @@ def long_video(pipe: Pipeline, prompt: str, rng: RandomStreams, *, negative_prom
         raise LongcatError(f"segments must not be negative, got {segments}")
     if num_cond_frames >= num_frames:
         raise LongcatError(f"num_cond_frames {num_cond_frames} must be below num_frames {num_frames}")
-    first = text_to_video(pipe, prompt, rng, negative_prompt=negative_prompt, height=height, width=width,
-                          num_frames=num_frames, steps=steps, guidance=guidance,
-                          max_sequence_length=max_sequence_length)
+    with progress.scope("t2v"):
+        first = text_to_video(pipe, prompt, rng, negative_prompt=negative_prompt, height=height, width=width,
+                              num_frames=num_frames, steps=steps, guidance=guidance,
+                              max_sequence_length=max_sequence_length)
     results = [first]
     current = to_pil(first.frames)
     frames = list(current)
-    for _ in range(segments):
-        result = video_continuation(pipe, current, prompt, rng, negative_prompt=negative_prompt, size=vc_size,
-                                    num_frames=num_frames, num_cond_frames=num_cond_frames, steps=steps,
-                                    guidance=guidance, use_kv_cache=True, enhance_hf_schedule=True,
-                                    max_sequence_length=max_sequence_length)
+    for segment in range(segments):
+        with progress.scope(f"continuation {segment + 1}/{segments}"):
+            result = video_continuation(pipe, current, prompt, rng, negative_prompt=negative_prompt, size=vc_size,
+                                        num_frames=num_frames, num_cond_frames=num_cond_frames, steps=steps,
+                                        guidance=guidance, use_kv_cache=True, enhance_hf_schedule=True,
+                                        max_sequence_length=max_sequence_length)
         results.append(result)
         current = _resized(to_pil(result.frames), frames[0].size)
         frames.extend(current[num_cond_frames:])
@@ -80,10 +83,11 @@ def _refine_windows(pipe: Pipeline, frames: list[Image.Image], rng: RandomStream
     """Refine windows of num_frames stage-1 frames, stride num_frames − num_cond_frames, prompt ''."""
     condition: list[Image.Image] | None = None
     cond_count, start, refined = 0, 0, []
-    for _ in range(segments + 1):
-        result = refine(pipe, frames[start:start + num_frames], rng, prompt="", video=condition,
-                        num_cond_frames=cond_count, size=size, steps=steps, spatial_refine_only=spatial_refine_only,
-                        bsa=bsa, max_sequence_length=max_sequence_length)
+    for window in range(segments + 1):
+        with progress.scope(f"refine window {window + 1}/{segments + 1}"):
+            result = refine(pipe, frames[start:start + num_frames], rng, prompt="", video=condition,
+                            num_cond_frames=cond_count, size=size, steps=steps,
+                            spatial_refine_only=spatial_refine_only, bsa=bsa, max_sequence_length=max_sequence_length)
         results.append(result)
         window = to_pil(result.frames)
         refined.extend(window[cond_count:])

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from longcat_convert import progress
 from longcat_convert.errors import LongcatError
 from longcat_convert.torch_threads import torch_threads
 
@@ -177,9 +178,10 @@ def _run_all(load: Callable[[], Pipeline], tasks: list[str], inputs: Inputs, siz
     except LongcatError as exc:
         return dict.fromkeys(tasks, f"cannot load the pipeline: {exc.one_line()}")
     results: dict[str, list[TaskResult] | str] = {}
-    for task in tasks:
+    for number, task in enumerate(tasks, start=1):
         try:
-            results[task] = run_task(pipe, task, inputs, sizes, steps, seed)
+            with progress.scope(f"task {number}/{len(tasks)} {task}"):
+                results[task] = run_task(pipe, task, inputs, sizes, steps, seed)
         except LongcatError as exc:
             results[task] = exc.one_line()
     return results
@@ -215,17 +217,21 @@ def task_parity(raw_tree: str | Path, converted_tree: str | Path, tasks: Iterabl
                            raw.root)
     started = time.perf_counter()
     with torch_threads(threads):  # tiny tensors run faster on one thread
-        if checkout is None:
-            reference = _run_all(lambda: load_pipeline(raw, torch_dtype, device), tasks, inputs, sizes, steps, seed)
-        else:
-            reference = original_task_results(checkout, raw.root, tasks, inputs, sizes, steps, seed, torch_dtype,
-                                              device)
+        with progress.scope("raw tree"):
+            if checkout is None:
+                reference = _run_all(lambda: load_pipeline(raw, torch_dtype, device), tasks, inputs, sizes, steps,
+                                     seed)
+            else:
+                with progress.stage("upstream pipeline"):
+                    reference = original_task_results(checkout, raw.root, tasks, inputs, sizes, steps, seed,
+                                                      torch_dtype, device)
         failed = {task: out for task, out in reference.items() if isinstance(out, str)}
         if failed:
             task, error = next(iter(failed.items()))
             raise LongcatError(f"the raw tree cannot run task {task}: {error}", raw.root)
-        outputs = _run_all(lambda: load_pipeline(converted_tree, torch_dtype, device), tasks, inputs, sizes, steps,
-                           seed)
+        with progress.scope("converted tree"):
+            outputs = _run_all(lambda: load_pipeline(converted_tree, torch_dtype, device), tasks, inputs, sizes,
+                               steps, seed)
     cases = []
     for task in tasks:
         got, want = outputs[task], reference[task]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from longcat_convert import progress
 from longcat_convert.errors import LongcatError
 
 from ..dit import KVCache
@@ -56,7 +57,8 @@ def denoise(pipe: Pipeline, latents: torch.Tensor, schedule: Schedule, text: Tex
         raise LongcatError(f"internal: text batch {text.batch} does not match the model batch {model_batch}")
     dit_cond = kv_cache.num_latents if kv_cache is not None else num_cond
     steps: list[torch.Tensor] = []
-    for index, t in enumerate(schedule.timesteps.to(pipe.device)):
+    timesteps = enumerate(schedule.timesteps.to(pipe.device))
+    for index, t in progress.steps(timesteps, len(schedule), "denoising"):
         model_input = (torch.cat([latents] * 2) if cfg else latents).to(pipe.dit_dtype)
         timestep = model_timesteps(t.expand(model_batch), pipe.dit_dtype)
         timestep = timestep.unsqueeze(-1).repeat(1, model_input.shape[2])

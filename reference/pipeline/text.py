@@ -1,8 +1,8 @@
 """Prompt cleaning and umT5 text encoding (pipeline.md §2.1).
 
-Upstream cleans with ftfy, HTML-unescapes twice, and collapses whitespace; tokenizes to exactly
-`max_sequence_length` tokens (pad, truncate, `</s>` appended) and encodes with the attention mask. The
-embeddings go to the DiT as [B, 1, L, C] in the DiT's dtype; the mask stays [B, L]. With CFG the
+Upstream cleans with ftfy (a dependency here too), HTML-unescapes twice, and collapses whitespace;
+tokenizes to exactly `max_sequence_length` tokens (pad, truncate, `</s>` appended) and encodes with the
+attention mask. The embeddings go to the DiT as [B, 1, L, C] in the DiT's dtype; the mask stays [B, L]. With CFG the
 batch is [negative, positive]; a missing negative prompt is "".
 """
 
@@ -12,15 +12,16 @@ import html
 import re
 from dataclasses import dataclass
 
+import ftfy
 import torch
 
+from longcat_convert import progress
 from longcat_convert.errors import LongcatError
 
 from .components import Pipeline
 from .guidance import uses_cfg
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
-_PLAIN = re.compile(r"[\x20-\x7e\s]*")
 
 
 @dataclass(frozen=True)
@@ -33,21 +34,9 @@ class TextBatch:
         return self.embeds.shape[0]
 
 
-def fix_text(text: str) -> str:
-    """ftfy.fix_text when ftfy is installed. Without it, only text ftfy leaves unchanged is accepted:
-    printable ASCII and whitespace with no '&' (ftfy would unescape HTML entities)."""
-    try:
-        import ftfy
-    except ImportError:
-        if _PLAIN.fullmatch(text) and "&" not in text:
-            return text
-        raise LongcatError("this prompt has characters upstream cleans with ftfy, which is not installed",
-                           fix="pip install ftfy") from None
-    return ftfy.fix_text(text)
-
-
 def clean_prompt(text: str) -> str:
-    text = html.unescape(html.unescape(fix_text(text))).strip()
+    """Upstream's prompt_clean: ftfy.fix_text, HTML-unescape twice, strip, collapse whitespace."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return re.sub(r"\s+", " ", text).strip()
 
 
@@ -79,8 +68,9 @@ def encode_prompt(pipe: Pipeline, prompt: str, max_sequence_length: int = DEFAUL
 def text_batch(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | list[str] | None, guidance: float,
                max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH) -> TextBatch:
     """The DiT's text input: the prompt alone, or [negative, positive] when guidance > 1."""
-    positive = encode_prompt(pipe, single_prompt(prompt), max_sequence_length)
-    if not uses_cfg(guidance):
-        return positive
-    negative = encode_prompt(pipe, single_prompt(negative_prompt or "", "negative prompt"), max_sequence_length)
+    with progress.stage("text encoding"):
+        positive = encode_prompt(pipe, single_prompt(prompt), max_sequence_length)
+        if not uses_cfg(guidance):
+            return positive
+        negative = encode_prompt(pipe, single_prompt(negative_prompt or "", "negative prompt"), max_sequence_length)
     return TextBatch(torch.cat([negative.embeds, positive.embeds]), torch.cat([negative.mask, positive.mask]))

@@ -1,0 +1,58 @@
+"""Every command line of README's Usage section, run as written (with /tmp/ moved into a fresh folder) by the
+installed `longcat-convert`, in order, on the tiny trees the lines themselves make."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.helpers import make_hub_cache
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+HUB_REPO = "meituan-longcat/LongCat-Video"
+
+
+def usage_lines() -> list[str]:
+    """The indented `longcat-convert ...` lines between '## Usage' and the next heading."""
+    section = README.read_text(encoding="utf-8").split("\n## Usage\n", 1)[1]
+    section = re.split(r"\n#+ ", section, maxsplit=1)[0]
+    return [line.strip() for line in section.splitlines() if line.startswith("    longcat-convert ")]
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).parent / "longcat-convert"
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from longcat_convert.cli import main; main()"]
+
+
+def test_every_usage_line_runs_as_written(tmp_path: Path) -> None:
+    lines = usage_lines()
+    assert len(lines) >= 14 and any(HUB_REPO in line for line in lines)
+    # a hub repo id resolves offline from a cache holding the tiny tree the first line makes
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    timings = []
+    for line in lines:
+        argv = shlex.split(line.replace("/tmp/", f"{tmp_path}/"), comments=True)
+        assert argv[0] == "longcat-convert", line
+        if HUB_REPO in argv and not (tmp_path / "hub").exists():
+            make_hub_cache(tmp_path / "raw", tmp_path / "hub", HUB_REPO)
+        started = time.perf_counter()
+        done = subprocess.run(_command() + argv[1:], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=900)
+        timings.append(f"{time.perf_counter() - started:6.1f} s  {line}")
+        assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
+        if argv[1] == "demo":
+            _check_demo_table(done.stdout)
+    print("\n".join(["README Usage lines:", *timings]))
+
+
+def _check_demo_table(output: str) -> None:
+    rows = [line for line in output.splitlines() if line[:4] in ("PASS", "FAIL", "SKIP")]
+    assert len(rows) == 26 and all(row.startswith("PASS") for row in rows), output
+    assert len({row.index(" s  ") for row in rows}) == 1, "the table's columns do not line up"
+    summary = output.strip().splitlines()[-1]
+    assert summary.startswith("demo: 26/26 steps passed") and "removed on exit" in summary, summary
