@@ -8,8 +8,8 @@ from pathlib import Path
 
 from .. import keymap
 from ..errors import LongcatError
+from ..jsonschemas import schema_findings
 from .configs import check_dit_config, check_text_encoder_config, check_vae_config, dit_schema_name
-from .schemas import schema_findings
 from .tree import Context, read_json_quietly
 from .weights import DtypePolicy, FolderRules, WeightSet, check_dtypes, compare_keys, scan_weight_folder
 

@@ -14,7 +14,7 @@ from ..dtypes import FLOATING, friendly
 from ..errors import HeaderError, LongcatError
 from ..io import SafetensorsHeader, ShardIndex, TensorInfo, index_from_document, read_header, read_json
 from ..io.pickles import is_pickle_name, pickle_message, sniff_pickle
-from .schemas import schema_findings
+from ..jsonschemas import schema_findings
 from .tree import Context
 
 
