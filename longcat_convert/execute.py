@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from . import __version__, journal, jsonschemas, keymap
+from . import __version__, journal, jsonschemas
 from .atomic import AtomicDirectory, DestinationClaim
 from .dtypes import TORCH_DTYPE
 from .errors import LongcatError
@@ -237,7 +237,6 @@ def _check_loras(plan: ConversionPlan, tree: Tree, work: Path, sources: Sources)
 
     from .lora_check import compare, responses
 
-    expanded = keymap.expand(tree.dit.config, tree.naming)
     results = []
     for adapter in plan.adapters:
         shard = adapter.shard
@@ -245,9 +244,9 @@ def _check_loras(plan: ConversionPlan, tree: Tree, work: Path, sources: Sources)
         tolerance = 1e-9
         if any(t.multiplier is not None for t in shard.tensors):
             tolerance = max(4 * torch.finfo(TORCH_DTYPE[t.dtype]).eps for t in shard.tensors if t.op != "scalar")
-        source = responses(sources.header(adapter.source_file), adapter.source_format, expanded, round_to,
+        source = responses(sources.header(adapter.source_file), adapter.source_format, plan.expanded, round_to,
                            sources.files.tensor)
-        target = responses(read_header(work / adapter.target_file), adapter.target_format, expanded)
+        target = responses(read_header(work / adapter.target_file), adapter.target_format, plan.expanded)
         result = compare(adapter.name, source, target, tolerance)
         if not result.passed:
             raise LongcatError(f"LoRA {adapter.name}: the converted adapter's effective delta differs from the source "

@@ -167,6 +167,7 @@ class ConversionPlan:
     adapters: list[AdapterPlan]
     drops: list[DropCheck]
     policy: DtypePolicy
+    expanded: keymap.ExpandedMap  # the key map of the source DiT config the plan was made from
     census_before: dict[str, dict[str, int]] = field(default_factory=dict)
     census_after: dict[str, dict[str, int]] = field(default_factory=dict)
     skipped: list[Skipped] = field(default_factory=list)
@@ -592,4 +593,4 @@ def plan_conversion(tree: Tree, options: PlanOptions) -> ConversionPlan:
     before += [(i.dtype, i.nbytes) for a in tree.adapters for i in a.header.tensors.values()]
     after = [(t.dtype, t.nbytes) for s in shards + [a.shard for a in adapters] for t in s.tensors]
     return ConversionPlan(tree.layout, options.target_layout, shards, indexes, copies, json_files,
-                          adapters, drops, options.policy, _census(before), _census(after), skipped)
+                          adapters, drops, options.policy, expanded, _census(before), _census(after), skipped)
