@@ -574,7 +574,7 @@ def _check_unique_targets(plan_files: list[str], root) -> None:
 def plan_conversion(tree: Tree, options: PlanOptions) -> ConversionPlan:
     target = keymap.layout(options.target_layout)
     source_naming, target_naming = tree.naming, target["naming"]
-    config_where = str(tree.root / tree.dit.folder / "config.json")
+    config_where = str(tree.config_path)
     expanded = keymap.expand(tree.dit.config, source_naming, config_where)
     drops = _check_dit_keys(tree, expanded)
     dit_outputs = _dit_outputs(tree, expanded, target_naming, options.policy)

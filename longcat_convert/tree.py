@@ -12,14 +12,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import keymap
 from .errors import LongcatError
-from .io import SafetensorsHeader, ShardIndex, SourceFiles, read_json_object
+from .io import SafetensorsHeader, ShardIndex, SourceFiles, TensorInfo, read_json_object
 from .io.pickles import is_pickle_name
 from .layout_detect import detect_layout
 from .lora import ALPHA_SUFFIXES, detect_format, read_alpha
-from .shard_folder import FolderRules, raise_first_error, scan_shard_folder
+from .shard_folder import FolderRules, Problem, raise_first_error, scan_shard_folder
+
+if TYPE_CHECKING:
+    import torch
 
 # Top-level entries that are the source repository's own bookkeeping, never part of a converted tree.
 SKIPPED_TOP_LEVEL = {
@@ -50,9 +54,13 @@ class DitFiles:
     headers: dict[str, SafetensorsHeader]  # relative file -> header
     index: ShardIndex | None
     key_files: dict[str, str]  # tensor name -> relative file
+    problems: list[Problem] = field(default_factory=list)  # the shard folder's (raised at once unless lenient)
 
-    def info(self, key: str):
-        return self.headers[self.key_files[key]].tensors[key]
+    def header(self, key: str) -> SafetensorsHeader:
+        return self.headers[self.key_files[key]]
+
+    def info(self, key: str) -> TensorInfo:
+        return self.header(key).tensors[key]
 
 
 @dataclass
@@ -80,8 +88,24 @@ class Tree:
     def naming(self) -> str:
         return keymap.layout(self.layout)["naming"]
 
+    @property
+    def config_path(self) -> Path:
+        return self.root / self.dit.folder / "config.json"
+
+    @property
+    def lora_dir(self) -> Path:
+        return self.root / keymap.layout(self.layout)["lora_dir"]
+
+    @property
+    def lora_format(self) -> str:
+        return keymap.layout(self.layout)["lora_format"]
+
     def path(self, relative: str) -> Path:
         return self.root / relative
+
+    def tensor(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A DiT tensor (or rows of it along dim 0), read from the held file its header came from."""
+        return self.sources.tensor(self.dit.header(key), key, rows)
 
 
 def _inside(root: Path, path: Path, follow_symlinks: bool) -> None:
@@ -97,15 +121,22 @@ def _inside(root: Path, path: Path, follow_symlinks: bool) -> None:
 
 
 def read_dit(root: Path, folder: str, naming: str, sources: SourceFiles) -> DitFiles:
-    base = root / folder
-    config = read_json_object(base / "config.json", read=sources.read_file)
-    scan = scan_shard_folder(base, FolderRules.dit(naming), sources)
-    raise_first_error(scan.problems)
-    held = scan.tensors.values()
-    keymap.check_fits(config, naming, str(base / "config.json"), len(held), sum(i.numel for i in held))
+    config = read_json_object(root / folder / "config.json", read=sources.read_file)
+    scan = scan_shard_folder(root / folder, FolderRules.dit(naming), sources)
     headers = {f"{folder}/{name}": header for name, header in scan.headers.items()}
     key_files = {key: f"{folder}/{name}" for key, (name, _) in scan.located.items()}
-    return DitFiles(folder, config, headers, scan.index, key_files)
+    return DitFiles(folder, config, headers, scan.index, key_files, scan.problems)
+
+
+def check_dit(dit: DitFiles, config_path: Path, naming: str) -> None:
+    """Raise if the config is not one of `naming`'s DiT, on the shard folder's first error, or if the config
+    describes far more than the weight files hold."""
+    if not keymap.config_describes(dit.config, naming):
+        raise LongcatError(f"the DiT config does not describe {keymap.class_name(naming)}", config_path,
+                           "use the config that came with these weights")
+    raise_first_error(dit.problems)
+    held = [dit.info(key) for key in dit.key_files]
+    keymap.check_fits(dit.config, naming, str(config_path), len(held), sum(i.numel for i in held))
 
 
 def read_adapters(root: Path, layout_name: str, files: list[str], sources: SourceFiles | None = None) -> list[Adapter]:
@@ -184,14 +215,18 @@ def _other_files(root: Path, files: list[str], dit: DitFiles, adapters: list[Ada
 
 
 def read_tree(root: str | Path, layout_name: str | None = None, follow_symlinks: bool = False,
-              sources: SourceFiles | None = None) -> Tree:
-    """sources: the held files to read through (a conversion's, which validation has read through already)."""
+              sources: SourceFiles | None = None, strict: bool = True) -> Tree:
+    """sources: the held files to read through (a conversion's, which validation has read through already).
+    strict=False: the DiT folder's problems are kept in `tree.dit.problems` for the caller to report, and
+    `check_dit` is the caller's to run before the tree is used as a model."""
     root = Path(os.path.abspath(root))
     layout_name = detect_layout(root, layout_name).name
     spec = keymap.layout(layout_name)
     sources = sources or SourceFiles()
     files, skipped = list_files(root, follow_symlinks)
     dit = read_dit(root, spec["dit_dir"], spec["naming"], sources)
+    if strict:
+        check_dit(dit, root / spec["dit_dir"] / "config.json", spec["naming"])
     adapters = read_adapters(root, layout_name, files, sources)
     model_index_path = root / "model_index.json"
     model_index = None
