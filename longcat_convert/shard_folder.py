@@ -16,33 +16,23 @@ from pathlib import Path
 
 from . import keymap
 from .errors import HeaderError, LongcatError
-from .io import (
-    DirectFiles,
-    FileReader,
-    SafetensorsHeader,
-    ShardIndex,
-    TensorInfo,
-    index_from_document,
-    index_name,
-)
-from .io.jsonfile import read_json
+from .io import FileReader, SafetensorsHeader, ShardIndex, TensorInfo, read_json
+from .io.index import index_from_document, index_name
 from .io.pickles import is_pickle_name, pickle_message, sniff_pickle
 from .jsonschemas import schema_findings
 
 # What to do about each kind of problem, for the one-line error of a strict read.
 FIXES = {
+    **dict.fromkeys(("bad_index", "index_key_not_in_shard", "unindexed_tensor", "total_size_mismatch"),
+                    "re-create the index"),
     "unreadable_file": "re-download or re-create the file",
-    "no_weights": "the weights are missing: restore the *.safetensors files",
     "several_indexes": "keep the one that matches the shards",
+    "no_weights": "the weights are missing: restore the *.safetensors files",
     "weight_file_name": "rename the file to the name the loader looks for",
-    "bad_index": "re-create the index",
     "missing_shard": "the tree is incomplete: restore the shard or re-create the index",
-    "index_key_not_in_shard": "re-create the index",
     "unindexed_file": "remove the stray shard or re-create the index",
-    "unindexed_tensor": "re-create the index",
-    "total_size_mismatch": "re-create the index",
-    "no_index": "add the index that came with the shards",
     "duplicate_key": "remove the stray shard",
+    "no_index": "add the index that came with the shards",
 }
 
 
@@ -88,20 +78,8 @@ class ShardFolder:
     def add(self, kind: str, message: str, path: Path, key: str | None = None, severity: str = "error") -> None:
         self.problems.append(Problem(severity, kind, message, path, key))
 
-    @property
-    def tensors(self) -> dict[str, TensorInfo]:
-        return {key: info for key, (_, info) in self.located.items()}
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(info.nbytes for _, info in self.located.values())
-
-    def dtype_census(self) -> dict[str, int]:
-        return dict(Counter(info.dtype for _, info in self.located.values()).most_common())
-
-
-def scan_shard_folder(folder: Path, rules: FolderRules, files: FileReader | None = None) -> ShardFolder:
-    files = files or DirectFiles()
+def scan_shard_folder(folder: Path, rules: FolderRules, files: FileReader) -> ShardFolder:
     scan = ShardFolder(folder)
     entries = sorted(p for p in folder.iterdir() if p.is_file())
     shard_paths = [p for p in entries if p.name.endswith(".safetensors")]
@@ -158,19 +136,15 @@ def _choose_index(scan: ShardFolder, index_paths: list[Path], rules: FolderRules
 def _read_index(scan: ShardFolder, path: Path, files: FileReader) -> ShardIndex | None:
     try:
         document = read_json(path, read=files.read_file)
+        problems = schema_findings("safetensors-index", _one_entry_per_shard(document))
+        if not problems:
+            return index_from_document(document, path)
     except LongcatError as exc:
         scan.add("bad_index", exc.message, path)
         return None
-    problems = schema_findings("safetensors-index", _one_entry_per_shard(document))
     for problem in problems:
         scan.add("bad_index", f"does not match the index schema: {problem.text}", path)
-    if problems:
-        return None
-    try:
-        return index_from_document(document, path)
-    except LongcatError as exc:
-        scan.add("bad_index", exc.message, path)
-        return None
+    return None
 
 
 def _one_entry_per_shard(document):

@@ -100,9 +100,6 @@ class Tree:
     def lora_format(self) -> str:
         return keymap.layout(self.layout)["lora_format"]
 
-    def path(self, relative: str) -> Path:
-        return self.root / relative
-
     def tensor(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """A DiT tensor (or rows of it along dim 0), read from the held file its header came from."""
         return self.sources.tensor(self.dit.header(key), key, rows)

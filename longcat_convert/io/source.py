@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_IMODE
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from ..errors import LongcatError
 from .header import SafetensorsHeader, open_error, read_header, read_header_fd, regular_file_size
@@ -191,23 +191,17 @@ class SourceFiles:
             pass
 
 
-class FileReader(Protocol):
-    """How a reader of headers and small files gets at them: `SourceFiles` (held, proven unchanged later) or
-    `DirectFiles`."""
-
-    def header(self, path: str | Path) -> SafetensorsHeader: ...
-
-    def read_file(self, path: str | Path) -> bytes: ...
-
-
 class DirectFiles:
-    """Plain reads from the paths, nothing held."""
+    """Plain reads from the paths, nothing held: the other `FileReader`."""
 
     def header(self, path: str | Path) -> SafetensorsHeader:
         return read_header(path)
 
     def read_file(self, path: str | Path) -> bytes:
         return Path(path).read_bytes()
+
+
+FileReader = SourceFiles | DirectFiles  # what headers and small files are read through
 
 
 def _open(path: Path) -> tuple[int, FileIdentity]:

@@ -69,8 +69,7 @@ def encode_header(entries: list[TensorEntry], metadata: dict[str, str] | None = 
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """A tensor's bytes as safetensors stores them (row-major, native little-endian); the inverse of
-    `decode_tensor`."""
+    """A tensor's bytes as safetensors stores them (row-major, little-endian); the inverse of `decode_tensor`."""
     import torch
 
     flat = tensor.contiguous().reshape(-1)

@@ -76,8 +76,8 @@ def _expand(ctx: Context, config: dict | None, naming: str, config_rel: str,
                           "expected keys", config_rel)
         return None
     try:
-        tensors = weights.tensors
-        keymap.check_fits(config, naming, config_rel, len(tensors), sum(i.numel for i in tensors.values()))
+        held = [info for _, info in weights.located.values()]
+        keymap.check_fits(config, naming, config_rel, len(held), sum(info.numel for info in held))
         return keymap.expand(config, naming, config_rel)
     except LongcatError as exc:
         ctx.findings.error("dit", "config_rule", exc.message, config_rel)

@@ -38,9 +38,10 @@ def read_header_or_report(ctx: Context, component: str, path: Path) -> Safetenso
 
 
 def weights_summary(ctx: Context, weights: ShardFolder) -> dict:
+    infos = [info for _, info in weights.located.values()]
     return {"path": ctx.rel(weights.folder), "files": sorted(weights.headers),
-            "index": weights.index.path.name if weights.index else None, "tensors": len(weights.located),
-            "bytes": weights.total_bytes, "dtypes": weights.dtype_census()}
+            "index": weights.index.path.name if weights.index else None, "tensors": len(infos),
+            "bytes": sum(info.nbytes for info in infos), "dtypes": dict(Counter(i.dtype for i in infos).most_common())}
 
 
 def compare_keys(ctx: Context, component: str, weights: ShardFolder, expected: dict[str, tuple[int, ...]], *,
