@@ -10,11 +10,11 @@ from .atomic import DestinationClaim, check_destination
 from .errors import LongcatError
 from .execute import execute
 from .hub import looks_like_repo_id, resolve_source
-from .io import SafetensorsHeader
+from .io import SourceFiles
 from .plan import ConversionPlan, DtypePolicy, PlanOptions, plan_conversion
 from .sharding import parse_size
 from .tree import Tree, read_tree
-from .validate import ValidateOptions, refuse_if_invalid, run_validation
+from .validate import ValidateOptions, refuse_if_invalid, validate_tree
 
 
 @dataclass(frozen=True)
@@ -46,17 +46,6 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
                            "choose another destination")
 
 
-def _check_headers_unchanged(tree: Tree, validated: dict[str, SafetensorsHeader]) -> None:
-    """The weight files planned from are the ones validation read (nothing replaced them in between)."""
-    read = {**tree.dit.headers, **{a.file: a.header for a in tree.adapters}}
-    for relative, header in read.items():
-        before = validated.get(relative)
-        if before is None or (before.header_len, before.file_size, before.tensors) != \
-                (header.header_len, header.file_size, header.tensors):
-            raise LongcatError("changed while it was being read; nothing was written", header.path,
-                               "rerun once nothing writes to the source tree")
-
-
 def prepare(request: ConvertRequest) -> tuple[Tree, ConversionPlan]:
     """Validate, read and plan; no byte is written."""
     return _plan(request, _checked_source(request))
@@ -72,12 +61,14 @@ def _plan(request: ConvertRequest, src: Path) -> tuple[Tree, ConversionPlan]:
     # a hub snapshot's files are symlinks into the cache's blob store, outside the snapshot folder
     from_hub = isinstance(request.src, str) and looks_like_repo_id(request.src)  # as resolve_source decides
     follow_symlinks = request.follow_symlinks or from_hub
-    validation = run_validation(src, ValidateOptions(follow_symlinks=follow_symlinks,
-                                                     allow_mixed_dtypes=request.allow_mixed_dtypes))
-    refuse_if_invalid(validation.report, src, f"`longcat-convert validate {src}` lists every problem; "
+    # One root and one set of held files for validating and reading: the files read are those validated, and
+    # `execute` proves them unchanged before committing.
+    root, sources = Path(os.path.realpath(src)), SourceFiles()
+    report = validate_tree(root, ValidateOptions(follow_symlinks=follow_symlinks,
+                                                 allow_mixed_dtypes=request.allow_mixed_dtypes), sources)
+    refuse_if_invalid(report, src, f"`longcat-convert validate {src}` lists every problem; "
                       "a tree it rejects is not converted")
-    tree = read_tree(src, follow_symlinks=follow_symlinks)
-    _check_headers_unchanged(tree, validation.headers)
+    tree = read_tree(root, follow_symlinks=follow_symlinks, sources=sources)
     if tree.layout == request.to and request.dtype == "keep" and not request.keep_fp32:
         raise LongcatError(f"is already in the {request.to} layout and no dtype change was asked for", src,
                            "choose another --to, or a --dtype to re-cast")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from . import __version__, journal, jsonschemas, keymap
+from . import __version__, journal, jsonschemas
 from .atomic import AtomicDirectory, DestinationClaim
 from .dtypes import TORCH_DTYPE
 from .errors import LongcatError
@@ -26,6 +26,7 @@ from .io import (
     TensorEntry,
     decode_tensor,
     read_header,
+    tensor_bytes,
     tensor_range,
     write_index,
 )
@@ -77,12 +78,6 @@ class Sources:
 # ------------------------------------------------------------------------------------ tensor bytes
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    import torch
-
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 def _tapped(chunks: Iterable[bytes], tap: Tap | None) -> Iterator[bytes]:
     for chunk in chunks:
         if tap is not None:
@@ -95,7 +90,7 @@ def _slice_chunks(sources: Sources, piece: Slice, tap: Tap | None) -> Iterator[b
         yield from _tapped(sources.chunks(piece), tap)
         return
     block = sources.block(piece, tap)
-    yield _tensor_bytes(block[:, piece.cols[0]:piece.cols[1]])
+    yield tensor_bytes(block[:, piece.cols[0]:piece.cols[1]])
 
 
 def _blockdiag_chunks(sources: Sources, tensor: OutputTensor, tap: Tap | None) -> Iterator[bytes]:
@@ -109,7 +104,7 @@ def _blockdiag_chunks(sources: Sources, tensor: OutputTensor, tap: Tap | None) -
         padded = torch.zeros(block.shape[0], tensor.shape[1], dtype=dtype)
         padded[:, col:col + block.shape[1]] = block
         col += block.shape[1]
-        yield _tensor_bytes(padded)
+        yield tensor_bytes(padded)
 
 
 def _scalar_chunks(sources: Sources, tensor: OutputTensor, tap: Tap | None) -> Iterator[bytes]:
@@ -120,7 +115,7 @@ def _scalar_chunks(sources: Sources, tensor: OutputTensor, tap: Tap | None) -> I
         for piece in tensor.sources:
             for chunk in sources.chunks(piece):
                 tap(chunk)
-    yield _tensor_bytes(torch.full(tensor.shape, tensor.value, dtype=torch.float64).to(TORCH_DTYPE[tensor.source_dtype]))
+    yield tensor_bytes(torch.full(tensor.shape, tensor.value, dtype=torch.float64).to(TORCH_DTYPE[tensor.source_dtype]))
 
 
 def _source_chunks(sources: Sources, tensor: OutputTensor, tap: Tap | None) -> Iterator[bytes]:
@@ -143,7 +138,7 @@ def _convert_chunks(chunks: Iterable[bytes], tensor: OutputTensor) -> Iterator[b
         values = torch.frombuffer(bytearray(chunk), dtype=source)
         if tensor.multiplier is not None:
             values = values.to(torch.float64) * tensor.multiplier
-        yield _tensor_bytes(values.to(target))
+        yield tensor_bytes(values.to(target))
 
 
 def output_chunks(sources: Sources, tensor: OutputTensor, tap: Tap | None = None) -> Iterator[bytes]:
@@ -242,7 +237,6 @@ def _check_loras(plan: ConversionPlan, tree: Tree, work: Path, sources: Sources)
 
     from .lora_check import compare, responses
 
-    expanded = keymap.expand(tree.dit.config, tree.naming)
     results = []
     for adapter in plan.adapters:
         shard = adapter.shard
@@ -250,9 +244,9 @@ def _check_loras(plan: ConversionPlan, tree: Tree, work: Path, sources: Sources)
         tolerance = 1e-9
         if any(t.multiplier is not None for t in shard.tensors):
             tolerance = max(4 * torch.finfo(TORCH_DTYPE[t.dtype]).eps for t in shard.tensors if t.op != "scalar")
-        source = responses(sources.header(adapter.source_file), adapter.source_format, expanded, round_to,
+        source = responses(sources.header(adapter.source_file), adapter.source_format, plan.expanded, round_to,
                            sources.files.tensor)
-        target = responses(read_header(work / adapter.target_file), adapter.target_format, expanded)
+        target = responses(read_header(work / adapter.target_file), adapter.target_format, plan.expanded)
         result = compare(adapter.name, source, target, tolerance)
         if not result.passed:
             raise LongcatError(f"LoRA {adapter.name}: the converted adapter's effective delta differs from the source "

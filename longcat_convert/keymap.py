@@ -120,6 +120,12 @@ def class_name(naming: str) -> str:
     return load_map_document()["configs"][naming]["class_name"]
 
 
+def config_describes(config: dict, naming: str) -> bool:
+    """The config names the class of `naming`'s DiT or, without a class name, carries its head-count field."""
+    name = config.get("_class_name")
+    return name == class_name(naming) if name is not None else heads_field(naming) in config
+
+
 def config_symbols(config: dict, naming: str, where: str = "config.json") -> dict[str, int]:
     """Integer symbols used by shape expressions, derived from a DiT config."""
     document = load_map_document()

@@ -168,6 +168,7 @@ class ConversionPlan:
     adapters: list[AdapterPlan]
     drops: list[DropCheck]
     policy: DtypePolicy
+    expanded: keymap.ExpandedMap  # the key map of the source DiT config the plan was made from
     census_before: dict[str, dict[str, int]] = field(default_factory=dict)
     census_after: dict[str, dict[str, int]] = field(default_factory=dict)
     skipped: list[Skipped] = field(default_factory=list)
@@ -574,7 +575,7 @@ def _check_unique_targets(plan_files: list[str], root) -> None:
 def plan_conversion(tree: Tree, options: PlanOptions) -> ConversionPlan:
     target = keymap.layout(options.target_layout)
     source_naming, target_naming = tree.naming, target["naming"]
-    config_where = str(tree.root / tree.dit.folder / "config.json")
+    config_where = str(tree.config_path)
     expanded = keymap.expand(tree.dit.config, source_naming, config_where)
     drops = _check_dit_keys(tree, expanded)
     dit_outputs = _dit_outputs(tree, expanded, target_naming, options.policy)
@@ -593,4 +594,4 @@ def plan_conversion(tree: Tree, options: PlanOptions) -> ConversionPlan:
     before += [(i.dtype, i.nbytes) for a in tree.adapters for i in a.header.tensors.values()]
     after = [(t.dtype, t.nbytes) for s in shards + [a.shard for a in adapters] for t in s.tensors]
     return ConversionPlan(tree.layout, options.target_layout, shards, indexes, copies, json_files,
-                          adapters, drops, options.policy, _census(before), _census(after), skipped)
+                          adapters, drops, options.policy, expanded, _census(before), _census(after), skipped)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from . import keymap
 from .dtypes import POLICY_NAMES, SAFETENSORS_NAME
 from .errors import LongcatError
-from .io import ShardWriter, TensorEntry, index_name, shard_name, write_index
+from .io import ShardWriter, TensorEntry, index_name, shard_name, tensor_bytes, write_index
 from .lora import encode_module
 from .sharding import group_into_shards
 
@@ -93,17 +93,10 @@ def _write_shards(folder: Path, prefix: str, tensors: dict[str, torch.Tensor], m
         entries = [TensorEntry(n, SAFETENSORS_NAME[tensors[n].dtype], tuple(tensors[n].shape)) for n in names]
         with ShardWriter(folder / file, entries, {"format": "pt"}) as writer:
             for name in names:
-                writer.write_tensor(name, [_tensor_bytes(tensors[name])])
+                writer.write_tensor(name, [tensor_bytes(tensors[name])])
         weight_map.update(dict.fromkeys(names, file))
     if len(groups) > 1:
         write_index(folder / index_name(prefix), weight_map, sum(size for _, size in sizes))
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    import torch
-
-    flat = tensor.contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
 def write_dit(folder: Path, spec: TinySpec) -> dict:
@@ -170,7 +163,7 @@ def write_loras(folder: Path, config: dict, spec: TinySpec) -> None:
         entries = [TensorEntry(k, SAFETENSORS_NAME[v.dtype], tuple(v.shape)) for k, v in state.items()]
         with ShardWriter(folder / f"{adapter}.safetensors", entries, {"format": "pt"}) as writer:
             for key, value in state.items():
-                writer.write_tensor(key, [_tensor_bytes(value)])
+                writer.write_tensor(key, [tensor_bytes(value)])
 
 
 def build_tiny_tree(dst: Path, *, seed: int = 0, dtype: str = "float32", depth: int = 2, hidden: int = 128,

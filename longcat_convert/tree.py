@@ -12,14 +12,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import keymap
 from .errors import LongcatError
-from .io import SafetensorsHeader, ShardIndex, SourceFiles, read_index
-from .io.jsonfile import MAX_JSON_BYTES, JsonFileError, parse_json
+from .io import SafetensorsHeader, ShardIndex, SourceFiles, TensorInfo, read_json_object
 from .io.pickles import is_pickle_name
 from .layout_detect import detect_layout
 from .lora import ALPHA_SUFFIXES, detect_format, read_alpha
+from .shard_folder import FolderRules, Problem, raise_first_error, scan_shard_folder
+
+if TYPE_CHECKING:
+    import torch
 
 # Top-level entries that are the source repository's own bookkeeping, never part of a converted tree.
 SKIPPED_TOP_LEVEL = {
@@ -50,9 +54,13 @@ class DitFiles:
     headers: dict[str, SafetensorsHeader]  # relative file -> header
     index: ShardIndex | None
     key_files: dict[str, str]  # tensor name -> relative file
+    problems: list[Problem] = field(default_factory=list)  # the shard folder's (raised at once unless lenient)
 
-    def info(self, key: str):
-        return self.headers[self.key_files[key]].tensors[key]
+    def header(self, key: str) -> SafetensorsHeader:
+        return self.headers[self.key_files[key]]
+
+    def info(self, key: str) -> TensorInfo:
+        return self.header(key).tensors[key]
 
 
 @dataclass
@@ -80,22 +88,21 @@ class Tree:
     def naming(self) -> str:
         return keymap.layout(self.layout)["naming"]
 
-    def path(self, relative: str) -> Path:
-        return self.root / relative
+    @property
+    def config_path(self) -> Path:
+        return self.root / self.dit.folder / "config.json"
 
+    @property
+    def lora_dir(self) -> Path:
+        return self.root / keymap.layout(self.layout)["lora_dir"]
 
-def load_json(path: Path, sources: SourceFiles) -> dict:
-    """A JSON object read through `sources`, so that a change before the conversion commits is caught."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise JsonFileError("is missing (the file does not exist)", path, missing=True) from None
-    if size > MAX_JSON_BYTES:
-        raise JsonFileError(f"is larger than {MAX_JSON_BYTES} bytes, too large for a JSON file", path)
-    document = parse_json(sources.read_file(path), path)
-    if not isinstance(document, dict):
-        raise JsonFileError(f"holds a JSON {type(document).__name__}, not an object", path)
-    return document
+    @property
+    def lora_format(self) -> str:
+        return keymap.layout(self.layout)["lora_format"]
+
+    def tensor(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A DiT tensor (or rows of it along dim 0), read from the held file its header came from."""
+        return self.sources.tensor(self.dit.header(key), key, rows)
 
 
 def _inside(root: Path, path: Path, follow_symlinks: bool) -> None:
@@ -110,55 +117,23 @@ def _inside(root: Path, path: Path, follow_symlinks: bool) -> None:
                            "pass --follow-symlinks if you trust it, or copy the file in")
 
 
-def read_dit(root: Path, folder: str, naming: str, follow_symlinks: bool = False,
-             sources: SourceFiles | None = None) -> DitFiles:
-    base = root / folder
-    sources = sources or SourceFiles()
-    config = load_json(base / "config.json", sources)
-    files = sorted(p for p in base.iterdir() if p.name.endswith(".safetensors"))
-    indexes = sorted(p for p in base.iterdir() if p.name.endswith(".safetensors.index.json"))
-    if len(indexes) > 1:
-        raise LongcatError(f"has {len(indexes)} index files: {', '.join(p.name for p in indexes)}", base,
-                           "keep the one that matches the shards")
-    if not files:
-        raise LongcatError("holds no .safetensors file", base, "the DiT weights are missing")
-    for path in files:
-        _inside(root, path, follow_symlinks)
-    headers = {f"{folder}/{p.name}": sources.header(p) for p in files}
-    index = read_index(indexes[0], sources.read_file(indexes[0])) if indexes else None
-    key_files = _key_files(base, folder, headers, index)
-    tensors = [info for header in headers.values() for info in header.tensors.values()]
-    keymap.check_fits(config, naming, str(base / "config.json"), len(tensors), sum(i.numel for i in tensors))
-    return DitFiles(folder, config, headers, index, key_files)
+def read_dit(root: Path, folder: str, naming: str, sources: SourceFiles) -> DitFiles:
+    config = read_json_object(root / folder / "config.json", read=sources.read_file)
+    scan = scan_shard_folder(root / folder, FolderRules.dit(naming), sources)
+    headers = {f"{folder}/{name}": header for name, header in scan.headers.items()}
+    key_files = {key: f"{folder}/{name}" for key, (name, _) in scan.located.items()}
+    return DitFiles(folder, config, headers, scan.index, key_files, scan.problems)
 
 
-def _key_files(base: Path, folder: str, headers: dict[str, SafetensorsHeader], index: ShardIndex | None) -> dict[str, str]:
-    key_files: dict[str, str] = {}
-    for file, header in headers.items():
-        for key in header.tensors:
-            if key in key_files:
-                raise LongcatError(f"tensor {key!r} is in both {key_files[key]} and {file}", base,
-                                   "remove the stray shard")
-            key_files[key] = file
-    if index is None:
-        return key_files
-    indexed = {f"{folder}/{name}" for name in index.weight_map.values()}
-    stray = sorted(set(headers) - indexed)
-    if stray:
-        raise LongcatError(f"shard {stray[0]} is not named by the index", index.path,
-                           "remove the stray shard or re-create the index")
-    for key, name in index.weight_map.items():
-        file = f"{folder}/{name}"
-        if file not in headers:
-            raise LongcatError(f"index names {name}, which does not exist", index.path, "the tree is incomplete")
-        if key_files.get(key) != file:
-            raise LongcatError(f"index says {key!r} is in {name}, but that shard lacks it", index.path,
-                               "re-create the index")
-    unindexed = sorted(set(key_files) - set(index.weight_map))
-    if unindexed:
-        raise LongcatError(f"{len(unindexed)} tensors are in shards but not in the index, e.g. {unindexed[0]!r}",
-                           index.path, "re-create the index")
-    return key_files
+def check_dit(dit: DitFiles, config_path: Path, naming: str) -> None:
+    """Raise if the config is not one of `naming`'s DiT, on the shard folder's first error, or if the config
+    describes far more than the weight files hold."""
+    if not keymap.config_describes(dit.config, naming):
+        raise LongcatError(f"the DiT config does not describe {keymap.class_name(naming)}", config_path,
+                           "use the config that came with these weights")
+    raise_first_error(dit.problems)
+    held = [dit.info(key) for key in dit.key_files]
+    keymap.check_fits(dit.config, naming, str(config_path), len(held), sum(i.numel for i in held))
 
 
 def read_adapters(root: Path, layout_name: str, files: list[str], sources: SourceFiles | None = None) -> list[Adapter]:
@@ -236,15 +211,23 @@ def _other_files(root: Path, files: list[str], dit: DitFiles, adapters: list[Ada
     return others
 
 
-def read_tree(root: str | Path, layout_name: str | None = None, follow_symlinks: bool = False) -> Tree:
+def read_tree(root: str | Path, layout_name: str | None = None, follow_symlinks: bool = False,
+              sources: SourceFiles | None = None, strict: bool = True) -> Tree:
+    """sources: the held files to read through (a conversion's, which validation has read through already).
+    strict=False: the DiT folder's problems are kept in `tree.dit.problems` for the caller to report, and
+    `check_dit` is the caller's to run before the tree is used as a model."""
     root = Path(os.path.abspath(root))
     layout_name = detect_layout(root, layout_name).name
     spec = keymap.layout(layout_name)
-    sources = SourceFiles()
+    sources = sources or SourceFiles()
     files, skipped = list_files(root, follow_symlinks)
-    dit = read_dit(root, spec["dit_dir"], spec["naming"], follow_symlinks, sources)
+    dit = read_dit(root, spec["dit_dir"], spec["naming"], sources)
+    if strict:
+        check_dit(dit, root / spec["dit_dir"] / "config.json", spec["naming"])
     adapters = read_adapters(root, layout_name, files, sources)
     model_index_path = root / "model_index.json"
-    model_index = load_json(model_index_path, sources) if model_index_path.is_file() else None
+    model_index = None
+    if model_index_path.is_file():
+        model_index = read_json_object(model_index_path, read=sources.read_file)
     return Tree(root, layout_name, dit, adapters, _other_files(root, files, dit, adapters, skipped), model_index,
                 skipped, sources)

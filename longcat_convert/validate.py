@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__, keymap
 from .dtypes import POLICY_NAMES
 from .errors import LongcatError
-from .io import SafetensorsHeader
+from .io import DirectFiles, FileReader
 from .layout_detect import check_root, detect_layout
 from .validation.adapters import check_lora_folder
 from .validation.components import check_dit, check_text_encoder, check_vae, drop_expectations
@@ -39,17 +39,6 @@ class ValidateOptions:
     follow_symlinks: bool = False  # accept symlinks pointing outside the tree
 
 
-@dataclass(frozen=True)
-class Validation:
-    report: dict  # schemas/validation-report.schema.json
-    headers: dict[str, SafetensorsHeader]  # every safetensors header read, by path relative to the root
-
-
-def validate_tree(root: str | Path, options: ValidateOptions = ValidateOptions()) -> dict:
-    """The validation report (see schemas/validation-report.schema.json)."""
-    return run_validation(root, options).report
-
-
 def refuse_if_invalid(report: dict, root: Path, fix: str, shown: int = 3) -> None:
     """Raise a one-line LongcatError naming the report's first errors (the rest are counted)."""
     errors = [f for f in report["findings"] if f["severity"] == "error"]
@@ -63,8 +52,10 @@ def refuse_if_invalid(report: dict, root: Path, fix: str, shown: int = 3) -> Non
     raise LongcatError(message, root / first["file"] if first.get("file") else root, fix)
 
 
-def run_validation(root: str | Path, options: ValidateOptions = ValidateOptions()) -> Validation:
-    """Validate the tree at `root`: the report, and the headers it was built from."""
+def validate_tree(root: str | Path, options: ValidateOptions = ValidateOptions(),
+                  files: FileReader | None = None) -> dict:
+    """The validation report (see schemas/validation-report.schema.json). files: what the headers and JSON
+    files are read through (a conversion passes its held `SourceFiles`, so that it converts what was judged)."""
     started = time.perf_counter()
     root = Path(root)
     check_root(root)
@@ -73,7 +64,8 @@ def run_validation(root: str | Path, options: ValidateOptions = ValidateOptions(
     pickles = check_tree_safety(resolved, findings, options.follow_symlinks)
     detected = detect_layout(resolved, options.layout)
     layout = keymap.layout(detected.name)
-    ctx = Context(resolved, findings, dit_only=not any((resolved / name).exists() for name in SHARED_COMPONENTS))
+    ctx = Context(resolved, findings, dit_only=not any((resolved / name).exists() for name in SHARED_COMPONENTS),
+                  files=files or DirectFiles())
     manifest = load_manifest(ctx)
     policy = DtypePolicy(POLICY_NAMES[options.dtype] if options.dtype else None, options.allow_mixed_dtypes,
                          manifest.dtypes_by_file() if manifest else {})
@@ -107,7 +99,7 @@ def run_validation(root: str | Path, options: ValidateOptions = ValidateOptions(
         "findings": [finding.to_json() for finding in findings.items],
         "elapsed_seconds": round(time.perf_counter() - started, 4),
     }
-    return Validation(report, dict(ctx.headers))
+    return report
 
 
 def _check_shared_components(ctx: Context, options: ValidateOptions, policy: DtypePolicy, layout_name: str,

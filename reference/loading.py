@@ -1,7 +1,8 @@
 """Load a DiT (and its LoRAs) from a checkpoint tree of any layout: raw, diffusers or fastvideo.
 
-Key sets are checked strictly against the key map before any tensor is read; a mismatch raises one
-LongcatError line naming the first few missing / unexpected / mis-shaped keys and their counts.
+The tree is read by `longcat_convert.tree.read_tree`, the reader `convert` uses: the same shard-folder checks,
+the same held files. Key sets are checked strictly against the key map before any tensor is read; a mismatch
+raises one LongcatError line naming the first few missing / unexpected / mis-shaped keys and their counts.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import torch
 
 from longcat_convert import keymap
 from longcat_convert.errors import LongcatError
-from longcat_convert.io import SafetensorsHeader, read_header, read_index, read_json_object, read_tensor
 from longcat_convert.layout_detect import detect_layout
+from longcat_convert.tree import Tree, check_dit, read_tree
 
 from .dit import LongcatDiT
 from .lora import (
@@ -31,21 +32,6 @@ SHOW = 5  # how many names an error message lists before "..."
 
 
 @dataclass(frozen=True)
-class Tree:
-    root: Path
-    layout: str
-    naming: str
-    dit_dir: Path
-    config: dict
-    lora_format: str
-    lora_dir: Path
-
-    @property
-    def config_path(self) -> Path:
-        return self.dit_dir / "config.json"
-
-
-@dataclass(frozen=True)
 class LoraFile:
     name: str
     path: Path
@@ -53,75 +39,23 @@ class LoraFile:
     modules: dict[str, UpstreamLoraModule] | dict[str, FastvideoLoraTarget]
 
 
-def open_tree(root: str | Path) -> Tree:
-    """Open a tree of any layout: the layout as `longcat-convert validate` detects it, then its DiT config,
-    which must name the class (or carry the head-count field) of that layout's naming."""
+def open_tree(root: str | Path, strict: bool = True) -> Tree:
+    """Read a tree of any layout as `convert` reads it (the layout as `longcat-convert validate` detects it, the
+    DiT config, shard headers and index, the LoRAs), through held files that tensors are later read from.
+    strict=False: the DiT folder's problems are left in `tree.dit.problems` for the caller to report."""
     root = Path(root)
     try:
         name = detect_layout(root).name
     except LongcatError as exc:  # the detector's own fix names validate's --layout, which these commands lack
         raise LongcatError(exc.message, exc.path, "point at the root of a raw, diffusers or fastvideo tree") from None
-    spec = keymap.layouts()[name]
-    config_path = root / spec["dit_dir"] / "config.json"
-    if not config_path.is_file():
-        raise LongcatError(f"no DiT config: {spec['dit_dir']}/config.json is missing from this {name} tree", root,
+    dit_dir = keymap.layout(name)["dit_dir"]
+    if not (root / dit_dir / "config.json").is_file():
+        raise LongcatError(f"no DiT config: {dit_dir}/config.json is missing from this {name} tree", root,
                            "restore the config that came with the checkpoint")
-    config = read_json_object(config_path)
-    if not _config_matches(config, spec["naming"]):
-        raise LongcatError(f"this {name} tree's DiT config does not describe {keymap.class_name(spec['naming'])}",
-                           config_path, "use the config that came with these weights")
-    return Tree(root, name, spec["naming"], config_path.parent, config, spec["lora_format"], root / spec["lora_dir"])
-
-
-def _config_matches(config: dict, naming: str) -> bool:
-    class_name = config.get("_class_name")
-    if class_name is not None:
-        return class_name == keymap.class_name(naming)
-    return keymap.heads_field(naming) in config
+    return read_tree(root, name, follow_symlinks=True, strict=strict)
 
 
 # ---- DiT weights ------------------------------------------------------------------------------------
-
-def dit_tensors(tree: Tree) -> dict[str, SafetensorsHeader]:
-    """Every tensor name of the DiT folder and the header of the file holding it."""
-    indexes = sorted(tree.dit_dir.glob("*.safetensors.index.json"))
-    files = sorted(tree.dit_dir.glob("*.safetensors"))
-    if not files:
-        raise LongcatError("no *.safetensors weights in the DiT folder", tree.dit_dir)
-    if len(indexes) > 1:
-        raise LongcatError(f"several shard indexes: {', '.join(p.name for p in indexes)}", tree.dit_dir)
-    headers = {path.name: read_header(path) for path in files}
-    located: dict[str, SafetensorsHeader] = {}
-    for header in headers.values():
-        for name in header.tensors:
-            if name in located:
-                raise LongcatError(f"tensor {name!r} is stored in both {located[name].path.name} and "
-                                   f"{header.path.name}", tree.dit_dir, "remove the stray shard")
-            located[name] = header
-    if indexes:
-        _check_index(indexes[0], headers, located)
-    return located
-
-
-def _check_index(index_path: Path, headers: dict[str, SafetensorsHeader],
-                 located: dict[str, SafetensorsHeader]) -> None:
-    index = read_index(index_path)
-    problems = []
-    absent = sorted(set(index.weight_map.values()) - set(headers))
-    if absent:
-        problems.append(f"names missing shards {_names(absent)}")
-    unlisted = sorted(set(headers) - set(index.weight_map.values()))
-    if unlisted:
-        problems.append(f"does not reference {_names(unlisted)}")
-    wrong = sorted(k for k, f in index.weight_map.items() if f in headers and located.get(k) is not headers[f])
-    if wrong:
-        problems.append(f"maps {_names(wrong)} to the wrong shard")
-    stray = sorted(set(located) - set(index.weight_map))
-    if stray:
-        problems.append(f"does not list {_names(stray)}")
-    if problems:
-        raise LongcatError("shard index disagrees with the shards: " + "; ".join(problems), index_path)
-
 
 def check_key_set(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str | Path,
                   what: str = "DiT weights") -> None:
@@ -150,37 +84,35 @@ def _names(names: list[str]) -> str:
     return "(" + ", ".join(names[:SHOW]) + (", ..." if len(names) > SHOW else "") + ")"
 
 
-def expand_checked(tree: Tree, located: dict[str, SafetensorsHeader] | None = None) -> keymap.ExpandedMap:
-    """The key map for the tree's DiT config, once the config is proven to fit the weight files."""
-    located = dit_tensors(tree) if located is None else located
-    held = [header.tensors[name] for name, header in located.items()]
-    keymap.check_fits(tree.config, tree.naming, str(tree.config_path), len(held), sum(i.numel for i in held))
-    return keymap.expand(tree.config, tree.naming, str(tree.config_path))
+def expand_checked(tree: Tree) -> keymap.ExpandedMap:
+    """The key map for the tree's DiT config, once the tree is proven readable and the config to fit its files."""
+    check_dit(tree.dit, tree.config_path, tree.naming)
+    return keymap.expand(tree.dit.config, tree.naming, str(tree.config_path))
 
 
 def load_dit(source: str | Path | Tree, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu") -> LongcatDiT:
     """Build the DiT in the tree's naming and fill it from the tree's shards, tensor by tensor."""
     tree = source if isinstance(source, Tree) else open_tree(source)
-    located = dit_tensors(tree)
-    expanded = expand_checked(tree, located)  # before LongcatDiT allocates what the config says
-    dit = LongcatDiT(tree.config, tree.naming, dtype=dtype, device=device, where=str(tree.config_path))
-    dropped = _check_droppable(located, expanded, tree.dit_dir)
-    found = {name: header.tensors[name].shape for name, header in located.items() if name not in dropped}
-    check_key_set(found, expanded.expected_shapes(tree.naming), tree.dit_dir)
+    expanded = expand_checked(tree)  # before LongcatDiT allocates what the config says
+    dit = LongcatDiT(tree.dit.config, tree.naming, dtype=dtype, device=device, where=str(tree.config_path))
+    dit_dir = tree.root / tree.dit.folder
+    dropped = _check_droppable(tree, expanded, dit_dir)
+    found = {name: tree.dit.info(name).shape for name in tree.dit.key_files if name not in dropped}
+    check_key_set(found, expanded.expected_shapes(tree.naming), dit_dir)
     with torch.no_grad():
-        for name, header in located.items():
+        for name in tree.dit.key_files:
             if name not in dropped:
-                dit.get_parameter(name).copy_(read_tensor(header, name))
+                dit.get_parameter(name).copy_(tree.tensor(name))
     return dit
 
 
-def _check_droppable(located: dict[str, SafetensorsHeader], expanded: keymap.ExpandedMap, where: Path) -> set[str]:
+def _check_droppable(tree: Tree, expanded: keymap.ExpandedMap, where: Path) -> set[str]:
     """Parameter-free LayerNorm keys may be present if they are the identity; anything else is an error."""
     dropped = set()
-    for name in set(located) & set(expanded.drops):
+    for name in set(tree.dit.key_files) & set(expanded.drops):
         rule = expanded.drops[name]
-        value = read_tensor(located[name], name).float()
+        value = tree.tensor(name).float()
         if not bool((value == (1.0 if rule.require == "ones" else 0.0)).all()):
             raise LongcatError(f"{name} is not all {rule.require}; the model has no such parameter", where)
         dropped.add(name)

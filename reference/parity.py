@@ -27,7 +27,7 @@ import torch
 from longcat_convert import jsonschemas, keymap, progress
 from longcat_convert.dtypes import POLICY_NAMES, SAFETENSORS_NAME
 from longcat_convert.errors import LongcatError
-from longcat_convert.io import read_header, read_json_object, read_tensor
+from longcat_convert.io import read_header, read_json_object
 from longcat_convert.lora import encode_module
 from longcat_convert.plan import DtypePolicy
 
@@ -36,7 +36,6 @@ from .dit import LongcatDiT
 from .loading import (
     Tree,
     apply_loras,
-    dit_tensors,
     expand_checked,
     load_dit,
     lora_paths,
@@ -125,7 +124,7 @@ def _open_pair(raw_tree: str | Path, converted_tree: str | Path) -> tuple[Tree, 
     if raw.naming != "upstream":
         raise LongcatError(f"the raw side is a {raw.layout} tree; it must use upstream names (raw or diffusers)",
                            raw.root)
-    return raw, open_tree(converted_tree)
+    return raw, open_tree(converted_tree, strict=False)  # its defects are reported, not raised
 
 
 def _tree_info(tree: Tree) -> dict:
@@ -134,14 +133,14 @@ def _tree_info(tree: Tree) -> dict:
 
 def _compare_configs(raw: Tree, converted: Tree) -> dict:
     try:
-        got = keymap.config_symbols(converted.config, converted.naming, str(converted.config_path))
+        got = keymap.config_symbols(converted.dit.config, converted.naming, str(converted.config_path))
     except LongcatError as exc:
         return {"passed": False, "error": exc.one_line()}
-    want = keymap.config_symbols(raw.config, "upstream", str(raw.config_path))
+    want = keymap.config_symbols(raw.dit.config, "upstream", str(raw.config_path))
     differences = {name: [want[name], got[name]] for name in want if want[name] != got[name]}
     for name in ("text_tokens_zero_pad",):
-        if raw.config.get(name, False) != converted.config.get(name, False):
-            differences[name] = [raw.config.get(name, False), converted.config.get(name, False)]
+        if raw.dit.config.get(name, False) != converted.dit.config.get(name, False):
+            differences[name] = [raw.dit.config.get(name, False), converted.dit.config.get(name, False)]
     return {"passed": not differences, "differences": differences}
 
 
@@ -156,18 +155,17 @@ class _TensorTally:
 
 
 def _compare_tensors(raw: Tree, converted: Tree, source_map: keymap.ExpandedMap, dtypes: _ExpectedDtypes) -> dict:
-    source = dit_tensors(raw)
-    try:
-        target = dit_tensors(converted)
-    except LongcatError as exc:
-        return {"passed": False, "error": exc.one_line()}
+    unreadable = next((p for p in converted.dit.problems if p.severity == "error"), None)
+    if unreadable is not None:
+        return {"passed": False, "error": unreadable.error().one_line()}
+    source, target = raw.dit.key_files, converted.dit.key_files
     expected = {key for rule in source_map.params for key in rule.keys(converted.naming)}
     missing = sorted(expected - set(target))
     unexpected = sorted(set(target) - expected)
     absent_source = sorted(rule.upstream for rule in source_map.params if rule.upstream not in source)
     if absent_source:
         raise LongcatError(f"raw tree lacks {len(absent_source)} DiT tensors ({', '.join(absent_source[:5])})",
-                           raw.dit_dir)
+                           raw.root / raw.dit.folder)
     tally, mismatches = _TensorTally(), []
     for rule in source_map.params:
         keys = rule.keys(converted.naming)
@@ -176,15 +174,15 @@ def _compare_tensors(raw: Tree, converted: Tree, source_map: keymap.ExpandedMap,
                 continue
             tally.checked += 1
             rows = _part_rows(rule, part, len(keys))
-            source_dtype = source[rule.upstream].tensors[rule.upstream].dtype
-            want_dtype, got_dtype = dtypes.dtype(key, source_dtype), target[key].tensors[key].dtype
+            source_dtype = raw.dit.info(rule.upstream).dtype
+            want_dtype, got_dtype = dtypes.dtype(key, source_dtype), converted.dit.info(key).dtype
             if got_dtype != want_dtype:
                 mismatches.append({"key": key, "source": rule.upstream, "rows": list(rows) if rows else None,
                                    "problem": f"dtype {got_dtype}, expected {want_dtype} ({dtypes.origin}; "
                                               f"source {source_dtype})"})
                 continue
-            want = read_tensor(source[rule.upstream], rule.upstream, rows)
-            got = read_tensor(target[key], key)
+            want = raw.tensor(rule.upstream, rows)
+            got = converted.tensor(key)
             verdict = _tensor_verdict(want, got)
             if verdict == "exact":
                 tally.exact += 1
@@ -192,7 +190,7 @@ def _compare_tensors(raw: Tree, converted: Tree, source_map: keymap.ExpandedMap,
                 tally.cast += 1
             else:
                 mismatches.append({"key": key, "source": rule.upstream, "rows": list(rows) if rows else None,
-                                   "problem": verdict + _diagnose(rule, source, got, keys)})
+                                   "problem": verdict + _diagnose(rule, raw, got, keys)})
     passed = not (missing or unexpected or mismatches)
     return {"passed": passed, **tally.as_dict(), "mismatched": len(mismatches), "mismatches": mismatches[:LIST_LIMIT],
             "missing": missing[:LIST_LIMIT], "missing_count": len(missing),
@@ -228,11 +226,11 @@ def _value_difference(want: torch.Tensor, got: torch.Tensor) -> str:
     return f"values differ (max abs {float(diff.max()):.3e}, {int((diff > 0).sum())} of {diff.numel()} elements)"
 
 
-def _diagnose(rule: keymap.ParamRule, source: dict, got: torch.Tensor, keys: tuple[str, ...]) -> str:
+def _diagnose(rule: keymap.ParamRule, raw: Tree, got: torch.Tensor, keys: tuple[str, ...]) -> str:
     """Name the likely mistake: a transposed weight, or rows that belong to another part."""
     for part, key in enumerate(keys):
         rows = _part_rows(rule, part, len(keys))
-        candidate = read_tensor(source[rule.upstream], rule.upstream, rows).to(got.dtype)
+        candidate = raw.tensor(rule.upstream, rows).to(got.dtype)
         if candidate.shape == got.shape and _bits_equal(candidate, got):
             return f"; holds the source rows meant for {key}"
         if got.ndim == 2 and candidate.shape == got.T.shape and _bits_equal(candidate.T, got):
@@ -388,7 +386,7 @@ def forward_parity(raw_tree: str | Path, converted_tree: str | Path, cases: Iter
     if dtype_name not in limits:
         raise LongcatError(f"no threshold for dtype {dtype_name}; pass thresholds={{'{dtype_name}': ...}}")
     names = _case_names(cases, sorted(lora_paths(raw)))
-    inputs = make_inputs(DiTConfig.from_dict(raw.config, "upstream", str(raw.config_path)), seed)
+    inputs = make_inputs(DiTConfig.from_dict(raw.dit.config, "upstream", str(raw.config_path)), seed)
     with progress.scope("raw tree"):
         reference = _run_cases(_load_dit(raw, torch_dtype, device), raw, names, inputs)
     failures = [name for name, out in reference.items() if isinstance(out, str)]

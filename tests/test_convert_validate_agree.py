@@ -20,6 +20,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from longcat_convert.errors import LongcatError
+from longcat_convert.tree import read_tree
+from longcat_convert.validate import validate_tree
 from tests.helpers import run_cli
 from tests.test_validate_corpus import DEFECTS, MARKER, Defect
 from tests.test_validate_helpers import converted
@@ -63,6 +66,36 @@ def test_convert_refuses_every_tree_of_the_validation_corpus(defect: Defect, bas
     defect.damage(tree, scratch, bases)
     validate_code, convert_code = check_agreement(tree, TARGET[defect.base], tmp_path / "out")
     assert validate_code == defect.exit_code and convert_code == 2
+    assert not (scratch / MARKER).exists(), "a pickle was loaded"
+
+
+# The kinds of finding the shared shard-folder scanner produces (longcat_convert/shard_folder.py).
+SCANNER_KINDS = {"pickle_file", "unreadable_file", "no_weights", "several_indexes", "weight_file_name", "bad_index",
+                 "missing_shard", "index_key_not_in_shard", "unindexed_file", "unindexed_tensor",
+                 "total_size_mismatch", "no_index", "duplicate_key"}
+
+
+@pytest.mark.parametrize("defect", CORPUS, ids=[d.name for d in CORPUS])
+def test_reading_a_tree_refuses_the_dit_folder_defects_validate_reports_in_its_words(
+        defect: Defect, bases: dict[str, Path], tmp_path: Path) -> None:
+    """One scanner for validate and for reading a tree (convert, inspect, run): the first DiT-folder error
+    validate reports is the error reading the tree raises, naming the same file."""
+    tree = Path(shutil.copytree(bases[defect.base], tmp_path / "tree", symlinks=True))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    defect.damage(tree, scratch, bases)
+    try:
+        findings = validate_tree(tree)["findings"]
+    except LongcatError:
+        return  # refused before any folder is scanned (symlink escapes, loops): reading refuses it as well
+    scanned = [f for f in findings if f["component"] == "dit" and f["kind"] in SCANNER_KINDS
+               and f["severity"] == "error"]
+    if not scanned:
+        return
+    with pytest.raises(LongcatError) as refused:
+        read_tree(tree)
+    assert refused.value.message == scanned[0]["message"]
+    assert Path(refused.value.path) == tree.resolve() / scanned[0]["file"]
     assert not (scratch / MARKER).exists(), "a pickle was loaded"
 
 

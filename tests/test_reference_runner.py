@@ -80,7 +80,8 @@ def write_raw_tree(root: Path) -> Path:
     shards = {f"diffusion_pytorch_model-0000{i + 1}-of-00002.safetensors": keys[i::2] for i in range(2)}
     for name, shard_keys in shards.items():
         save_file({k: weights[k] for k in shard_keys}, dit_dir / name)
-    index = {"metadata": {"total_size": 0}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}
+    total = sum(value.numel() * value.element_size() for value in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}
     (dit_dir / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
     (root / "lora").mkdir()
     for seed, (name, targets) in enumerate(lora_targets().items()):
@@ -332,6 +333,8 @@ def _broken_copy(raw_tree: Path, tmp_path: Path, edit) -> Path:
     index = json.loads(index_path.read_text())
     index["weight_map"] = {k: n for k, n in index["weight_map"].items() if not n.endswith("00001-of-00002.safetensors")}
     index["weight_map"].update(dict.fromkeys(tensors, shard.name))
+    index["metadata"]["total_size"] = sum(value.numel() * value.element_size() for path in root.glob("dit/*.safetensors")
+                                          for value in load_file(path).values())
     index_path.write_text(json.dumps(index))
     return root
 
@@ -357,8 +360,8 @@ def test_loading_refuses_a_stray_shard_and_an_unknown_tree(raw_tree, tmp_path):
     root = tmp_path / "stray"
     shutil.copytree(raw_tree, root)
     save_file({"blocks.0.attn.qkv.bias": torch.zeros(192)}, root / "dit" / "copy.safetensors")
-    with pytest.raises(LongcatError, match="stored in both"):
-        load_dit(root)
+    with pytest.raises(LongcatError, match=r"dit/copy\.safetensors: is not listed in diffusion_pytorch_model"):
+        load_dit(root)  # the reader convert and validate use: one line naming the stray shard
     with pytest.raises(LongcatError, match="no LongCat-Video tree here") as refused:
         open_tree(tmp_path)
     assert "--layout" not in str(refused.value)  # run and parity have no such option
@@ -570,6 +573,20 @@ def test_parity_catches_a_lora_scale_and_block_mix_up(raw_tree, tmp_path):
         {"blocks.0.ffn.w2.lora_alpha": lora["blocks.0.ffn.w2.lora_alpha"] * 1.5} if n == "cfg_step_lora" else {}))
     alpha_report = case(weights_parity(raw_tree, alpha_only), "lora:cfg_step_lora")
     assert [m["module"] for m in alpha_report["mismatches"]] == ["blocks.0.ffn.w2"]
+
+
+def test_parity_reports_a_converted_tree_it_cannot_read_instead_of_raising(raw_tree, fastvideo_tree, tmp_path):
+    broken = Path(shutil.copytree(fastvideo_tree, tmp_path / "broken"))
+    shutil.copy(broken / "transformer" / "model.safetensors", broken / "transformer" / "copy.safetensors")
+    weights = weights_parity(raw_tree, broken)
+    dit = case(weights, "dit")
+    assert not weights["passed"] and not dit["passed"]
+    assert "is in 2 files: copy.safetensors, model.safetensors" in dit["error"]
+    assert case(weights, "config")["passed"]  # the rest of the report is still made
+    forward = forward_parity(raw_tree, broken, cases=["plain"])
+    assert not forward["passed"] and "cannot load the converted DiT" in json.dumps(forward)
+    assert_schema(weights)
+    assert_schema(forward)
 
 
 def test_parity_rejects_bad_arguments(raw_tree, fastvideo_tree):

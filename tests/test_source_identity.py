@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from longcat_convert import convert as convert_module
 from longcat_convert import execute as execute_module
 from longcat_convert.convert import ConvertRequest, convert
 from longcat_convert.errors import LongcatError
@@ -154,6 +155,29 @@ def test_an_unchanged_source_and_changes_elsewhere_pass(raw_copy: Path, tmp_path
     assert fired and (tmp_path / "fv" / "conversion.json").is_file() and manifest["tensors"]
 
 
+@pytest.mark.parametrize("relative, mutation", [
+    ("dit/diffusion_pytorch_model-00002-of-00006.safetensors", replace_with_longer_header),
+    ("dit/config.json", rewrite_in_place_keeping_mtime),
+    ("lora/refinement_lora.safetensors", rewrite_in_place_keeping_mtime),
+])
+def test_a_file_changed_between_validation_and_reading_is_refused(
+        raw_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, relative: str, mutation: Mutation) -> None:
+    """Validation and reading go through the same held files: what is converted is what was validated."""
+    victim = raw_copy / relative
+    real_read_tree = convert_module.read_tree
+
+    def read_after_a_change(*args, **kwargs):
+        mutation(victim)
+        return real_read_tree(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "read_tree", read_after_a_change)
+    with pytest.raises(LongcatError) as error:
+        convert(_request(raw_copy, tmp_path / "fv"))
+    message = error.value.one_line()
+    assert CHANGED in message and str(victim) in message, message
+    assert not (tmp_path / "fv").exists()
+
+
 # ---- the source-file layer itself --------------------------------------------------------------------------
 
 
@@ -181,6 +205,16 @@ def test_a_truncated_held_file_reads_as_changed(raw_copy: Path) -> None:
         with pytest.raises(LongcatError, match="truncated") as error:
             files.read(tensor_range(header, last.name))
         assert CHANGED in str(error.value)
+
+
+def test_a_file_read_twice_must_still_be_the_file_read_first(raw_copy: Path) -> None:
+    path = raw_copy / "dit/config.json"
+    with SourceFiles() as files:
+        first = files.read_file(path)
+        assert files.read_file(path) == first
+        rewrite_in_place_keeping_mtime(path)
+        with pytest.raises(LongcatError, match=CHANGED):
+            files.read_file(path)
 
 
 def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:

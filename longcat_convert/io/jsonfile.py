@@ -9,6 +9,7 @@ not an object when an object is required. Nothing else escapes (RecursionError, 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import LongcatError
@@ -46,12 +47,18 @@ def parse_json(data: bytes | str, path: str | Path | None = None, fix: str | Non
         raise JsonFileError(f"is not valid JSON ({exc})", path, fix) from None
 
 
-def read_json(path: str | Path, fix: str | None = None, max_bytes: int = MAX_JSON_BYTES):
-    """The parsed document in the file at `path`."""
+def read_json(path: str | Path, fix: str | None = None, max_bytes: int = MAX_JSON_BYTES,
+              read: Callable[[Path], bytes] | None = None):
+    """The parsed document in the file at `path`. read: how the file's bytes are read, once its size is known
+    to be within the limit (a conversion reads through `SourceFiles.read_file`); by default at most
+    `max_bytes` + 1 bytes are read."""
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(max_bytes + 1)
+        if read is None:
+            with open(path, "rb") as handle:
+                data = handle.read(max_bytes + 1)
+        else:
+            data = read(path) if path.stat().st_size <= max_bytes else None
     except FileNotFoundError:
         raise JsonFileError("is missing (the file does not exist)", path, fix, missing=True) from None
     except IsADirectoryError:
@@ -60,16 +67,17 @@ def read_json(path: str | Path, fix: str | None = None, max_bytes: int = MAX_JSO
         raise JsonFileError("does not exist (a parent of it is a file)", path, fix, missing=True) from None
     except OSError as exc:
         raise JsonFileError(f"cannot be read ({exc.strerror or exc})", path, fix) from None
-    if len(data) > max_bytes:
+    if data is None or len(data) > max_bytes:
         raise JsonFileError(f"is larger than {max_bytes} bytes, too large for a JSON file", path, fix)
     if not data.strip():
         raise JsonFileError("is empty" + (" (0 bytes)" if not data else "") + ": not valid JSON", path, fix)
     return parse_json(data, path, fix)
 
 
-def read_json_object(path: str | Path, fix: str | None = None, max_bytes: int = MAX_JSON_BYTES) -> dict:
+def read_json_object(path: str | Path, fix: str | None = None, max_bytes: int = MAX_JSON_BYTES,
+                     read: Callable[[Path], bytes] | None = None) -> dict:
     """Like `read_json`, for files that must hold a JSON object (configs, indexes, manifests)."""
-    document = read_json(path, fix, max_bytes)
+    document = read_json(path, fix, max_bytes, read)
     if not isinstance(document, dict):
         raise JsonFileError(f"holds a JSON {type(document).__name__}, not an object", path, fix)
     return document

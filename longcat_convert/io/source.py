@@ -28,7 +28,7 @@ from stat import S_IMODE
 from typing import TYPE_CHECKING
 
 from ..errors import LongcatError
-from .header import SafetensorsHeader, open_error, read_header_fd, regular_file_size
+from .header import SafetensorsHeader, open_error, read_header, read_header_fd, regular_file_size
 from .reader import CHUNK_BYTES, ByteRange, decode_tensor, iter_chunks, tensor_range
 
 if TYPE_CHECKING:
@@ -135,6 +135,7 @@ class SourceFiles:
         return b"".join(self._stream(Path(path), CHUNK_BYTES))
 
     def _stream(self, path: Path, chunk: int) -> Iterator[bytes]:
+        """Ends by recording the file's identity; a file read before must still be the file read then."""
         fd, identity = _open(path)
         try:
             position = 0
@@ -148,7 +149,9 @@ class SourceFiles:
                 raise source_changed(path, how)
         finally:
             os.close(fd)
-        self._streamed[path] = identity
+        before = self._streamed.setdefault(path, identity)
+        if before != identity:
+            raise source_changed(path, before.change_to(identity) or "its mode changed")
 
     def identity(self, path: str | Path) -> FileIdentity:
         """The identity a file had when it was opened (held or streamed)."""
@@ -186,6 +189,19 @@ class SourceFiles:
             self.close()
         except OSError:
             pass
+
+
+class DirectFiles:
+    """Plain reads from the paths, nothing held: the other `FileReader`."""
+
+    def header(self, path: str | Path) -> SafetensorsHeader:
+        return read_header(path)
+
+    def read_file(self, path: str | Path) -> bytes:
+        return Path(path).read_bytes()
+
+
+FileReader = SourceFiles | DirectFiles  # what headers and small files are read through
 
 
 def _open(path: Path) -> tuple[int, FileIdentity]:

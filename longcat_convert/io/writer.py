@@ -25,10 +25,13 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..dtypes import ITEMSIZE
 from ..errors import LongcatError
+
+if TYPE_CHECKING:
+    import torch
 
 QUEUE_CHUNKS = 2  # chunks waiting for the writer thread (bounds memory: 2 × 16 MB from the reader)
 BLOCK_BYTES = 16 * 1024 * 1024  # staging block for direct I/O (a multiple of DIRECT_ALIGN)
@@ -63,6 +66,14 @@ def encode_header(entries: list[TensorEntry], metadata: dict[str, str] | None = 
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # keeps the data buffer 8-byte aligned, as the reference writer does
     return struct.pack("<Q", len(text)) + text
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's bytes as safetensors stores them (row-major, little-endian); the inverse of `decode_tensor`."""
+    import torch
+
+    flat = tensor.contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from .. import keymap
 from ..errors import LongcatError
+from ..jsonschemas import schema_findings
+from ..shard_folder import FolderRules, ShardFolder
 from .configs import check_dit_config, check_text_encoder_config, check_vae_config, dit_schema_name
-from .schemas import schema_findings
 from .tree import Context, read_json_quietly
-from .weights import DtypePolicy, FolderRules, WeightSet, check_dtypes, compare_keys, scan_weight_folder
+from .weights import DtypePolicy, check_dtypes, compare_keys, scan_weight_folder, weights_summary
 
 TEXT_ENCODER_BLOCK = re.compile(r"^encoder\.block\.(\d+)\.")
 TEXT_ENCODER_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight")
@@ -22,7 +23,7 @@ class DitResult:
     config: dict | None
     config_rel: str
     expanded: keymap.ExpandedMap | None
-    weights: WeightSet | None
+    weights: ShardFolder | None
 
 
 def component_folder(ctx: Context, component: str, name: str) -> Path | None:
@@ -41,18 +42,17 @@ def check_dit(ctx: Context, layout: dict, policy: DtypePolicy) -> DitResult:
         return DitResult(None, config_rel, None, None)
     naming = layout["naming"]
     config = check_dit_config(ctx, "dit", folder / "config.json", naming)
-    rules = FolderRules(keymap.load_map_document()["shard_prefix"], names_matter=naming == "upstream")
-    weights = scan_weight_folder(ctx, "dit", folder, rules)
+    weights = scan_weight_folder(ctx, "dit", folder, FolderRules.dit(naming))
     if config is None:
         _check_other_naming(ctx, folder / "config.json", naming, config_rel)
     expanded = _expand(ctx, config, naming, config_rel, weights)
     facts = ctx.components.setdefault("dit", {})
-    facts.update(weights.summary(ctx), naming=naming)
+    facts.update(weights_summary(ctx, weights), naming=naming)
     if expanded is not None:
         expected = expanded.expected_shapes(naming)
         other = "fastvideo" if naming == "upstream" else "upstream"
         droppable = set(expanded.drops) if naming == "upstream" else set()
-        compare_keys(ctx, weights, expected, droppable=droppable,
+        compare_keys(ctx, "dit", weights, expected, droppable=droppable,
                      other_naming=(other, set(expanded.expected_shapes(other))), config_rel=config_rel)
         facts.update(expected_tensors=len(expected), expected_parameters=expanded.num_params)
     check_dtypes(ctx, "dit", folder, weights.located, policy)
@@ -70,14 +70,14 @@ def _check_other_naming(ctx: Context, path: Path, naming: str, config_rel: str) 
 
 
 def _expand(ctx: Context, config: dict | None, naming: str, config_rel: str,
-            weights: WeightSet) -> keymap.ExpandedMap | None:
+            weights: ShardFolder) -> keymap.ExpandedMap | None:
     if config is None:
         ctx.findings.info("dit", "config_field", "the key report is skipped: the DiT config cannot describe the "
                           "expected keys", config_rel)
         return None
     try:
-        tensors = weights.tensors
-        keymap.check_fits(config, naming, config_rel, len(tensors), sum(i.numel for i in tensors.values()))
+        held = [info for _, info in weights.located.values()]
+        keymap.check_fits(config, naming, config_rel, len(held), sum(info.numel for info in held))
         return keymap.expand(config, naming, config_rel)
     except LongcatError as exc:
         ctx.findings.error("dit", "config_rule", exc.message, config_rel)
@@ -102,14 +102,14 @@ def check_text_encoder(ctx: Context, policy: DtypePolicy) -> dict | None:
         return None
     config = check_text_encoder_config(ctx, folder / "config.json")
     weights = scan_weight_folder(ctx, "text_encoder", folder, FolderRules("model", names_matter=True))
-    ctx.components.setdefault("text_encoder", {}).update(weights.summary(ctx))
+    ctx.components.setdefault("text_encoder", {}).update(weights_summary(ctx, weights))
     if config is not None and weights.located:
         _check_text_encoder_keys(ctx, weights, config)
     check_dtypes(ctx, "text_encoder", folder, weights.located, policy)
     return config
 
 
-def _check_text_encoder_keys(ctx: Context, weights: WeightSet, config: dict) -> None:
+def _check_text_encoder_keys(ctx: Context, weights: ShardFolder, config: dict) -> None:
     rel = ctx.rel(weights.folder)
     embedding = next((k for k in TEXT_ENCODER_EMBEDDINGS if k in weights.located), None)
     expected = (config["vocab_size"], config["d_model"])
@@ -133,25 +133,26 @@ def check_vae(ctx: Context, policy: DtypePolicy) -> dict | None:
         return None
     config = check_vae_config(ctx, folder / "config.json")
     weights = scan_weight_folder(ctx, "vae", folder, FolderRules("diffusion_pytorch_model", names_matter=True))
-    ctx.components.setdefault("vae", {}).update(weights.summary(ctx))
+    ctx.components.setdefault("vae", {}).update(weights_summary(ctx, weights))
     if config is not None and weights.located:
         z = config["z_dim"]
-        compare_subset(ctx, weights, {"quant_conv.weight": (2 * z, 2 * z, 1, 1, 1), "quant_conv.bias": (2 * z,),
+        compare_subset(ctx, "vae", weights, {"quant_conv.weight": (2 * z, 2 * z, 1, 1, 1), "quant_conv.bias": (2 * z,),
                                       "post_quant_conv.weight": (z, z, 1, 1, 1), "post_quant_conv.bias": (z,)},
                        "vae/config.json z_dim")
     check_dtypes(ctx, "vae", folder, weights.located, policy)
     return config
 
 
-def compare_subset(ctx: Context, weights: WeightSet, expected: dict[str, tuple[int, ...]], source: str) -> None:
+def compare_subset(ctx: Context, component: str, weights: ShardFolder, expected: dict[str, tuple[int, ...]],
+                   source: str) -> None:
     """Check a few keys whose shapes a config fixes (components without a full key map)."""
     for key, shape in expected.items():
         if key not in weights.located:
-            ctx.findings.error(weights.component, "missing_key", f"{key} {list(shape)} is missing",
+            ctx.findings.error(component, "missing_key", f"{key} {list(shape)} is missing",
                                ctx.rel(weights.folder), key)
         elif weights.located[key][1].shape != shape:
             name, info = weights.located[key]
-            ctx.findings.error(weights.component, "shape_mismatch", f"{key} has shape {list(info.shape)}, expected "
+            ctx.findings.error(component, "shape_mismatch", f"{key} has shape {list(info.shape)}, expected "
                                f"{list(shape)} from {source}", ctx.rel(weights.folder / name), key)
 
 

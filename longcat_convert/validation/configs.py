@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import keymap
-from ..jsonschemas import load_schema
+from ..jsonschemas import SchemaProblem, load_schema, schema_findings
 from ..layout_detect import FASTVIDEO_PIPELINE_CLASSES
-from .schemas import SchemaProblem, schema_findings
 from .tree import Context, read_json
 
 RUNTIME_FIELDS = ("enable_flashattn3", "enable_flashattn2", "enable_xformers", "enable_bsa", "bsa_params", "cp_split_hw")

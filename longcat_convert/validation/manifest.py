@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..jsonschemas import load_schema
-from .schemas import schema_findings
+from ..jsonschemas import load_schema, schema_findings
 from .tree import Context, read_json
 
 MANIFEST_NAME = "conversion.json"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LongcatError
-from ..io import JsonFileError, SafetensorsHeader, read_json_object
+from ..io import DirectFiles, FileReader, JsonFileError, SafetensorsHeader, read_json_object
 from ..io.pickles import STRAY_PICKLE, is_pickle_name
 from .findings import Findings
 
@@ -27,6 +27,7 @@ class Context:
     headers: dict[str, SafetensorsHeader] = field(default_factory=dict)  # relative path -> readable header
     components: dict[str, dict] = field(default_factory=dict)  # per-component facts for the report
     dit_only: bool = False  # none of the shared components (text encoder, tokenizer, VAE, scheduler) is present
+    files: FileReader = field(default_factory=DirectFiles)  # what headers and JSON files are read through
 
     def rel(self, path: Path) -> str:
         try:
@@ -93,7 +94,7 @@ def _rel(root: Path, path: Path) -> str:
 def read_json(ctx: Context, component: str, path: Path, *, required: bool = True) -> dict | None:
     """A JSON object from `path`, or None after reporting why it cannot be used."""
     try:
-        return read_json_object(path)
+        return read_json_object(path, read=ctx.files.read_file)
     except JsonFileError as exc:
         if not exc.missing:
             ctx.findings.error(component, "unreadable_file", exc.message, ctx.rel(path))
