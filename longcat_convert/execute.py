@@ -31,6 +31,7 @@ from .io import (
 )
 from .io.writer import BackgroundSink, SegmentHasher
 from .journal import Journal, file_sha256, plan_fingerprint
+from .lora import parse
 from .plan import ConversionPlan, FileCopy, OutputTensor, ShardPlan, Slice
 from .tree import Tree
 from .validate import ValidateOptions, refuse_if_invalid, validate_tree
@@ -250,9 +251,9 @@ def _check_loras(plan: ConversionPlan, tree: Tree, work: Path, sources: Sources)
         tolerance = 1e-9
         if any(t.multiplier is not None for t in shard.tensors):
             tolerance = max(4 * torch.finfo(TORCH_DTYPE[t.dtype]).eps for t in shard.tensors if t.op != "scalar")
-        source = responses(sources.header(adapter.source_file), adapter.source_format, expanded, round_to,
-                           sources.files.tensor)
-        target = responses(read_header(work / adapter.target_file), adapter.target_format, expanded)
+        source_lora = next(a.lora for a in tree.adapters if a.file == adapter.source_file)
+        source = responses(source_lora, expanded, round_to, sources.files.tensor)
+        target = responses(parse(read_header(work / adapter.target_file)).check(), expanded)
         result = compare(adapter.name, source, target, tolerance)
         if not result.passed:
             raise LongcatError(f"LoRA {adapter.name}: the converted adapter's effective delta differs from the source "

@@ -15,7 +15,7 @@ import torch
 from . import keymap
 from .dtypes import TORCH_DTYPE
 from .io import SafetensorsHeader, read_tensor
-from .lora import fastvideo_scale, parse_fastvideo, parse_upstream
+from .lora import ParsedLora, fastvideo_scale
 
 PROBES = 4
 
@@ -58,31 +58,31 @@ def _scalar(read: TensorReader, header: SafetensorsHeader, key: str) -> float:
     return float(read(header, key).double().reshape(-1)[0])
 
 
-def upstream_responses(header: SafetensorsHeader, round_to: dict[str, str] | None = None,
+def upstream_responses(lora: ParsedLora, round_to: dict[str, str] | None = None,
                        read: TensorReader = read_tensor) -> dict[str, torch.Tensor]:
     """ΔW·X per module of an upstream-format adapter: alpha_scale · blockdiag(U) · D · X."""
-    round_to = round_to or {}
+    round_to, header = round_to or {}, lora.header
     responses = {}
-    for module, record in parse_upstream(header).items():
+    for module, record in lora.modules.items():
         down = _load(read, header, record.down, round_to.get(record.down))
         hidden = down @ _probe(down.shape[1])
         rank = down.shape[0] // record.n_blocks
         parts = [_load(read, header, key, round_to.get(key)) @ hidden[j * rank:(j + 1) * rank]
-                 for j, key in enumerate(record.up_keys())]
+                 for j, key in enumerate(record.ups)]
         responses[module] = torch.cat(parts) * _scalar(read, header, record.alpha)
     return responses
 
 
-def fastvideo_responses(header: SafetensorsHeader, expanded: keymap.ExpandedMap,
+def fastvideo_responses(lora: ParsedLora, expanded: keymap.ExpandedMap,
                         round_to: dict[str, str] | None = None, read: TensorReader = read_tensor
                         ) -> dict[str, torch.Tensor]:
     """ΔW·X per upstream module of a FastVideo-format adapter, with the scale FastVideo applies."""
-    round_to = round_to or {}
+    round_to, header = round_to or {}, lora.header
     by_target = expanded.linear_by_fastvideo()
     pieces: dict[str, dict[int, torch.Tensor]] = {}
-    for name, record in parse_fastvideo(header).items():
-        a = _load(read, header, record.a, round_to.get(record.a))
-        b = _load(read, header, record.b, round_to.get(record.b))
+    for name, record in lora.modules.items():
+        a = _load(read, header, record.down, round_to.get(record.down))
+        b = _load(read, header, record.up, round_to.get(record.up))
         scale = fastvideo_scale(_scalar(read, header, record.alpha), a.shape[0])
         linear, part = by_target.get(name, (None, 0))
         key = linear.upstream if linear else f"<unknown {name}>"
@@ -96,11 +96,11 @@ def fastvideo_responses(header: SafetensorsHeader, expanded: keymap.ExpandedMap,
     return responses
 
 
-def responses(header: SafetensorsHeader, fmt: str, expanded: keymap.ExpandedMap,
-              round_to: dict[str, str] | None = None, read: TensorReader = read_tensor) -> dict[str, torch.Tensor]:
-    if fmt == "upstream":
-        return upstream_responses(header, round_to, read)
-    return fastvideo_responses(header, expanded, round_to, read)
+def responses(lora: ParsedLora, expanded: keymap.ExpandedMap, round_to: dict[str, str] | None = None,
+              read: TensorReader = read_tensor) -> dict[str, torch.Tensor]:
+    if lora.format == "upstream":
+        return upstream_responses(lora, round_to, read)
+    return fastvideo_responses(lora, expanded, round_to, read)
 
 
 def compare(adapter: str, source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],

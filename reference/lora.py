@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from longcat_convert.errors import LongcatError
-from longcat_convert.lora import PREFIX, decode_module, encode_module, fastvideo_scale
+from longcat_convert.lora import decode_module, encode_module, fastvideo_scale
 
 from .dit import LongcatDiT
 
@@ -32,7 +32,7 @@ encode_module_name = encode_module
 def decode_module_name(encoded: str) -> str:
     module = decode_module(encoded)
     if module is None:
-        raise LongcatError(f"LoRA module name {encoded!r} does not start with {PREFIX!r}")
+        raise LongcatError(f"LoRA module name {encoded!r} does not follow the upstream naming")
     return module
 
 
