@@ -28,7 +28,7 @@ from longcat_convert import jsonschemas, keymap
 from longcat_convert.dtypes import POLICY_NAMES, SAFETENSORS_NAME
 from longcat_convert.errors import LongcatError
 from longcat_convert.io import read_header, read_json_object, read_tensor
-from longcat_convert.lora import encode_module
+from longcat_convert.lora import split_fastvideo, split_upstream, upstream_key
 from longcat_convert.plan import DtypePolicy
 
 from .config import DiTConfig
@@ -54,7 +54,6 @@ BASE_CASES = ("plain", "cond", "kvcache")
 # tolerance on the relative ΔW error, by the least precise dtype involved
 LORA_RTOL = {"F64": 1e-6, "F32": 1e-6, "F16": 2e-3, "BF16": 1e-2}
 MANIFEST = "conversion.json"
-ALPHA_TAILS = ("alpha_scale", "lora_alpha")  # convert never casts these scalars
 
 
 # ==== weights level =================================================================================
@@ -297,29 +296,31 @@ def _lora_dtype_mismatches(source_path: Path, target_path: Path, target_format: 
     by_fastvideo = source_map.linear_by_fastvideo()
     mismatches = []
     for name, info in read_header(target_path).tensors.items():
-        origin = _lora_source_key(name, target_format, by_fastvideo, source)
+        origin, part = _lora_source_key(name, target_format, by_fastvideo, source)
         if origin is None:
             continue  # a piece the key map does not know is reported as unexpected
         source_dtype = source[origin].dtype
-        want = source_dtype if name.endswith(ALPHA_TAILS) else expected.dtype(name, source_dtype)
+        want = source_dtype if part == "alpha" else expected.dtype(name, source_dtype)
         if info.dtype != want:
             mismatches.append({"tensor": name, "problem": f"dtype {info.dtype}, expected {want} ({expected.origin}; "
                                                           f"source {origin} is {source_dtype})"})
     return mismatches
 
 
-def _lora_source_key(name: str, target_format: str, by_fastvideo: dict, source: dict) -> str | None:
-    """The upstream-format source tensor a converted LoRA tensor is made from (for its dtype)."""
+def _lora_source_key(name: str, target_format: str, by_fastvideo: dict, source: dict) -> tuple[str | None, str]:
+    """The upstream-format source tensor a converted LoRA tensor is made from (for its dtype), and its part."""
+    split = split_upstream(name) if target_format == "upstream" else split_fastvideo(name)
+    if split is None:
+        return None, ""
     if target_format == "upstream":
-        return name if name in source else None
-    target, _, tail = name.rpartition(".")
+        return (name if name in source else None), split[1]
+    target, part, _ = split
     linear = by_fastvideo.get(target)
     if linear is None:
-        return None
-    encoded = encode_module(linear[0].upstream)
-    candidates = {"lora_A": [f"{encoded}.lora_down.weight"], "lora_alpha": [f"{encoded}.alpha_scale"],
-                  "lora_B": [f"{encoded}.lora_up.weight", f"{encoded}.lora_up.blocks.0.weight"]}.get(tail, [])
-    return next((key for key in candidates if key in source), None)
+        return None, part
+    module = linear[0].upstream
+    candidates = [upstream_key(module, part)] + ([upstream_key(module, "up", 0)] if part == "up" else [])
+    return next((key for key in candidates if key in source), None), part
 
 
 def _compare_lora(source: dict, converted: dict[str, list[Term]], unexpected_targets: list[str],
