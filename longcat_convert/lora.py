@@ -318,8 +318,7 @@ def _upstream_rank(parsed: ParsedLora, module: LoraModule) -> int | None:
             problem = Problem("lora_shape", f"module {name} has rank 0 (lora_down {list(down)})",
                               fix="remove the module or re-export the adapter")
     if problem is not None:
-        parsed.problems.append(Problem(problem.kind, problem.message, module.down or upstream_key(name, "down"),
-                                       fix=problem.fix))
+        parsed.problems.append(Problem(problem.kind, problem.message, _key(module), fix=problem.fix))
         return None
     return rank
 
@@ -345,8 +344,7 @@ def _upstream_structure(parsed: ParsedLora, module: LoraModule) -> Problem | Non
 
 
 def _fastvideo_rank(parsed: ParsedLora, module: LoraModule) -> int | None:
-    names, name = _names().fastvideo, module.name
-    key = module.down or module.up or module.alpha
+    names, name, key = _names().fastvideo, module.name, _key(module)
     missing = [names[p] for p in ("down", "up") if getattr(module, p) is None]
     if missing:
         parsed.problems.append(Problem("lora_incomplete", f"module {name} has no {' and no '.join(missing)}: "
@@ -413,23 +411,30 @@ def _check_single_rank(parsed: ParsedLora) -> None:
 
 def target_problems(parsed: ParsedLora, expanded: keymap.ExpandedMap) -> list[Problem]:
     """Modules the DiT the key map describes does not have, or whose shapes do not fit it."""
+    upstream = parsed.format == "upstream"
+    targets = expanded.linears if upstream else {name: linear for name, (linear, _) in
+                                                 expanded.linear_by_fastvideo().items()}
     problems: list[Problem] = []
-    check = _upstream_target if parsed.format == "upstream" else _fastvideo_target
-    targets = expanded.linears if parsed.format == "upstream" else expanded.linear_by_fastvideo()
     for module in parsed.modules.values():
-        problems.extend(check(parsed, module, targets.get(module.name)))
+        linear = targets.get(module.name)
+        if linear is None:
+            consequence = ("the DiT (the upstream loader skips it and then fails its strict load)" if upstream else
+                           "FastVideo's DiT (FastVideo ignores such keys without a message)")
+            problems.append(Problem("lora_unknown_module", f"targets {module.name}, which is not a Linear of "
+                                    f"{consequence}", _key(module),
+                                    fix="the adapter was trained for another model or another depth"))
+        elif module.rank is not None:
+            problems.extend((_upstream_fit if upstream else _fastvideo_fit)(parsed, module, linear))
     return problems
 
 
-def _upstream_target(parsed: ParsedLora, module: LoraModule, linear: keymap.LinearModule | None) -> list[Problem]:
-    key = module.down or upstream_key(module.name, "down")
-    if linear is None:
-        return [Problem("lora_unknown_module", f"targets {module.name}, which is not a Linear of the DiT (the "
-                        "upstream loader skips it and then fails its strict load)", key,
-                        fix="the adapter was trained for another model or another depth")]
-    if module.rank is None:
-        return []
-    problems = []
+def _key(module: LoraModule) -> str:
+    """The key a module's problems are reported under: its first part present."""
+    return next(k for k in (module.down, *module.ups, module.alpha) if k is not None)
+
+
+def _upstream_fit(parsed: ParsedLora, module: LoraModule, linear: keymap.LinearModule) -> list[Problem]:
+    problems, key = [], _key(module)
     down, rows, n = _shape(parsed, module.down), _shape(parsed, module.ups[0])[0], module.n_blocks
     if down[1] != linear.in_features:
         problems.append(Problem("lora_shape", f"module {module.name}: lora_down {list(down)} expects {down[1]} input "
@@ -445,18 +450,9 @@ def _upstream_target(parsed: ParsedLora, module: LoraModule, linear: keymap.Line
     return problems
 
 
-def _fastvideo_target(parsed: ParsedLora, module: LoraModule,
-                      target: tuple[keymap.LinearModule, int] | None) -> list[Problem]:
-    key = module.down or module.up or module.alpha
-    if target is None:
-        return [Problem("lora_unknown_module", f"targets {module.name}, which is not a Linear of FastVideo's DiT "
-                        "(FastVideo ignores such keys without a message)", key,
-                        fix="the adapter was trained for another model or another depth")]
-    if module.rank is None:
-        return []
-    linear = target[0]
+def _fastvideo_fit(parsed: ParsedLora, module: LoraModule, linear: keymap.LinearModule) -> list[Problem]:
     a, b, out = _shape(parsed, module.down), _shape(parsed, module.up), linear.out_features // len(linear.fastvideo)
     if a[1] != linear.in_features or b[0] != out:
         return [Problem("lora_shape", f"module {module.name}: lora_B·lora_A is {b[0]}x{a[1]}, the layer is "
-                        f"{out}x{linear.in_features}", key)]
+                        f"{out}x{linear.in_features}", _key(module))]
     return []

@@ -11,7 +11,6 @@ W += (B·A)·(int(alpha)/r)·strength in the weight's dtype (scale 1 when int(al
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,17 +41,6 @@ class UpstreamLoraModule:
     def out_features(self) -> int:
         return sum(up.shape[0] for up in self.ups)
 
-    def row_terms(self) -> list[tuple[int, torch.Tensor, torch.Tensor, float]]:
-        """ΔW as (first row, up, down, scale) terms: block j owns its rows and the j-th rank slice of down."""
-        scale = float(self.alpha_scale)
-        if len(self.ups) == 1:
-            return [(0, self.ups[0], self.down, scale)]
-        terms, row, rank = [], 0, self.rank
-        for j, up in enumerate(self.ups):
-            terms.append((row, up, self.down[j * rank:(j + 1) * rank], scale))
-            row += up.shape[0]
-        return terms
-
 
 @dataclass
 class FastvideoLoraTarget:
@@ -74,7 +62,7 @@ class FastvideoLoraTarget:
 def read_upstream_lora(path: str | Path) -> dict[str, UpstreamLoraModule]:
     """Read an upstream-format LoRA file strictly: its first defect (an unexpected key, a missing part, inconsistent
     shapes, an unusable alpha_scale) is an error."""
-    lora = _parse(path, "upstream")
+    lora = read_adapter(path, "upstream")
     return {name: UpstreamLoraModule(name, _tensor(lora, m.down), [_tensor(lora, k) for k in m.ups],
                                      _tensor(lora, m.alpha).reshape(()))
             for name, m in sorted(lora.modules.items())}
@@ -82,17 +70,19 @@ def read_upstream_lora(path: str | Path) -> dict[str, UpstreamLoraModule]:
 
 def read_fastvideo_lora(path: str | Path) -> dict[str, FastvideoLoraTarget]:
     """Read a FastVideo-format LoRA file strictly; as in FastVideo, a target without lora_alpha has scale 1."""
-    lora = _parse(path, "fastvideo", ignore=("lora_missing_alpha",))
+    lora = read_adapter(path, "fastvideo")
     return {name: FastvideoLoraTarget(name, _tensor(lora, m.down), _tensor(lora, m.up),
                                       None if m.alpha is None else _tensor(lora, m.alpha))
             for name, m in sorted(lora.modules.items())}
 
 
-def _parse(path: str | Path, fmt: str, ignore: Collection[str] = ()) -> ParsedLora:
+def read_adapter(path: str | Path, fmt: str) -> ParsedLora:
+    """The keys and alphas of an adapter file in format `fmt`; its first defect is a one-line error (a FastVideo
+    target without lora_alpha is none: FastVideo then uses scale 1)."""
     lora = parse(read_header(path))
     if lora.format not in (None, fmt):
         raise LongcatError(f"is a {lora.format}-format LoRA where a {fmt}-format one is expected", path)
-    return lora.check(ignore)
+    return lora.check(("lora_missing_alpha",) if fmt == "fastvideo" else ())
 
 
 def _tensor(lora: ParsedLora, key: str) -> torch.Tensor:
