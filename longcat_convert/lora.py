@@ -30,7 +30,6 @@ from .io import ByteRange, SafetensorsHeader, read_bytes, tensor_range
 # Alpha scalars must decode to one exact number: these dtypes do (float8 alphas are refused).
 ALPHA_DTYPES = ("F16", "BF16", "F32", "F64")
 UPSTREAM_ALPHA_SHAPES = ((), (1,))  # the upstream loader's 0-d buffer also accepts a 1-element vector
-PARTS = ("down", "up", "alpha")  # lora_down.weight / lora_A, lora_up.weight(s) / lora_B, alpha_scale / lora_alpha
 
 
 # ---------------------------------------------------------------------------------------------- names
@@ -118,11 +117,6 @@ def detect_format(header: SafetensorsHeader) -> str | None:
     if names and all(split_fastvideo(n) is not None for n in names):
         return "fastvideo"
     return None
-
-
-def adapter_name(path: Path) -> str:
-    """Adapters are named by file stem (cfg_step_lora, refinement_lora, …)."""
-    return path.stem
 
 
 # ------------------------------------------------------------------------------------- FastVideo's scale
