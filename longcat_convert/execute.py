@@ -32,6 +32,7 @@ from .io import (
 )
 from .io.writer import BackgroundSink, SegmentHasher
 from .journal import Journal, file_sha256, plan_fingerprint
+from .lora import parse
 from .plan import ConversionPlan, FileCopy, OutputTensor, ShardPlan, Slice
 from .tree import Tree
 from .validate import ValidateOptions, refuse_if_invalid, validate_tree
@@ -231,12 +232,14 @@ def _write_text(path: Path, text: str) -> dict:
 
 
 def _check_loras(plan: ConversionPlan, tree: Tree, work: Path, sources: Sources) -> list[dict]:
+    """Each converted adapter's effective ΔW, module by module, against its source's (exact, float64)."""
     if not plan.adapters:
         return []
     import torch  # only conversions with LoRAs pay for it
 
-    from .lora_check import compare, responses
+    from .lora_delta import AdapterDeltas, compare_deltas
 
+    source_loras = {a.file: a.lora for a in tree.adapters}
     results = []
     for adapter in plan.adapters:
         shard = adapter.shard
@@ -244,15 +247,18 @@ def _check_loras(plan: ConversionPlan, tree: Tree, work: Path, sources: Sources)
         tolerance = 1e-9
         if any(t.multiplier is not None for t in shard.tensors):
             tolerance = max(4 * torch.finfo(TORCH_DTYPE[t.dtype]).eps for t in shard.tensors if t.op != "scalar")
-        source = responses(sources.header(adapter.source_file), adapter.source_format, plan.expanded, round_to,
-                           sources.files.tensor)
-        target = responses(read_header(work / adapter.target_file), adapter.target_format, plan.expanded)
-        result = compare(adapter.name, source, target, tolerance)
+        source = AdapterDeltas(source_loras[adapter.source_file], plan.expanded, sources.files.tensor, round_to)
+        target = AdapterDeltas(parse(read_header(work / adapter.target_file)).check(), plan.expanded)
+        result = compare_deltas(source, target, lambda _terms, bound=tolerance: bound)
         if not result.passed:
             raise LongcatError(f"LoRA {adapter.name}: the converted adapter's effective delta differs from the source "
-                               f"(max rel error {result.max_rel_error:.3e}, missing modules {list(result.missing)[:3]})",
+                               f"(max rel error {result.max_rel_error:.3e}, differing modules "
+                               f"{[m.module for m in result.modules if not m.passed][:3]}, missing modules "
+                               f"{result.missing[:3]})",
                                tree.root / adapter.source_file, "please report this as a bug")
-        results.append({"source": adapter.source_file, "target": adapter.target_file, **result.to_json()})
+        results.append({"source": adapter.source_file, "target": adapter.target_file, "adapter": adapter.name,
+                        "modules": len(source.parts), "max_rel_error": result.max_rel_error, "tolerance": tolerance,
+                        "missing_modules": result.missing, "extra_modules": result.unexpected, "passed": True})
     return results
 
 

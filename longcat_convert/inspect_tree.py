@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from . import keymap
-from .lora import parse_fastvideo, parse_upstream, upstream_rank
+from .lora import part_name
 from .tree import Adapter, Tree, read_tree
 
 ARCH_FIELDS = ("hidden_size", "depth", "caption_channels", "adaln_tembed_dim", "mlp_ratio", "patch_size",
@@ -14,23 +14,12 @@ ARCH_FIELDS = ("hidden_size", "depth", "caption_channels", "adaln_tembed_dim", "
 
 
 def _adapter_summary(adapter: Adapter) -> dict:
-    header = adapter.header
-    ranks: Counter = Counter()
-    if adapter.format == "upstream":
-        records = parse_upstream(header)
-        for record in records.values():
-            ranks[upstream_rank(header, record)] += 1
-        alphas = sorted({adapter.alphas[r.alpha] for r in records.values()})
-        alpha_label = "alpha_scale"
-    else:
-        records = parse_fastvideo(header)
-        for record in records.values():
-            ranks[header.tensors[record.a].shape[0]] += 1
-        alphas = sorted({adapter.alphas[r.alpha] for r in records.values()})
-        alpha_label = "lora_alpha"
-    return {"name": adapter.name, "file": adapter.file, "format": adapter.format, "modules": len(records),
+    header, modules = adapter.header, adapter.lora.modules.values()
+    ranks = Counter(m.rank for m in modules)
+    return {"name": adapter.name, "file": adapter.file, "format": adapter.format, "modules": len(modules),
             "tensors": len(header.tensors), "bytes": sum(i.nbytes for i in header.tensors.values()),
-            "ranks": {str(k): v for k, v in sorted(ranks.items())}, alpha_label: alphas,
+            "ranks": {str(k): v for k, v in sorted(ranks.items())},
+            part_name(adapter.format, "alpha"): sorted({adapter.lora.alphas[m.alpha] for m in modules}),
             "dtypes": sorted({i.dtype for i in header.tensors.values()})}
 
 

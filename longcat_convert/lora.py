@@ -1,35 +1,125 @@
-"""The two LoRA file formats, parsed from safetensors headers into typed module records.
+"""The LoRA key grammar of both file formats, the one parser of adapter files, and FastVideo's scale rule.
 
-upstream (raw/diffusers): `lora___lorahyphen___<module, '.'→'___lorahyphen___'>.<tail>` with tails
-`lora_down.weight` [n·r, in], `lora_up.weight` [out, r] or `lora_up.blocks.<j>.weight` [out/n, r],
-and `alpha_scale` (0-d, = alpha/r). Effective delta: ΔW = alpha_scale · blockdiag(U_0..U_{n-1}) · D.
+upstream (raw/diffusers): `<prefix><module, '.' written as separator>.<part>` with parts `lora_down.weight`
+[n·r, in], `lora_up.weight` [out, r] or `lora_up.blocks.<j>.weight` [out/n, r], and `alpha_scale` (0-d,
+= alpha/r). Effective delta: ΔW = alpha_scale · blockdiag(U_0..U_{n-1}) · D.
 
-fastvideo: `<module>.lora_A` [r, in], `<module>.lora_B` [out, r], `<module>.lora_alpha` (0-d).
-FastVideo's loader scales by int(lora_alpha) / r, or by 1 when int(lora_alpha) is 0 (`fastvideo_scale`).
+fastvideo: `<module>.lora_A` [r, in], `<module>.lora_B` [out, r], `<module>.lora_alpha` (0-d); FastVideo's
+loader strips `diffusion_model.` and `.weight` from a key first. It scales by int(lora_alpha) / r, or by 1
+when int(lora_alpha) is 0 (`fastvideo_scale`).
+
+The names are data: the key map's `lora` section. `parse` collects every problem of a file, typed with
+validation's finding kinds: validate reports them all; convert and the reference runner raise the first error.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
+from . import keymap
 from .dtypes import scalar_from_bytes
 from .errors import LongcatError
 from .io import ByteRange, SafetensorsHeader, read_bytes, tensor_range
 
-PREFIX = "lora___lorahyphen___"
-SEPARATOR = "___lorahyphen___"
-_UP_BLOCK = re.compile(r"^lora_up\.blocks\.(\d+)\.weight$")
-FASTVIDEO_TAILS = ("lora_A", "lora_B", "lora_alpha")
-ALPHA_SUFFIXES = ("alpha_scale", "lora_alpha")  # the scalar key of a module, in either format
-
-
 # Alpha scalars must decode to one exact number: these dtypes do (float8 alphas are refused).
 ALPHA_DTYPES = ("F16", "BF16", "F32", "F64")
 UPSTREAM_ALPHA_SHAPES = ((), (1,))  # the upstream loader's 0-d buffer also accepts a 1-element vector
+
+
+# ---------------------------------------------------------------------------------------------- names
+
+
+@dataclass(frozen=True)
+class _Names:
+    prefix: str
+    separator: str
+    upstream: dict[str, str]  # part -> tail
+    up_block: str  # tail template with {j}
+    up_block_pattern: re.Pattern
+    strip_prefix: str
+    strip_suffix: str
+    fastvideo: dict[str, str]  # part -> tail
+
+
+@cache
+def _names() -> _Names:
+    spec = keymap.load_map_document()["lora"]
+    upstream, fastvideo = spec["upstream"], spec["fastvideo"]
+    parts = dict(upstream["parts"])
+    up_block = parts.pop("up_block")
+    before, _, after = up_block.partition("{j}")
+    return _Names(upstream["module_prefix"], upstream["module_separator"], parts, up_block,
+                  re.compile(re.escape(before) + r"(\d+)" + re.escape(after)), fastvideo["strip_prefix"],
+                  fastvideo["strip_suffix"], dict(fastvideo["parts"]))
+
+
+def part_name(fmt: str, part: str) -> str:
+    """The tail a part has in a format: part_name("upstream", "alpha") == "alpha_scale"."""
+    names = _names()
+    return (names.upstream if fmt == "upstream" else names.fastvideo)[part]
+
+
+def encode_module(module: str) -> str:
+    names = _names()
+    return names.prefix + module.replace(".", names.separator)
+
+
+def decode_module(encoded: str) -> str | None:
+    names = _names()
+    if not encoded.startswith(names.prefix) or encoded == names.prefix:
+        return None
+    return encoded[len(names.prefix):].replace(names.separator, ".")
+
+
+def upstream_key(module: str, part: str, block: int | None = None) -> str:
+    """The key of a part of an upstream module (`block`: up block j)."""
+    tail = _names().up_block.format(j=block) if block is not None else part_name("upstream", part)
+    return f"{encode_module(module)}.{tail}"
+
+
+def fastvideo_key(target: str, part: str) -> str:
+    return f"{target}.{part_name('fastvideo', part)}"
+
+
+def split_upstream(key: str) -> tuple[str, str, int | None] | None:
+    """(module, part, up block or None) of an upstream-format key, or None when it follows no rule."""
+    encoded, _, tail = key.partition(".")
+    module = decode_module(encoded)
+    if module is None:
+        return None
+    names = _names()
+    block = names.up_block_pattern.fullmatch(tail)
+    if block:
+        return module, "up", int(block.group(1))
+    part = next((p for p, t in names.upstream.items() if t == tail), None)
+    return (module, part, None) if part else None
+
+
+def split_fastvideo(key: str) -> tuple[str, str, None] | None:
+    """(target module, part, None) of a FastVideo-format key the way FastVideo reads it, or None."""
+    names = _names()
+    name = key.removeprefix(names.strip_prefix).removesuffix(names.strip_suffix)
+    module, _, tail = name.rpartition(".")
+    part = next((p for p, t in names.fastvideo.items() if t == tail), None)
+    return (module, part, None) if module and part else None
+
+
+def detect_format(header: SafetensorsHeader) -> str | None:
+    names = list(header.tensors)
+    if names and all(n.startswith(_names().prefix) for n in names):
+        return "upstream"
+    if names and all(split_fastvideo(n) is not None for n in names):
+        return "fastvideo"
+    return None
+
+
+# ------------------------------------------------------------------------------------- FastVideo's scale
 
 
 def fastvideo_scale(lora_alpha: float, rank: int) -> float:
@@ -98,156 +188,265 @@ def fused_targets(out_features: int, n_blocks: int, k_targets: int, rank_per_blo
     return parts
 
 
-def decode_alpha(header: SafetensorsHeader, key: str, read: Callable[[ByteRange], bytes] = read_bytes) -> float:
-    """The value of an alpha scalar whose dtype and shape `alpha_problem` accepted."""
-    info = header.tensors[key]
-    return scalar_from_bytes(read(tensor_range(header, key)), info.dtype)
+# --------------------------------------------------------------------------------------------- parsing
 
 
-def read_alpha(header: SafetensorsHeader, key: str, upstream: bool,
-               read: Callable[[ByteRange], bytes] = read_bytes) -> float:
-    """The value of an alpha scalar; one-line error when it is not a single finite float. `read`: how its
-    bytes are read (a conversion reads through its held source files)."""
-    info = header.tensors[key]
-    problem = alpha_problem(info.dtype, info.shape, None, upstream)
-    value = None
-    if problem is None:
-        value = decode_alpha(header, key, read)
-        problem = alpha_problem(info.dtype, info.shape, value, upstream)
-    if problem is not None or value is None:
-        raise LongcatError(f"LoRA key {key!r} {problem}", header.path,
-                           "re-export the adapter with a finite float32 alpha")
-    return value
+@dataclass(frozen=True)
+class Problem:
+    """One defect of an adapter file. `kind` is validation's finding kind; `message` reads after the file name."""
 
-
-def encode_module(module: str) -> str:
-    return PREFIX + module.replace(".", SEPARATOR)
-
-
-def decode_module(encoded: str) -> str | None:
-    if not encoded.startswith(PREFIX):
-        return None
-    return encoded[len(PREFIX):].replace(SEPARATOR, ".")
+    kind: str
+    message: str
+    key: str | None = None
+    severity: str = "error"
+    fix: str = "re-export the adapter"
 
 
 @dataclass
-class UpstreamLoraModule:
-    module: str
+class LoraModule:
+    """The keys of one module of an adapter, in the file's naming (upstream module or FastVideo target).
+    FastVideo's lora_A / lora_B are `down` / `up`; only the upstream format has up blocks."""
+
+    name: str
     down: str | None = None
-    up: str | None = None  # single up-projection key
+    up: str | None = None
     up_blocks: dict[int, str] = field(default_factory=dict)
     alpha: str | None = None
+    rank: int | None = None  # of one up block, once the shapes are known to be consistent
+
+    @property
+    def ups(self) -> list[str]:
+        return [self.up_blocks[j] for j in sorted(self.up_blocks)] if self.up_blocks else [self.up] if self.up else []
 
     @property
     def n_blocks(self) -> int:
         return len(self.up_blocks) or 1
 
-    def up_keys(self) -> list[str]:
-        return [self.up_blocks[j] for j in sorted(self.up_blocks)] if self.up_blocks else [self.up] if self.up else []
-
 
 @dataclass
-class FastVideoLoraModule:
-    module: str
-    a: str | None = None
-    b: str | None = None
-    alpha: str | None = None
+class ParsedLora:
+    header: SafetensorsHeader
+    format: str | None  # "upstream", "fastvideo", or None for neither
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+    alphas: dict[str, float] = field(default_factory=dict)  # alpha key -> value, for each usable alpha
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def alpha_keys(self) -> set[str]:
+        return {m.alpha for m in self.modules.values() if m.alpha is not None}
+
+    def check(self, ignore: Collection[str] = ()) -> ParsedLora:
+        """This adapter, or its first error (of a kind not in `ignore`) as a one-line LongcatError."""
+        raise_first(self.problems, self.header.path, ignore)
+        return self
 
 
-def detect_format(header: SafetensorsHeader) -> str:
-    names = list(header.tensors)
-    if names and all(n.startswith(PREFIX) for n in names):
-        return "upstream"
-    if names and all(n.rsplit(".", 1)[-1] in FASTVIDEO_TAILS for n in names):
-        return "fastvideo"
-    raise LongcatError("is neither an upstream LongCat LoRA (lora___lorahyphen___… keys) nor a FastVideo LoRA "
-                       "(…lora_A/lora_B/lora_alpha keys)", header.path, "check that this file is a LoRA adapter")
+def raise_first(problems: list[Problem], path: str | Path, ignore: Collection[str] = ()) -> None:
+    first = next((p for p in problems if p.severity == "error" and p.kind not in ignore), None)
+    if first is not None:
+        raise LongcatError(first.message, path, first.fix)
 
 
-def parse_upstream(header: SafetensorsHeader) -> dict[str, UpstreamLoraModule]:
-    """Group an upstream-format adapter's keys by module, checking every key and shape."""
-    modules: dict[str, UpstreamLoraModule] = {}
+def parse(header: SafetensorsHeader, read: Callable[[ByteRange], bytes] = read_bytes) -> ParsedLora:
+    """Group an adapter's keys by module and check every key, part, shape and alpha, collecting each problem.
+    `read`: how alpha bytes are read (a conversion reads through its held source files)."""
+    parsed = ParsedLora(header, detect_format(header))
+    if parsed.format is None:
+        names = _names()
+        parsed.problems.append(Problem(
+            "lora_bad_key", f"is neither an upstream LongCat LoRA ({names.prefix}… keys) nor a FastVideo LoRA "
+            f"(…{' / '.join(names.fastvideo.values())} keys)", fix="check that this file is a LoRA adapter"))
+        return parsed
+    upstream = parsed.format == "upstream"
     for key in header.tensors:
-        encoded, _, tail = key.partition(".")
-        module = decode_module(encoded)
-        if module is None or not tail:
-            raise LongcatError(f"LoRA key {key!r} does not follow the upstream naming", header.path)
-        record = modules.setdefault(module, UpstreamLoraModule(module))
-        block = _UP_BLOCK.match(tail)
-        if tail == "lora_down.weight":
-            record.down = key
-        elif tail == "lora_up.weight":
-            record.up = key
-        elif block:
-            record.up_blocks[int(block.group(1))] = key
-        elif tail == "alpha_scale":
-            record.alpha = key
-        else:
-            raise LongcatError(f"LoRA key {key!r} has an unknown part {tail!r}", header.path,
-                               "expected lora_down.weight, lora_up.weight, lora_up.blocks.N.weight or alpha_scale")
-    for record in modules.values():
-        _check_upstream_module(header, record)
-    return modules
+        _add_key(parsed, key, split_upstream(key) if upstream else split_fastvideo(key))
+    for module in parsed.modules.values():
+        module.rank = _upstream_rank(parsed, module) if upstream else _fastvideo_rank(parsed, module)
+        _check_alpha(parsed, module, read)
+    if upstream:
+        _check_single_rank(parsed)
+    return parsed
 
 
-def _check_upstream_module(header: SafetensorsHeader, record: UpstreamLoraModule) -> None:
-    where = header.path
-    if record.down is None or not record.up_keys() or record.alpha is None:
-        missing = [n for n, v in (("lora_down", record.down), ("lora_up", record.up_keys()),
-                                  ("alpha_scale", record.alpha)) if not v]
-        raise LongcatError(f"LoRA module {record.module!r} lacks {', '.join(missing)}", where,
-                           "the upstream loader refuses such a file; re-export the adapter")
-    if record.up and record.up_blocks:
-        raise LongcatError(f"LoRA module {record.module!r} has both lora_up.weight and lora_up.blocks", where)
-    if record.up_blocks and sorted(record.up_blocks) != list(range(len(record.up_blocks))):
-        raise LongcatError(f"LoRA module {record.module!r} up blocks are not numbered 0..n-1: "
-                           f"{sorted(record.up_blocks)}", where)
-    down = header.tensors[record.down].shape
-    ups = [header.tensors[k].shape for k in record.up_keys()]
-    alpha = header.tensors[record.alpha]
-    problem = alpha_problem(alpha.dtype, alpha.shape, None, upstream=True)
-    if problem:
-        raise LongcatError(f"LoRA key {record.alpha!r} {problem}", where, "re-export the adapter")
+def _add_key(parsed: ParsedLora, key: str, split: tuple[str, str, int | None] | None) -> None:
+    if split is None:
+        parsed.problems.append(Problem("lora_bad_key", _bad_key_message(parsed.format, key), key))
+        return
+    name, part, block = split
+    module = parsed.modules.setdefault(name, LoraModule(name))
+    before = module.up_blocks.get(block) if block is not None else getattr(module, part)
+    if before is not None:
+        parsed.problems.append(Problem("lora_bad_key", f"keys {before} and {key} are the same part of module {name}",
+                                       key))
+    elif block is not None:
+        module.up_blocks[block] = key
+    else:
+        setattr(module, part, key)
+
+
+def _bad_key_message(fmt: str, key: str) -> str:
+    names = _names()
+    if fmt == "upstream":
+        tails = ", ".join([names.upstream["down"], names.upstream["up"], names.up_block.format(j="N")])
+        return (f"key {key} is not <encoded module>.{{{tails} or {names.upstream['alpha']}}} (an unexpected key: "
+                "FastVideo's converter drops such keys without a word)")
+    a, b, alpha = names.fastvideo.values()
+    return f"key {key} does not end in {a}, {b} or {alpha} (FastVideo ignores it without a message)"
+
+
+def _shape(parsed: ParsedLora, key: str) -> tuple[int, ...]:
+    return parsed.header.tensors[key].shape
+
+
+def _upstream_rank(parsed: ParsedLora, module: LoraModule) -> int | None:
+    """The rank of a structurally sound upstream module; each defect found becomes a problem."""
+    name = module.name
+    problem = _upstream_structure(parsed, module)
+    if problem is None:
+        down, ups = _shape(parsed, module.down), [_shape(parsed, k) for k in module.ups]
+        n, rank = len(ups), ups[0][1]
+        if down[0] != n * rank:
+            problem = Problem("lora_rank_mismatch", f"module {name} has inconsistent shapes: lora_down has "
+                              f"{down[0]} rows but {n} up block(s) of rank {rank} need {n * rank}")
+        elif rank == 0:
+            problem = Problem("lora_shape", f"module {name} has rank 0 (lora_down {list(down)})",
+                              fix="remove the module or re-export the adapter")
+    if problem is not None:
+        parsed.problems.append(Problem(problem.kind, problem.message, _key(module), fix=problem.fix))
+        return None
+    return rank
+
+
+def _upstream_structure(parsed: ParsedLora, module: LoraModule) -> Problem | None:
+    names, name = _names().upstream, module.name
+    missing = [n for n, v in ((names["down"], module.down), ("lora_up", module.ups)) if not v]
+    if missing:
+        return Problem("lora_incomplete", f"module {name} has no {' and no '.join(missing)}")
+    if module.up is not None and module.up_blocks:
+        return Problem("lora_shape", f"module {name} has both {names['up']} and "
+                       f"{_names().up_block.partition('{j}')[0]}*")
+    if sorted(module.up_blocks) != list(range(len(module.up_blocks))):
+        return Problem("lora_shape", f"module {name} up blocks are numbered {sorted(module.up_blocks)}, not "
+                       f"0..{len(module.up_blocks) - 1}")
+    down, ups = _shape(parsed, module.down), [_shape(parsed, k) for k in module.ups]
     if len(down) != 2 or any(len(u) != 2 for u in ups):
-        raise LongcatError(f"LoRA module {record.module!r} has tensors of the wrong rank "
-                           f"(down {list(down)}, up {[list(u) for u in ups]})", where)
-    n = record.n_blocks
-    if down[0] == 0:
-        raise LongcatError(f"LoRA module {record.module!r} has rank 0 (lora_down {list(down)})", where,
-                           "remove the module or re-export the adapter")
-    if down[0] % n or any(u[1] != down[0] // n for u in ups) or len({u[0] for u in ups}) != 1:
-        raise LongcatError(f"LoRA module {record.module!r}: down {list(down)} and up {[list(u) for u in ups]} "
-                           f"do not form {n} blocks of one rank", where)
+        return Problem("lora_shape", f"module {name}: lora_down {list(down)} and lora_up {[list(u) for u in ups]} "
+                       "must be matrices")
+    if any(u != ups[0] for u in ups):
+        return Problem("lora_shape", f"module {name}: up blocks differ in shape {[list(u) for u in ups]}")
+    return None
 
 
-def upstream_rank(header: SafetensorsHeader, record: UpstreamLoraModule) -> int:
-    return header.tensors[record.down].shape[0] // record.n_blocks
+def _fastvideo_rank(parsed: ParsedLora, module: LoraModule) -> int | None:
+    names, name, key = _names().fastvideo, module.name, _key(module)
+    missing = [names[p] for p in ("down", "up") if getattr(module, p) is None]
+    if missing:
+        parsed.problems.append(Problem("lora_incomplete", f"module {name} has no {' and no '.join(missing)}: "
+                                       f"FastVideo needs {names['down']} and {names['up']} and disables LoRA on "
+                                       "that layer otherwise", key))
+        return None
+    a, b = _shape(parsed, module.down), _shape(parsed, module.up)
+    problem = None
+    if len(a) != 2 or len(b) != 2:
+        problem = Problem("lora_shape", f"module {name}: {names['down']} {list(a)} and {names['up']} {list(b)} "
+                          "must be matrices", key)
+    elif a[0] != b[1]:
+        problem = Problem("lora_rank_mismatch", f"module {name}: {names['down']} {list(a)} has rank {a[0]} but "
+                          f"{names['up']} {list(b)} has rank {b[1]}", key)
+    elif a[0] == 0:
+        problem = Problem("lora_shape", f"module {name} has rank 0 ({names['down']} {list(a)})", key,
+                          fix="remove the module or re-export the adapter")
+    if problem is not None:
+        parsed.problems.append(problem)
+        return None
+    return a[0]
 
 
-def parse_fastvideo(header: SafetensorsHeader) -> dict[str, FastVideoLoraModule]:
-    modules: dict[str, FastVideoLoraModule] = {}
-    for key in header.tensors:
-        module, _, tail = key.rpartition(".")
-        if tail not in FASTVIDEO_TAILS or not module:
-            raise LongcatError(f"LoRA key {key!r} does not end in lora_A, lora_B or lora_alpha", header.path)
-        setattr(modules.setdefault(module, FastVideoLoraModule(module)), {"lora_A": "a", "lora_B": "b",
-                                                                          "lora_alpha": "alpha"}[tail], key)
-    for record in modules.values():
-        missing = [n for n, v in (("lora_A", record.a), ("lora_B", record.b), ("lora_alpha", record.alpha)) if not v]
-        if missing:
-            raise LongcatError(f"LoRA module {record.module!r} lacks {', '.join(missing)}", header.path,
-                               "FastVideo skips such a module; re-export the adapter")
-        a, b = header.tensors[record.a].shape, header.tensors[record.b].shape
-        if len(a) != 2 or len(b) != 2 or a[0] != b[1] or a[0] == 0:
-            raise LongcatError(f"LoRA module {record.module!r}: lora_A {list(a)} and lora_B {list(b)} "
-                               "do not share a non-zero rank", header.path)
-        alpha = header.tensors[record.alpha]
-        problem = alpha_problem(alpha.dtype, alpha.shape, None, upstream=False)
-        if problem:
-            raise LongcatError(f"LoRA key {record.alpha!r} {problem}", header.path, "re-export the adapter")
-    return modules
+def _check_alpha(parsed: ParsedLora, module: LoraModule, read: Callable[[ByteRange], bytes]) -> None:
+    """A missing alpha, or one that is not a single finite float, is a problem; a usable one is read."""
+    upstream = parsed.format == "upstream"
+    alpha_name = part_name(parsed.format, "alpha")
+    if module.alpha is None:
+        consequence = (f"the upstream loader's strict load refuses a file missing {alpha_name}; FastVideo's "
+                       "converter would silently use scale 1.0" if upstream else "FastVideo then uses scale 1.0")
+        missing_key = upstream_key(module.name, "alpha") if upstream else fastvideo_key(module.name, "alpha")
+        parsed.problems.append(Problem("lora_missing_alpha", f"module {module.name} has no {alpha_name}: "
+                                       f"{consequence}", missing_key))
+        return
+    info = parsed.header.tensors[module.alpha]
+    fix = "re-export the adapter with a finite float32 alpha"
+    problem = alpha_problem(info.dtype, info.shape, None, upstream)
+    if problem is not None:
+        parsed.problems.append(Problem("lora_shape", f"{module.alpha} {problem}", module.alpha, fix=fix))
+        return
+    value = scalar_from_bytes(read(tensor_range(parsed.header, module.alpha)), info.dtype)
+    problem = alpha_problem(info.dtype, info.shape, value, upstream)
+    if problem is not None:
+        parsed.problems.append(Problem("lora_alpha_value", f"{module.alpha} {problem}", module.alpha, fix=fix))
+        return
+    parsed.alphas[module.alpha] = value
 
 
-def adapter_name(path: Path) -> str:
-    """Adapters are named by file stem (cfg_step_lora, refinement_lora, …)."""
-    return path.stem
+def _check_single_rank(parsed: ParsedLora) -> None:
+    """Upstream's load_lora builds every module of an adapter with one rank."""
+    ranks = {m.name: m.rank for m in parsed.modules.values() if m.rank is not None}
+    if len(set(ranks.values())) < 2:
+        return
+    common, count = Counter(ranks.values()).most_common(1)[0]
+    for name, rank in ranks.items():
+        if rank != common:
+            parsed.problems.append(Problem(
+                "lora_rank_mismatch", f"module {name} has rank {rank} while {count} of {len(ranks)} modules have rank "
+                f"{common}: upstream's load_lora builds every module with one rank, so its strict load fails", name))
+
+
+# -------------------------------------------------------------------------------- against the key map
+
+
+def target_problems(parsed: ParsedLora, expanded: keymap.ExpandedMap) -> list[Problem]:
+    """Modules the DiT the key map describes does not have, or whose shapes do not fit it."""
+    upstream = parsed.format == "upstream"
+    targets = expanded.linears if upstream else {name: linear for name, (linear, _) in
+                                                 expanded.linear_by_fastvideo().items()}
+    problems: list[Problem] = []
+    for module in parsed.modules.values():
+        linear = targets.get(module.name)
+        if linear is None:
+            consequence = ("the DiT (the upstream loader skips it and then fails its strict load)" if upstream else
+                           "FastVideo's DiT (FastVideo ignores such keys without a message)")
+            problems.append(Problem("lora_unknown_module", f"targets {module.name}, which is not a Linear of "
+                                    f"{consequence}", _key(module),
+                                    fix="the adapter was trained for another model or another depth"))
+        elif module.rank is not None:
+            problems.extend((_upstream_fit if upstream else _fastvideo_fit)(parsed, module, linear))
+    return problems
+
+
+def _key(module: LoraModule) -> str:
+    """The key a module's problems are reported under: its first part present."""
+    return next(k for k in (module.down, *module.ups, module.alpha) if k is not None)
+
+
+def _upstream_fit(parsed: ParsedLora, module: LoraModule, linear: keymap.LinearModule) -> list[Problem]:
+    problems, key = [], _key(module)
+    down, rows, n = _shape(parsed, module.down), _shape(parsed, module.ups[0])[0], module.n_blocks
+    if down[1] != linear.in_features:
+        problems.append(Problem("lora_shape", f"module {module.name}: lora_down {list(down)} expects {down[1]} input "
+                                f"features, the Linear has {linear.in_features}", key))
+    if n * rows != linear.out_features:
+        problems.append(Problem("lora_shape", f"module {module.name}: {n} up block(s) of {rows} rows give {n * rows} "
+                                f"outputs, the Linear has {linear.out_features}", key))
+    parts = len(linear.fastvideo)
+    if n > 1 and parts > 1 and n != parts:
+        problems.append(Problem("lora_block_split", f"module {module.name}: {n} up blocks do not line up with its "
+                                f"{parts} fused parts ({', '.join(t.rsplit('.', 1)[-1] for t in linear.fastvideo)})",
+                                key, severity="warning"))
+    return problems
+
+
+def _fastvideo_fit(parsed: ParsedLora, module: LoraModule, linear: keymap.LinearModule) -> list[Problem]:
+    a, b, out = _shape(parsed, module.down), _shape(parsed, module.up), linear.out_features // len(linear.fastvideo)
+    if a[1] != linear.in_features or b[0] != out:
+        return [Problem("lora_shape", f"module {module.name}: lora_B·lora_A is {b[0]}x{a[1]}, the layer is "
+                        f"{out}x{linear.in_features}", _key(module))]
+    return []

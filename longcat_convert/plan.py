@@ -16,15 +16,15 @@ from .dtypes import ITEMSIZE, POLICY_NAMES, exactly_representable, is_floating
 from .errors import LongcatError
 from .io import index_name, parse_json, shard_name
 from .lora import (
+    LoraModule,
     TargetPart,
-    UpstreamLoraModule,
-    encode_module,
+    fastvideo_key,
     fastvideo_represents,
     fastvideo_scale,
     fused_targets,
-    parse_fastvideo,
-    parse_upstream,
-    upstream_rank,
+    raise_first,
+    target_problems,
+    upstream_key,
 )
 from .sharding import group_into_shards
 from .tree import Adapter, Skipped, Tree
@@ -327,19 +327,18 @@ def _upstream_to_fastvideo(adapter: Adapter, expanded: keymap.ExpandedMap, polic
     header = adapter.header
     outputs: list[OutputTensor] = []
     blocks_used: dict[str, int] = {}
-    for module, record in parse_upstream(header).items():
-        linear = _linear_or_error(expanded, module, adapter)
-        _check_upstream_shapes(adapter, record, linear)
-        n, r = record.n_blocks, upstream_rank(header, record)
+    for module, record in adapter.lora.modules.items():
+        linear = expanded.linears[module]
+        n, r = record.n_blocks, record.rank
         blocks_used[module] = n
-        alpha_scale = adapter.alphas[record.alpha]
-        ups = record.up_keys()
+        alpha_scale = adapter.lora.alphas[record.alpha]
+        ups = record.ups
         down_dtype = header.tensors[record.down].dtype
         up_dtype = header.tensors[ups[0]].dtype
         parts = fused_targets(linear.out_features, n, len(linear.fastvideo), r)
         for target, part in zip(linear.fastvideo, parts, strict=True):
             lora_alpha, multiplier = _fastvideo_alpha(adapter, module, alpha_scale, part.rank, fix)
-            a_name, b_name, alpha_name = f"{target}.lora_A", f"{target}.lora_B", f"{target}.lora_alpha"
+            a_name, b_name, alpha_name = (fastvideo_key(target, part) for part in ("down", "up", "alpha"))
             b_sources = tuple(Slice(adapter.file, ups[j], None if part.whole_block(i) else part.rows[i])
                               for i, j in enumerate(part.blocks))
             b_op = "rows" if len(b_sources) == 1 else "blockdiag"
@@ -349,39 +348,19 @@ def _upstream_to_fastvideo(adapter: Adapter, expanded: keymap.ExpandedMap, polic
             outputs.append(OutputTensor(b_name, (linear.out_features // len(parts), part.rank),
                                         policy.resolve(b_name, up_dtype), up_dtype, b_op, b_sources, f"lora_up {b_op}",
                                         multiplier=multiplier))
-            alpha_dtype = _scalar_dtype(lora_alpha, adapter.alpha_dtypes[record.alpha])
+            alpha_dtype = _scalar_dtype(lora_alpha, header.tensors[record.alpha].dtype)
             outputs.append(OutputTensor(alpha_name, header.tensors[record.alpha].shape, alpha_dtype, alpha_dtype,
                                         "scalar", (Slice(adapter.file, record.alpha),), "alpha_scale·rank",
                                         value=lora_alpha))
     return outputs, blocks_used
 
 
-def _linear_or_error(expanded: keymap.ExpandedMap, module: str, adapter: Adapter) -> keymap.LinearModule:
-    linear = expanded.linears.get(module)
-    if linear is None:
-        raise LongcatError(f"LoRA module {module!r} is not a Linear of this DiT", adapter.header.path,
-                           "the adapter was trained for another model or another depth")
-    return linear
-
-
-def _check_upstream_shapes(adapter: Adapter, record: UpstreamLoraModule, linear: keymap.LinearModule) -> None:
-    down = adapter.header.tensors[record.down].shape
-    up = adapter.header.tensors[record.up_keys()[0]].shape
-    if down[1] != linear.in_features or up[0] * record.n_blocks != linear.out_features:
-        raise LongcatError(f"LoRA module {record.module!r} has down {list(down)} and up {list(up)}×{record.n_blocks}, "
-                           f"but the Linear is {linear.in_features}→{linear.out_features}", adapter.header.path)
-
-
 def _fastvideo_to_upstream(adapter: Adapter, expanded: keymap.ExpandedMap, policy: DtypePolicy,
                            fix: str) -> list[OutputTensor]:
     header = adapter.header
-    records = parse_fastvideo(header)
     by_target = expanded.linear_by_fastvideo()
-    grouped: dict[str, dict[int, object]] = {}
-    for name, record in records.items():
-        if name not in by_target:
-            raise LongcatError(f"LoRA module {name!r} is not a Linear of this DiT", header.path,
-                               "the adapter was trained for another model or another depth")
+    grouped: dict[str, dict[int, LoraModule]] = {}
+    for name, record in adapter.lora.modules.items():
         linear, part = by_target[name]
         grouped.setdefault(linear.upstream, {})[part] = record
     hints = _block_hints(header)
@@ -393,7 +372,7 @@ def _fastvideo_to_upstream(adapter: Adapter, expanded: keymap.ExpandedMap, polic
             raise LongcatError(f"LoRA for {module!r} covers only {len(parts)} of its {k} FastVideo targets; the "
                                "upstream format needs all of them", header.path)
         records_in_order = [parts[t] for t in range(k)]
-        n = hints.get(module) or _infer_blocks(header, linear, records_in_order)
+        n = hints.get(module) or _infer_blocks(linear, records_in_order[0].rank)
         outputs.extend(_module_to_upstream(adapter, linear, records_in_order, n, policy, fix))
     return outputs
 
@@ -411,16 +390,15 @@ def _block_hints(header) -> dict[str, int]:
     return hints
 
 
-def _infer_blocks(header, linear: keymap.LinearModule, records) -> int:
+def _infer_blocks(linear: keymap.LinearModule, rank: int) -> int:
     """Without our metadata: one up block per target for a fused module, else the map's published hint."""
     k = len(linear.fastvideo)
     if k > 1:
         return k
-    a_rows = header.tensors[records[0].a].shape[0]
-    return linear.lora_up_blocks if a_rows % linear.lora_up_blocks == 0 else 1
+    return linear.lora_up_blocks if rank % linear.lora_up_blocks == 0 else 1
 
 
-def _module_to_upstream(adapter: Adapter, linear: keymap.LinearModule, records, n: int,
+def _module_to_upstream(adapter: Adapter, linear: keymap.LinearModule, records: list[LoraModule], n: int,
                         policy: DtypePolicy, fix: str) -> list[OutputTensor]:
     """The inverse of `_upstream_to_fastvideo` for one module: up block j is read back from the column band
     and rows it occupies in each target's lora_B, its lora_down rows from the first target holding it.
@@ -430,8 +408,8 @@ def _module_to_upstream(adapter: Adapter, linear: keymap.LinearModule, records, 
     multiplied by its target's scale / alpha_scale."""
     header, file, module = adapter.header, adapter.file, linear.upstream
     k, out = len(records), linear.out_features
-    ranks = [header.tensors[r.a].shape[0] for r in records]
-    scales = [fastvideo_scale(adapter.alphas[r.alpha], rank) for r, rank in zip(records, ranks, strict=True)]
+    ranks = [r.rank for r in records]
+    scales = [fastvideo_scale(adapter.lora.alphas[r.alpha], rank) for r, rank in zip(records, ranks, strict=True)]
     layout = _fused_layout(out, n, k, ranks)
     if layout is None:
         raise LongcatError(f"LoRA for {module!r}: its {k} target(s) have ranks {ranks}, which one upstream module "
@@ -439,13 +417,12 @@ def _module_to_upstream(adapter: Adapter, linear: keymap.LinearModule, records, 
     holders = [[(t, part.blocks.index(j)) for t, part in enumerate(layout) if j in part.blocks] for j in range(n)]
     multipliers = _block_multipliers(adapter, module, scales, holders, fix)
     r = layout[0].rank_per_block
-    encoded = encode_module(module)
-    up_names = [f"{encoded}.lora_up.weight"] if n == 1 else [f"{encoded}.lora_up.blocks.{j}.weight" for j in range(n)]
-    a_dtype, b_dtype = header.tensors[records[0].a].dtype, header.tensors[records[0].b].dtype
+    up_names = [upstream_key(module, "up")] if n == 1 else [upstream_key(module, "up", j) for j in range(n)]
+    a_dtype, b_dtype = header.tensors[records[0].down].dtype, header.tensors[records[0].up].dtype
     down_sources, ups = [], []
     for block_holders in holders:
         t0, band0 = block_holders[0]
-        down_sources.append(Slice(file, records[t0].a, _unless_whole((band0 * r, (band0 + 1) * r), ranks[t0])))
+        down_sources.append(Slice(file, records[t0].down, _unless_whole((band0 * r, (band0 + 1) * r), ranks[t0])))
         pieces = []
         for t, band in block_holders:
             part = layout[t]
@@ -453,17 +430,17 @@ def _module_to_upstream(adapter: Adapter, linear: keymap.LinearModule, records, 
             lo, hi = part.rows[band]
             cols = None if len(part.blocks) == 1 else (band * r, (band + 1) * r)
             rows = _unless_whole((first_row, first_row + hi - lo), out // k)
-            pieces.append(Slice(file, records[t].b, rows, cols))
+            pieces.append(Slice(file, records[t].up, rows, cols))
         ups.append(pieces)
-    down_name = f"{encoded}.lora_down.weight"
+    down_name = upstream_key(module, "down")
     outputs = [OutputTensor(down_name, (n * r, linear.in_features), policy.resolve(down_name, a_dtype), a_dtype,
                             "rows", tuple(down_sources), "lora_A concat")]
     for name, sources, multiplier in zip(up_names, ups, multipliers, strict=True):
         outputs.append(OutputTensor(name, (out // n, r), policy.resolve(name, b_dtype), b_dtype, "rows",
                                     tuple(sources), "lora_B blocks", multiplier=multiplier))
     alpha_key = records[0].alpha
-    alpha_dtype = _scalar_dtype(scales[0], adapter.alpha_dtypes[alpha_key])
-    outputs.append(OutputTensor(f"{encoded}.alpha_scale", header.tensors[alpha_key].shape, alpha_dtype, alpha_dtype,
+    alpha_dtype = _scalar_dtype(scales[0], header.tensors[alpha_key].dtype)
+    outputs.append(OutputTensor(upstream_key(module, "alpha"), header.tensors[alpha_key].shape, alpha_dtype, alpha_dtype,
                                 "scalar", (Slice(file, alpha_key),), "int(lora_alpha)/rank", value=scales[0]))
     return outputs
 
@@ -508,11 +485,13 @@ def _plan_adapter(adapter: Adapter, source_layout: str, expanded: keymap.Expande
     target_file = _adapter_target_file(adapter, source_layout, options.target_layout)
     metadata = {"format": "pt"}
     notes: list[str] = []
+    raise_first(target_problems(adapter.lora, expanded), adapter.header.path)
     if adapter.format == target["lora_format"]:
-        outputs = [OutputTensor(k, i.shape, options.policy.resolve(k, i.dtype) if not k.endswith(("alpha_scale", "lora_alpha")) else i.dtype,
+        alphas = adapter.lora.alpha_keys  # never cast
+        outputs = [OutputTensor(k, i.shape, i.dtype if k in alphas else options.policy.resolve(k, i.dtype),
                                 i.dtype, "rows", (Slice(adapter.file, k),), "identity")
                    for k, i in adapter.header.tensors.items()]
-        modules = len({k.partition(".")[0] if adapter.format == "upstream" else k.rpartition(".")[0] for k in adapter.header.tensors})
+        modules = len(adapter.lora.modules)
         metadata.update({k: v for k, v in adapter.header.metadata.items() if k == LORA_BLOCKS_METADATA})
     elif target["lora_format"] == "fastvideo":
         outputs, blocks = _upstream_to_fastvideo(adapter, expanded, options.policy, options.lora_alpha_fix)
@@ -522,7 +501,7 @@ def _plan_adapter(adapter: Adapter, source_layout: str, expanded: keymap.Expande
                  for t in outputs if t.multiplier is not None]
     else:
         outputs = _fastvideo_to_upstream(adapter, expanded, options.policy, options.lora_alpha_fix)
-        modules = sum(1 for t in outputs if t.name.endswith("alpha_scale"))
+        modules = sum(1 for t in outputs if t.op == "scalar")  # one alpha_scale per module
     shard = ShardPlan(target_file, tuple(outputs), metadata)
     return AdapterPlan(adapter.name, adapter.file, adapter.format, target_file, target["lora_format"], modules,
                        shard, tuple(notes))

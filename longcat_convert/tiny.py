@@ -17,7 +17,7 @@ from . import keymap
 from .dtypes import POLICY_NAMES, SAFETENSORS_NAME
 from .errors import LongcatError
 from .io import ShardWriter, TensorEntry, index_name, shard_name, tensor_bytes, write_index
-from .lora import encode_module
+from .lora import upstream_key
 from .sharding import group_into_shards
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so that argument checks come first and fast
@@ -136,14 +136,13 @@ def lora_state(expanded: keymap.ExpandedMap, targets: Iterable[str], rank: int, 
     for module in targets:
         linear = expanded.linears[module]
         n = linear.lora_up_blocks
-        name = encode_module(module)
-        state[f"{name}.lora_down.weight"] = (torch.randn(n * rank, linear.in_features, generator=gen) * 0.05).to(dtype)
+        state[upstream_key(module, "down")] = (torch.randn(n * rank, linear.in_features, generator=gen) * 0.05).to(dtype)
         if n == 1:
-            state[f"{name}.lora_up.weight"] = (torch.randn(linear.out_features, rank, generator=gen) * 0.05).to(dtype)
+            state[upstream_key(module, "up")] = (torch.randn(linear.out_features, rank, generator=gen) * 0.05).to(dtype)
         for j in range(n if n > 1 else 0):
-            state[f"{name}.lora_up.blocks.{j}.weight"] = (
+            state[upstream_key(module, "up", j)] = (
                 torch.randn(linear.out_features // n, rank, generator=gen) * 0.05).to(dtype)
-        state[f"{name}.alpha_scale"] = torch.tensor(alpha / rank, dtype=torch.float32)
+        state[upstream_key(module, "alpha")] = torch.tensor(alpha / rank, dtype=torch.float32)
     return state
 
 

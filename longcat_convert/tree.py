@@ -19,7 +19,7 @@ from .errors import LongcatError
 from .io import SafetensorsHeader, ShardIndex, SourceFiles, TensorInfo, read_json_object
 from .io.pickles import is_pickle_name
 from .layout_detect import detect_layout
-from .lora import ALPHA_SUFFIXES, detect_format, read_alpha
+from .lora import ParsedLora, parse
 from .shard_folder import FolderRules, Problem, raise_first_error, scan_shard_folder
 
 if TYPE_CHECKING:
@@ -67,10 +67,15 @@ class DitFiles:
 class Adapter:
     name: str
     file: str  # relative to the tree root
-    header: SafetensorsHeader
-    format: str  # "upstream" or "fastvideo"
-    alphas: dict[str, float] = field(default_factory=dict)
-    alpha_dtypes: dict[str, str] = field(default_factory=dict)
+    lora: ParsedLora  # its keys grouped by module, its alphas read
+
+    @property
+    def header(self) -> SafetensorsHeader:
+        return self.lora.header
+
+    @property
+    def format(self) -> str:
+        return self.lora.format
 
 
 @dataclass
@@ -146,17 +151,11 @@ def read_adapters(root: Path, layout_name: str, files: list[str], sources: Sourc
         if not (relative.startswith(prefix) and relative.endswith(".safetensors")):
             continue
         path = root / relative
-        header = sources.header(path)
-        fmt = detect_format(header)
-        if fmt != spec["lora_format"]:
-            raise LongcatError(f"is a {fmt}-format LoRA in a {layout_name} tree", path,
+        lora = parse(sources.header(path), sources.read)
+        if lora.format not in (None, spec["lora_format"]):
+            raise LongcatError(f"is a {lora.format}-format LoRA in a {layout_name} tree", path,
                                f"{layout_name} trees hold {spec['lora_format']}-format adapters")
-        adapter = Adapter(path.stem, relative, header, fmt)
-        for key, info in header.tensors.items():
-            if key.endswith(ALPHA_SUFFIXES):
-                adapter.alphas[key] = read_alpha(header, key, upstream=fmt == "upstream", read=sources.read)
-                adapter.alpha_dtypes[key] = info.dtype
-        adapters.append(adapter)
+        adapters.append(Adapter(path.stem, relative, lora.check()))
     return adapters
 
 

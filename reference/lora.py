@@ -11,29 +11,17 @@ W += (B·A)·(int(alpha)/r)·strength in the weight's dtype (scale 1 when int(al
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from longcat_convert.errors import LongcatError
-from longcat_convert.lora import PREFIX, decode_module, encode_module, fastvideo_scale
+from longcat_convert.io import read_header, read_tensor
+from longcat_convert.lora import ParsedLora, fastvideo_scale, parse
 
 from .dit import LongcatDiT
-
-_UPSTREAM_TAIL = re.compile(r"^(lora_down\.weight|lora_up\.weight|lora_up\.blocks\.(\d+)\.weight|alpha_scale)$")
-_FASTVIDEO_TAIL = ("lora_A", "lora_B", "lora_alpha")
-encode_module_name = encode_module
-
-
-def decode_module_name(encoded: str) -> str:
-    module = decode_module(encoded)
-    if module is None:
-        raise LongcatError(f"LoRA module name {encoded!r} does not start with {PREFIX!r}")
-    return module
 
 
 @dataclass
@@ -52,17 +40,6 @@ class UpstreamLoraModule:
     @property
     def out_features(self) -> int:
         return sum(up.shape[0] for up in self.ups)
-
-    def row_terms(self) -> list[tuple[int, torch.Tensor, torch.Tensor, float]]:
-        """ΔW as (first row, up, down, scale) terms: block j owns its rows and the j-th rank slice of down."""
-        scale = float(self.alpha_scale)
-        if len(self.ups) == 1:
-            return [(0, self.ups[0], self.down, scale)]
-        terms, row, rank = [], 0, self.rank
-        for j, up in enumerate(self.ups):
-            terms.append((row, up, self.down[j * rank:(j + 1) * rank], scale))
-            row += up.shape[0]
-        return terms
 
 
 @dataclass
@@ -83,66 +60,33 @@ class FastvideoLoraTarget:
 
 
 def read_upstream_lora(path: str | Path) -> dict[str, UpstreamLoraModule]:
-    """Parse an upstream-format LoRA file strictly (unknown keys, missing parts or bad shapes are errors)."""
-    tensors = _load(path)
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        encoded, _, tail = key.partition(".")
-        if not _UPSTREAM_TAIL.match(tail):
-            raise LongcatError(f"unexpected key {key!r} in an upstream-format LoRA", path)
-        grouped.setdefault(decode_module_name(encoded), {})[tail] = tensor
-    return {module: _upstream_module(module, parts, path) for module, parts in sorted(grouped.items())}
-
-
-def _upstream_module(module: str, parts: dict[str, torch.Tensor], path) -> UpstreamLoraModule:
-    down = parts.get("lora_down.weight")
-    alpha = parts.get("alpha_scale")
-    blocks = sorted((int(m.group(2)), t) for tail, t in parts.items() if (m := _UPSTREAM_TAIL.match(tail)) and m.group(2))
-    if "lora_up.weight" in parts and blocks:
-        raise LongcatError(f"{module}: has both lora_up.weight and lora_up.blocks.*", path)
-    ups = [parts["lora_up.weight"]] if "lora_up.weight" in parts else [t for _, t in blocks]
-    present = {"lora_down.weight": down is not None, "lora_up": bool(ups), "alpha_scale": alpha is not None}
-    missing = [name for name, found in present.items() if not found]
-    if missing:
-        raise LongcatError(f"{module}: missing {', '.join(missing)}", path)
-    if [j for j, _ in blocks] != list(range(len(blocks))):
-        raise LongcatError(f"{module}: lora_up.blocks are not numbered 0..{len(blocks) - 1}", path)
-    rank = ups[0].shape[1] if ups[0].ndim == 2 else -1
-    bad = (down.ndim != 2 or alpha.numel() != 1 or any(u.ndim != 2 or u.shape != ups[0].shape for u in ups)
-           or down.shape[0] != rank * len(ups))
-    if bad:
-        raise LongcatError(f"{module}: inconsistent shapes down {list(down.shape)}, up "
-                           f"{[list(u.shape) for u in ups]}", path)
-    return UpstreamLoraModule(module, down, ups, alpha.reshape(()))
+    """Read an upstream-format LoRA file strictly: its first defect (an unexpected key, a missing part, inconsistent
+    shapes, an unusable alpha_scale) is an error."""
+    lora = read_adapter(path, "upstream")
+    return {name: UpstreamLoraModule(name, _tensor(lora, m.down), [_tensor(lora, k) for k in m.ups],
+                                     _tensor(lora, m.alpha).reshape(()))
+            for name, m in sorted(lora.modules.items())}
 
 
 def read_fastvideo_lora(path: str | Path) -> dict[str, FastvideoLoraTarget]:
-    """Parse a FastVideo-format LoRA file strictly (each target needs lora_A and lora_B; alpha optional)."""
-    tensors = _load(path)
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        module, _, tail = key.rpartition(".")
-        if tail not in _FASTVIDEO_TAIL or not module:
-            raise LongcatError(f"unexpected key {key!r} in a FastVideo-format LoRA", path)
-        grouped.setdefault(module, {})[tail] = tensor
-    targets = {}
-    for module, parts in sorted(grouped.items()):
-        a, b = parts.get("lora_A"), parts.get("lora_B")
-        if a is None or b is None:
-            raise LongcatError(f"{module}: has {sorted(parts)} but needs lora_A and lora_B", path)
-        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
-            raise LongcatError(f"{module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not chain", path)
-        targets[module] = FastvideoLoraTarget(module, a, b, parts.get("lora_alpha"))
-    return targets
+    """Read a FastVideo-format LoRA file strictly; as in FastVideo, a target without lora_alpha has scale 1."""
+    lora = read_adapter(path, "fastvideo")
+    return {name: FastvideoLoraTarget(name, _tensor(lora, m.down), _tensor(lora, m.up),
+                                      None if m.alpha is None else _tensor(lora, m.alpha))
+            for name, m in sorted(lora.modules.items())}
 
 
-def _load(path: str | Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise LongcatError("LoRA file does not exist", path) from None
-    except Exception as exc:  # safetensors raises its own error types for a damaged file
-        raise LongcatError(f"cannot read LoRA file ({exc.__class__.__name__}: {exc})", path) from None
+def read_adapter(path: str | Path, fmt: str) -> ParsedLora:
+    """The keys and alphas of an adapter file in format `fmt`; its first defect is a one-line error (a FastVideo
+    target without lora_alpha is none: FastVideo then uses scale 1)."""
+    lora = parse(read_header(path))
+    if lora.format not in (None, fmt):
+        raise LongcatError(f"is a {lora.format}-format LoRA where a {fmt}-format one is expected", path)
+    return lora.check(("lora_missing_alpha",) if fmt == "fastvideo" else ())
+
+
+def _tensor(lora: ParsedLora, key: str) -> torch.Tensor:
+    return read_tensor(lora.header, key)
 
 
 class RuntimeLora:

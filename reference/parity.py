@@ -28,7 +28,8 @@ from longcat_convert import jsonschemas, keymap, progress
 from longcat_convert.dtypes import POLICY_NAMES, SAFETENSORS_NAME
 from longcat_convert.errors import LongcatError
 from longcat_convert.io import read_header, read_json_object
-from longcat_convert.lora import encode_module
+from longcat_convert.lora import split_fastvideo, split_upstream, upstream_key
+from longcat_convert.lora_delta import AdapterDeltas, Term, compare_deltas
 from longcat_convert.plan import DtypePolicy
 
 from .config import DiTConfig
@@ -42,8 +43,7 @@ from .loading import (
     open_tree,
     read_lora,
 )
-from .lora import clear_loras, read_upstream_lora
-from .lora_delta import Term, relative_delta_error
+from .lora import clear_loras, read_adapter
 
 LIST_LIMIT = 20
 DEFAULT_THRESHOLDS = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
@@ -53,7 +53,6 @@ BASE_CASES = ("plain", "cond", "kvcache")
 # tolerance on the relative ΔW error, by the least precise dtype involved
 LORA_RTOL = {"F64": 1e-6, "F32": 1e-6, "F16": 2e-3, "BF16": 1e-2}
 MANIFEST = "conversion.json"
-ALPHA_TAILS = ("alpha_scale", "lora_alpha")  # convert never casts these scalars
 
 
 # ==== weights level =================================================================================
@@ -249,43 +248,19 @@ def _compare_loras(raw: Tree, converted: Tree, source_map: keymap.ExpandedMap, l
         return {"*": {"passed": False, "error": exc.one_line()}}
     report = {}
     for name, path in sources.items():
-        source = read_upstream_lora(path)
+        source = AdapterDeltas(read_adapter(path, "upstream"))
         if name not in targets:
             report[name] = {"passed": False, "error": f"no converted LoRA named {name} under {converted.lora_dir}"}
             continue
         try:
-            lora = read_lora(converted, name)
-            terms, unexpected = _converted_terms(lora.modules, lora.format, source_map)
-            wrong_dtypes = _lora_dtype_mismatches(path, lora.path, lora.format, source_map, expected)
+            target = AdapterDeltas(read_adapter(targets[name], converted.lora_format), source_map)
+            wrong_dtypes = _lora_dtype_mismatches(path, targets[name], converted.lora_format, source_map, expected)
+            report[name] = _compare_lora(source, target, lora_rtol, str(targets[name]), wrong_dtypes)
         except LongcatError as exc:
             report[name] = {"passed": False, "error": exc.one_line()}
-            continue
-        report[name] = _compare_lora(source, terms, unexpected, lora_rtol, str(lora.path), wrong_dtypes)
     for name in sorted(set(targets) - set(sources)):
         report[name] = {"passed": False, "error": f"converted LoRA {targets[name]} has no source in {raw.lora_dir}"}
     return report
-
-
-def _source_terms(module) -> list[Term]:
-    return [Term(row, up, down, scale) for row, up, down, scale in module.row_terms()]
-
-
-def _converted_terms(modules: dict, lora_format: str, source_map: keymap.ExpandedMap
-                     ) -> tuple[dict[str, list[Term]], list[str]]:
-    """Group the converted file's pieces by upstream module; also return targets the key map does not know."""
-    if lora_format == "upstream":
-        return {name: _source_terms(module) for name, module in modules.items()}, []
-    by_fastvideo = source_map.linear_by_fastvideo()
-    grouped: dict[str, list[Term]] = {}
-    unexpected = []
-    for name, target in modules.items():
-        if name not in by_fastvideo:
-            unexpected.append(name)
-            continue
-        linear, part = by_fastvideo[name]
-        row = part * linear.out_features // len(linear.fastvideo)
-        grouped.setdefault(linear.upstream, []).append(Term(row, target.lora_b, target.lora_a, target.scale))
-    return grouped, sorted(unexpected)
 
 
 def _lora_dtype_mismatches(source_path: Path, target_path: Path, target_format: str, source_map: keymap.ExpandedMap,
@@ -295,53 +270,48 @@ def _lora_dtype_mismatches(source_path: Path, target_path: Path, target_format: 
     by_fastvideo = source_map.linear_by_fastvideo()
     mismatches = []
     for name, info in read_header(target_path).tensors.items():
-        origin = _lora_source_key(name, target_format, by_fastvideo, source)
+        origin, part = _lora_source_key(name, target_format, by_fastvideo, source)
         if origin is None:
             continue  # a piece the key map does not know is reported as unexpected
         source_dtype = source[origin].dtype
-        want = source_dtype if name.endswith(ALPHA_TAILS) else expected.dtype(name, source_dtype)
+        want = source_dtype if part == "alpha" else expected.dtype(name, source_dtype)
         if info.dtype != want:
             mismatches.append({"tensor": name, "problem": f"dtype {info.dtype}, expected {want} ({expected.origin}; "
                                                           f"source {origin} is {source_dtype})"})
     return mismatches
 
 
-def _lora_source_key(name: str, target_format: str, by_fastvideo: dict, source: dict) -> str | None:
-    """The upstream-format source tensor a converted LoRA tensor is made from (for its dtype)."""
+def _lora_source_key(name: str, target_format: str, by_fastvideo: dict, source: dict) -> tuple[str | None, str]:
+    """The upstream-format source tensor a converted LoRA tensor is made from (for its dtype), and its part."""
+    split = split_upstream(name) if target_format == "upstream" else split_fastvideo(name)
+    if split is None:
+        return None, ""
     if target_format == "upstream":
-        return name if name in source else None
-    target, _, tail = name.rpartition(".")
+        return (name if name in source else None), split[1]
+    target, part, _ = split
     linear = by_fastvideo.get(target)
     if linear is None:
-        return None
-    encoded = encode_module(linear[0].upstream)
-    candidates = {"lora_A": [f"{encoded}.lora_down.weight"], "lora_alpha": [f"{encoded}.alpha_scale"],
-                  "lora_B": [f"{encoded}.lora_up.weight", f"{encoded}.lora_up.blocks.0.weight"]}.get(tail, [])
-    return next((key for key in candidates if key in source), None)
+        return None, part
+    module = linear[0].upstream
+    candidates = [upstream_key(module, part)] + ([upstream_key(module, "up", 0)] if part == "up" else [])
+    return next((key for key in candidates if key in source), None), part
 
 
-def _compare_lora(source: dict, converted: dict[str, list[Term]], unexpected_targets: list[str],
-                  lora_rtol: float | None, where: str, wrong_dtypes: list[dict]) -> dict:
-    missing = sorted(set(source) - set(converted))
-    unexpected = sorted(set(converted) - set(source)) + unexpected_targets
-    mismatches, worst = list(wrong_dtypes), 0.0
-    for module in sorted(set(source) & set(converted)):
-        want, got = _source_terms(source[module]), converted[module]
-        in_features = source[module].down.shape[1]
-        wrong = sorted({tuple(t.down.shape) for t in got if t.down.shape[1] != in_features})
-        if wrong:
-            mismatches.append({"module": module, "problem": f"lora_A shapes {wrong} do not take {in_features} inputs"})
-            continue
-        tolerance = lora_rtol if lora_rtol is not None else _lora_tolerance(want + got)
-        rel = relative_delta_error(want, got, source[module].out_features)
-        worst = max(worst, rel)
-        if not rel <= tolerance:
-            mismatches.append({"module": module, "rel_fro": _json_number(rel), "tolerance": tolerance})
-    passed = not (missing or unexpected or mismatches)
-    return {"passed": passed, "file": where, "modules_checked": len(set(source) & set(converted)),
-            "max_rel_fro": worst, "mismatched": len(mismatches), "mismatches": mismatches[:LIST_LIMIT],
-            "missing": missing[:LIST_LIMIT], "missing_count": len(missing),
-            "unexpected": unexpected[:LIST_LIMIT], "unexpected_count": len(unexpected)}
+def _compare_lora(source: AdapterDeltas, target: AdapterDeltas, lora_rtol: float | None, where: str,
+                  wrong_dtypes: list[dict]) -> dict:
+    result = compare_deltas(source, target, lambda terms: _lora_tolerance(terms) if lora_rtol is None else lora_rtol)
+    mismatches = list(wrong_dtypes)
+    for module in result.modules:
+        if module.problem is not None:
+            mismatches.append({"module": module.module, "problem": module.problem})
+        elif not module.passed:
+            mismatches.append({"module": module.module, "rel_fro": _json_number(module.rel_error),
+                               "tolerance": module.tolerance})
+    passed = not (result.missing or result.unexpected or mismatches)
+    return {"passed": passed, "file": where, "modules_checked": len(result.modules),
+            "max_rel_fro": result.max_rel_error, "mismatched": len(mismatches), "mismatches": mismatches[:LIST_LIMIT],
+            "missing": result.missing[:LIST_LIMIT], "missing_count": len(result.missing),
+            "unexpected": result.unexpected[:LIST_LIMIT], "unexpected_count": len(result.unexpected)}
 
 
 def _lora_tolerance(terms: list[Term]) -> float:

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from longcat_convert import execute as execute_module
+from longcat_convert import lora, plan
 from longcat_convert.convert import ConvertRequest, convert
 from longcat_convert.errors import LongcatError
 from longcat_convert.jsonschemas import schema_errors
@@ -213,6 +214,24 @@ def test_non_integer_alpha_is_refused_or_rescaled(raw_copy: Path, tmp_path: Path
     converted = _fastvideo_deltas(tmp_path / "fv" / "lora" / "distilled" / "cfg_step_lora.safetensors", list(source))
     for module, delta in source.items():
         torch.testing.assert_close(converted[module], delta, rtol=1e-6, atol=1e-9)
+
+
+def _slightly_off_alpha(adapter, module, alpha_scale, rank, fix):
+    return alpha_scale * rank, 1 + 2**-20  # lora_B scaled by 1 + 2⁻²⁰: 8 float32 ulps, twice the rescale tolerance
+
+
+def _targets_reversed(*args):
+    return lora.fused_targets(*args)[::-1]  # to_q gets the factors meant for to_v
+
+
+@pytest.mark.parametrize("name, bug", [("_fastvideo_alpha", _slightly_off_alpha), ("fused_targets", _targets_reversed)],
+                         ids=["scale off by 2^-20", "fused targets swapped"])
+def test_the_lora_check_catches_a_converter_bug_before_commit(tiny_raw: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch, name: str, bug) -> None:
+    monkeypatch.setattr(plan, name, bug)
+    with pytest.raises(LongcatError, match="effective delta differs from the source"):
+        _convert(tiny_raw, tmp_path / "fv", "fastvideo")
+    assert not (tmp_path / "fv").exists()
 
 
 # --------------------------------------------------------------------------------------- dtype policy

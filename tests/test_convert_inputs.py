@@ -199,6 +199,25 @@ def test_differing_target_scales_fold_into_the_up_blocks(tiny_raw: Path, tmp_pat
     assert result.exit_code == 0 and "LoRA cfg_step_lora" in result.output and "OK" in result.output, result.output
 
 
+def test_fastvideo_keys_are_read_as_fastvideo_reads_them(tiny_raw: Path, tmp_path: Path) -> None:
+    """FastVideo strips `diffusion_model.` and `.weight` from every key: validate accepts such an adapter, so convert
+    must too (back to the source bit for bit); two keys naming one part are refused by both."""
+    assert _convert(tiny_raw, tmp_path / "fv", "--to", "fastvideo", "-q").exit_code == 0
+    (tmp_path / "fv" / "conversion.json").unlink()  # it records the keys as convert wrote them
+    path = tmp_path / "fv" / "lora" / "distilled" / "cfg_step_lora.safetensors"
+    state = {f"diffusion_model.{key}.weight": value for key, value in load_file(path).items()}
+    save_file(state, path)
+    assert run_cli("validate", tmp_path / "fv").exit_code == 0
+    assert _convert(tmp_path / "fv", tmp_path / "raw", "--to", "raw", "-q").exit_code == 0
+    back, source = load_file(tmp_path / "raw" / CFG), load_file(tiny_raw / CFG)
+    assert back.keys() == source.keys() and all(torch.equal(back[k], source[k]) for k in source)
+
+    save_file({**state, "blocks.0.ffn.w1.lora_A": state["diffusion_model.blocks.0.ffn.w1.lora_A.weight"].clone()}, path)
+    validated = run_cli("validate", tmp_path / "fv")
+    assert validated.exit_code == 1 and "are the same part of module blocks.0.ffn.w1" in validated.output
+    _refused(_convert(tmp_path / "fv", tmp_path / "raw2", "--to", "raw"), tmp_path / "raw2", "the same part")
+
+
 # --- bounds before work -----------------------------------------------------------------------------------------
 
 

@@ -9,18 +9,14 @@ import torch
 import torch.nn.functional as F
 from longcat_reference.bsa import BsaParams, block_sparse_attention, chunk_index
 from longcat_reference.embeddings import timestep_frequencies
-from longcat_reference.lora import (
-    FastvideoLoraTarget,
-    decode_module_name,
-    encode_module_name,
-    read_fastvideo_lora,
-    read_upstream_lora,
-)
-from longcat_reference.lora_delta import Term, relative_delta_error
+from longcat_reference.lora import FastvideoLoraTarget, read_fastvideo_lora, read_upstream_lora
 from longcat_reference.rope import apply_rope, grid_angles, rope_split
 from safetensors.torch import save_file
 
 from longcat_convert.errors import LongcatError
+from longcat_convert.lora import decode_module as decode_module_name
+from longcat_convert.lora import encode_module as encode_module_name
+from longcat_convert.lora_delta import Term, relative_delta_error
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -6,6 +6,7 @@ import re
 from collections import Counter
 
 from ..dtypes import friendly
+from ..lora import part_name
 from ..report import human_bytes
 from .findings import KINDS
 
@@ -61,9 +62,8 @@ def _describe(name: str, facts: dict) -> str:
 def _describe_adapter(adapter: dict) -> str:
     ranks = "/".join(adapter["ranks"]) or "?"
     alphas = "/".join(f"{a:g}" for a in adapter["alphas"]) or "?"
-    alpha_name = "alpha_scale" if adapter["format"] == "upstream" else "lora_alpha"
     return (f"{adapter['name']} ({adapter['format']}, {adapter['modules']} modules, rank {ranks}, "
-            f"{alpha_name} {alphas}, {_dtypes(adapter['dtypes'])})")
+            f"{part_name(adapter['format'], 'alpha')} {alphas}, {_dtypes(adapter['dtypes'])})")
 
 
 def _dtypes(census: dict) -> str:

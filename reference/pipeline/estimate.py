@@ -26,7 +26,7 @@ import torch
 from longcat_convert.io import read_header
 
 from ..config import DiTConfig
-from ..loading import Tree, dit_tensors
+from ..loading import Tree
 from .latents import SPATIAL_FACTOR, latent_frames
 
 PROBE_SECONDS = 0.05  # each probe repeats its operation for at least this long
@@ -65,8 +65,8 @@ class Model:
 
     @classmethod
     def from_tree(cls, tree: Tree) -> Model:
-        dit = DiTConfig.from_dict(tree.config, tree.naming, str(tree.config_path))
-        dit_params = sum(_numel(header.tensors[key].shape) for key, header in dit_tensors(tree).items())
+        dit = DiTConfig.from_dict(tree.dit.config, tree.naming, str(tree.config_path))
+        dit_params = sum(tree.dit.info(key).numel for key in tree.dit.key_files)
         vae_config = _json_or_none(tree.root / "vae" / "config.json")
         return cls(dit, dit_params, _folder_params(tree.root / "text_encoder"), _folder_params(tree.root / "vae"),
                    vae_config)

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 from longcat_convert.errors import LongcatError
+from longcat_convert.io import read_header
+from longcat_convert.lora import parse
 
 PROMPT = "a cat sits on a wooden table next to a window"  # parity.run_task's prompt
 BSA_INTERFACE = "longcat_video.block_sparse_attention.bsa_interface"
@@ -207,13 +209,11 @@ def load_upstream(tree: str | Path, dtype: torch.dtype = torch.float32, device: 
 
 
 def lora_rank(path: Path) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        for key in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
-            if ".lora_up." in key:
-                return int(handle.get_slice(key).get_shape()[1])
-    raise LongcatError("no lora_up tensors in the LoRA file", path)
+    """The one rank upstream's load_lora builds every module of an upstream-format adapter with."""
+    lora = parse(read_header(path)).check()
+    if lora.format != "upstream":
+        raise LongcatError(f"is a {lora.format}-format LoRA; upstream's load_lora takes its own format", path)
+    return next(iter(lora.modules.values())).rank
 
 
 class Recorder:
