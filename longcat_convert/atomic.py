@@ -38,7 +38,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import LongcatError
-from .faults import checkpoint
+from .faults import crash_point
 
 TOKEN_LENGTH = 12
 _LONGEST_SUFFIX = len(".longcat-partial-") + TOKEN_LENGTH
@@ -330,7 +330,7 @@ class DestinationClaim:
         check_destination(self.dst, self.overwrite)
         try:
             self._lock_destination()
-            checkpoint("destination locked")
+            crash_point("destination locked")
             self._pin_destination()
         except BaseException as exc:
             self.release()
@@ -531,7 +531,7 @@ class AtomicDirectory:
         assert self.work is not None
         try:
             fsync_directory(self.work)
-            checkpoint("committing")
+            crash_point("committing")
             if self.replaces is None or identity(self.dst) is None:
                 self._move_into_free_place()
             else:
@@ -565,7 +565,7 @@ class AtomicDirectory:
         except RenameUnsupported:
             self._replace_in_two_steps()
             return
-        checkpoint("old destination swapped out")
+        crash_point("old destination swapped out")
         if identity(self.work) != self.replaces:  # replaced between the check and the swap: put it back
             try:
                 renameat2(self.work, self.dst, RENAME_EXCHANGE)
@@ -583,7 +583,7 @@ class AtomicDirectory:
         assert self.work is not None
         old = self._sibling("old")
         os.rename(self.dst, old)
-        checkpoint("old destination moved aside")
+        crash_point("old destination moved aside")
         if identity(old) != self.replaces:
             self._put_back(old)
             raise self._not_ours()

@@ -18,7 +18,7 @@ from . import __version__, journal, jsonschemas
 from .atomic import AtomicDirectory, DestinationClaim
 from .dtypes import TORCH_DTYPE
 from .errors import LongcatError
-from .faults import checkpoint
+from .faults import crash_point
 from .io import (
     SafetensorsHeader,
     ShardWriter,
@@ -173,7 +173,7 @@ def _write_shard(work: Path, shard: ShardPlan, sources: Sources, progress: tqdm)
     try:
         with ShardWriter(path, entries, shard.metadata, direct_io=True) as writer:
             for tensor in shard.tensors:
-                checkpoint(f"tensor {tensor.name} of {shard.file}")
+                crash_point(f"tensor {tensor.name} of {shard.file}")
                 tap = None
                 if not tensor.is_byte_copy:
                     hasher.begin(tensor.name)
@@ -203,7 +203,7 @@ def _copy_file(files: SourceFiles, source: Path, target: Path, relative: str, pr
         sink = BackgroundSink(writer, target, "copy", digest=True)  # writes and hashes in threads while the next chunk is read
         try:
             for chunk in files.stream(source):
-                checkpoint(f"copying {relative}")
+                crash_point(f"copying {relative}")
                 sink.write(chunk)
                 copied += len(chunk)
                 progress.update(len(chunk))
@@ -302,7 +302,7 @@ def _write_outputs(plan: ConversionPlan, tree: Tree, work: Path, sources: Source
             progress.update(shard.nbytes)
         tensors.extend(records)
         sources.files.verify()  # fail early rather than after the remaining shards
-        checkpoint(f"shard {shard.file} complete")
+        crash_point(f"shard {shard.file} complete")
     for copy in plan.copies:
         records = _kept_copy(log, copy, sources)
         if records is None:
@@ -312,7 +312,7 @@ def _write_outputs(plan: ConversionPlan, tree: Tree, work: Path, sources: Source
         else:
             progress.update(records[0]["bytes"])
         files.extend(records)
-        checkpoint(f"copied {copy.target}")
+        crash_point(f"copied {copy.target}")
     return tensors, files
 
 
@@ -326,7 +326,7 @@ def execute(plan: ConversionPlan, tree: Tree, dst: Path, *, overwrite: bool = Fa
     claim: `dst` already claimed by the caller since before planning (else it is claimed here)."""
     sources = Sources(tree)
     _check_drops(plan, sources)
-    checkpoint("planned")
+    crash_point("planned")
     copy_bytes = plan.copy_bytes
     fingerprint = plan_fingerprint(plan.to_json())
     adopt = (lambda folder: journal.adopt(folder, fingerprint) is not None) if resume else None
@@ -337,21 +337,21 @@ def execute(plan: ConversionPlan, tree: Tree, dst: Path, *, overwrite: bool = Fa
         for relative, content in plan.json_files.items():
             files.append({**_write_text(work / relative, json.dumps(content, indent=2) + "\n"), "path": relative,
                           "how": "written"})
-        checkpoint("configs written")
+        crash_point("configs written")
         for index in plan.indexes:
             write_index(work / index.file, index.weight_map, index.total_size)
             files.append({**_file_digest(work / index.file), "path": index.file, "how": "written"})
-        checkpoint("index written")
+        crash_point("index written")
         lora_checks = _check_loras(plan, tree, work, sources)
-        checkpoint("LoRAs checked")
+        crash_point("LoRAs checked")
         manifest = _manifest(plan, tree, tensors, files, lora_checks)
         jsonschemas.check("manifest", manifest, work / MANIFEST)
         _write_text(work / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        checkpoint("manifest written")
+        crash_point("manifest written")
         sources.files.verify()  # the last moment before the rename: everything read is still what was planned
         log.discard()
         _check_output(work, dst, plan.target_layout)
-    checkpoint("renamed into place")
+    crash_point("renamed into place")
     return manifest
 
 

@@ -36,20 +36,20 @@ def _digests(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _checkpoints(result: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.startswith("checkpoint ")]
+def _crash_points(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("crash point ")]
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """An uninterrupted run, traced: the output to compare with and the list of checkpoints."""
+    """An uninterrupted run, traced: the output to compare with and the list of crash points."""
     dst = tmp_path_factory.mktemp("reference") / "fv"
     result = _run(tiny_raw, dst, kill_at=10**9, trace=True)
     assert result.returncode == 0, result.stderr
-    return dst, _checkpoints(result)
+    return dst, _crash_points(result)
 
 
-def test_checkpoints_cover_every_phase(reference: tuple[Path, list[str]]) -> None:
+def test_crash_points_cover_every_phase(reference: tuple[Path, list[str]]) -> None:
     labels = " ".join(reference[1])
     for phase in ("planned", "tensor", "shard", "lora/", "copied", "configs written", "index written",
                   "LoRAs checked", "manifest written", "renamed into place"):
@@ -100,7 +100,7 @@ def test_resume_reuses_completed_files_and_matches(tiny_raw: Path, reference: tu
     assert len(partials) == 1 and not dst.exists()
     resumed = _run(tiny_raw, dst, "--resume", kill_at=10**9, trace=True)
     assert resumed.returncode == 0, resumed.stderr
-    rewritten = [line for line in _checkpoints(resumed) if ": tensor " in line]
+    rewritten = [line for line in _crash_points(resumed) if ": tensor " in line]
     assert rewritten == [], f"resume rewrote {len(rewritten)} tensors"
     assert _digests(dst) == _digests(expected)
     assert [p.name for p in tmp_path.iterdir()] == ["fv"]
@@ -117,7 +117,7 @@ def test_resume_redoes_a_damaged_file(tiny_raw: Path, reference: tuple[Path, lis
     shard.write_bytes(bytes(data))
     resumed = _run(tiny_raw, dst, "--resume", kill_at=10**9, trace=True)
     assert resumed.returncode == 0, resumed.stderr
-    rewritten = {line.rsplit(" of ", 1)[1] for line in _checkpoints(resumed) if ": tensor " in line}
+    rewritten = {line.rsplit(" of ", 1)[1] for line in _crash_points(resumed) if ": tensor " in line}
     assert rewritten == {f"transformer/{shard.name}"}
     assert _digests(dst) == _digests(expected)
 
@@ -171,7 +171,7 @@ def test_resume_redoes_what_a_changed_source_made(raw_copy: Path, tmp_path: Path
     if extra:
         traced = _run(raw_copy, tmp_path / "traced", *extra, kill_at=10**9, trace=True)
         assert traced.returncode == 0, traced.stderr
-        points = _checkpoints(traced)
+        points = _crash_points(traced)
     killed = _run(raw_copy, dst, *extra, kill_at=_index_of(points, "copied scheduler/"))
     assert killed.returncode == -signal.SIGKILL and not dst.exists()
     source_file = raw_copy / victim
@@ -190,7 +190,7 @@ def test_resume_redoes_what_a_changed_source_made(raw_copy: Path, tmp_path: Path
     manifest = json.loads((dst / "conversion.json").read_text())
     made_from_victim = {r["file"] for r in manifest["tensors"]
                         if any(s["file"] == victim and s["key"] == key for s in r["sources"])}
-    rewritten = {line.rsplit(" of ", 1)[1] for line in _checkpoints(resumed) if ": tensor " in line}
+    rewritten = {line.rsplit(" of ", 1)[1] for line in _crash_points(resumed) if ": tensor " in line}
     assert made_from_victim and rewritten == made_from_victim
-    assert any("copying scheduler/scheduler_config.json" in line for line in _checkpoints(resumed))
+    assert any("copying scheduler/scheduler_config.json" in line for line in _crash_points(resumed))
     assert [p.name for p in out.iterdir()] == ["fv"]

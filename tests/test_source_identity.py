@@ -4,7 +4,7 @@ Every byte converted comes from the files the plan was made from (read from the 
 read from), and a source file that another process replaces, rewrites (even with its mtime put back),
 truncates, extends or removes at any point between planning and the commit ends the conversion with one
 line naming that file, exit code 2, and nothing at the destination. A conversion hook at a named
-checkpoint (`longcat_convert.execute.checkpoint`) changes the file at an exact moment.
+crash point (`longcat_convert.execute.crash_point`) changes the file at an exact moment.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def remove(path: Path) -> None:
 
 Mutation = Callable[[Path], None]
 
-# (source file, what happens to it, checkpoint label it happens at (first label containing this text))
+# (source file, what happens to it, crash point label it happens at (first label containing this text))
 CASES: list[tuple[str, Mutation, str]] = [
     # the issue's reproduction: replaced after planning, same tensors, longer header
     ("dit/diffusion_pytorch_model-00002-of-00006.safetensors", replace_with_longer_header, "planned"),
@@ -100,8 +100,8 @@ CASES: list[tuple[str, Mutation, str]] = [
 
 
 def _change_at(monkeypatch: pytest.MonkeyPatch, label_part: str, action: Callable[[], None]) -> list[str]:
-    """Run `action` once, at the first checkpoint whose label contains `label_part`; returns the labels hit."""
-    real = execute_module.checkpoint
+    """Run `action` once, at the first crash point whose label contains `label_part`; returns the labels hit."""
+    real = execute_module.crash_point
     fired: list[str] = []
 
     def hooked(label: str) -> None:
@@ -110,7 +110,7 @@ def _change_at(monkeypatch: pytest.MonkeyPatch, label_part: str, action: Callabl
             fired.append(label)
             action()
 
-    monkeypatch.setattr(execute_module, "checkpoint", hooked)
+    monkeypatch.setattr(execute_module, "crash_point", hooked)
     return fired
 
 
@@ -128,7 +128,7 @@ def test_a_source_changed_mid_conversion_is_refused_and_nothing_is_written(
     fired = _change_at(monkeypatch, when, lambda: mutation(victim))
     with pytest.raises(LongcatError) as error:
         convert(_request(raw_copy, dst))
-    assert fired, f"no checkpoint matched {when!r}"
+    assert fired, f"no crash point matched {when!r}"
     message = error.value.one_line()
     assert CHANGED in message and str(victim) in message and "nothing was written" in message, message
     assert "\n" not in message and "rerun when nothing writes to the source" in message
