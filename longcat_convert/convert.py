@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import DestinationClaim, check_destination
+from .dtypes import DtypePolicy
 from .errors import LongcatError
 from .execute import execute
 from .hub import looks_like_repo_id, resolve_source
 from .io import SourceFiles
-from .plan import ConversionPlan, DtypePolicy, PlanOptions, plan_conversion
+from .plan import ConversionPlan, PlanOptions, plan_conversion
 from .sharding import parse_size
 from .tree import Tree, read_tree
 from .validate import ValidateOptions, refuse_if_invalid, validate_tree

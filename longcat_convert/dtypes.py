@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fnmatch
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import LongcatError
 
 ITEMSIZE: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -101,3 +105,41 @@ def friendly(dtype: str) -> str:
 
 def is_floating(dtype: str) -> bool:
     return dtype in FLOATING
+
+
+@dataclass
+class DtypePolicy:
+    """What a conversion does to dtypes: cast every floating tensor to `target` (None keeps it), except those
+    whose output name matches a `keep_fp32` glob, which become float32. Integer tensors never change."""
+
+    target: str | None = None  # safetensors dtype name, None keeps the source dtype
+    keep_fp32: tuple[str, ...] = ()
+
+    @classmethod
+    def from_options(cls, dtype: str, keep_fp32: tuple[str, ...]) -> DtypePolicy:
+        if dtype != "keep" and dtype not in POLICY_NAMES:
+            raise LongcatError(f"--dtype must be keep, {', '.join(POLICY_NAMES)}; got {dtype!r}")
+        return cls(None if dtype == "keep" else POLICY_NAMES[dtype], tuple(keep_fp32))
+
+    def resolve(self, name: str, source_dtype: str) -> str:
+        if not is_floating(source_dtype):
+            return source_dtype
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.keep_fp32):
+            return "F32"
+        return self.target or source_dtype
+
+    def describe(self) -> dict:
+        return {"dtype": self.target or "keep", "keep_fp32": list(self.keep_fp32)}
+
+    @classmethod
+    def from_description(cls, description: object, where: str | None = None) -> DtypePolicy:
+        """The inverse of describe() (a manifest's dtype_policy); refuses a policy convert never writes."""
+        dtype = description.get("dtype") if isinstance(description, dict) else None
+        keep = description.get("keep_fp32") if isinstance(description, dict) else None
+        if dtype != "keep" and dtype not in POLICY_NAMES.values():
+            raise LongcatError(f"dtype policy {dtype!r} is not one convert writes (keep, "
+                               f"{', '.join(POLICY_NAMES.values())})", where, "the manifest was altered or is corrupt")
+        if not isinstance(keep, list) or not all(isinstance(pattern, str) for pattern in keep):
+            raise LongcatError(f"dtype policy keep_fp32 {keep!r} is not a list of patterns", where,
+                               "the manifest was altered or is corrupt")
+        return cls(None if dtype == "keep" else dtype, tuple(keep))

@@ -4,7 +4,6 @@ which source bytes, in which shard, in which dtype. No I/O happens here.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 from collections import Counter
@@ -12,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from . import keymap
-from .dtypes import ITEMSIZE, POLICY_NAMES, exactly_representable, is_floating
+from .dtypes import ITEMSIZE, DtypePolicy, exactly_representable
 from .errors import LongcatError
 from .io import index_name, parse_json, shard_name
 from .lora import (
@@ -120,41 +119,6 @@ class AdapterPlan:
     modules: int
     shard: ShardPlan
     notes: tuple[str, ...] = ()
-
-
-@dataclass
-class DtypePolicy:
-    target: str | None = None  # safetensors dtype name, None keeps the source dtype
-    keep_fp32: tuple[str, ...] = ()
-
-    @classmethod
-    def from_options(cls, dtype: str, keep_fp32: tuple[str, ...]) -> DtypePolicy:
-        if dtype != "keep" and dtype not in POLICY_NAMES:
-            raise LongcatError(f"--dtype must be keep, {', '.join(POLICY_NAMES)}; got {dtype!r}")
-        return cls(None if dtype == "keep" else POLICY_NAMES[dtype], tuple(keep_fp32))
-
-    def resolve(self, name: str, source_dtype: str) -> str:
-        if not is_floating(source_dtype):
-            return source_dtype
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.keep_fp32):
-            return "F32"
-        return self.target or source_dtype
-
-    def describe(self) -> dict:
-        return {"dtype": self.target or "keep", "keep_fp32": list(self.keep_fp32)}
-
-    @classmethod
-    def from_description(cls, description: object, where: str | None = None) -> DtypePolicy:
-        """The inverse of describe() (a manifest's dtype_policy); refuses a policy convert never writes."""
-        dtype = description.get("dtype") if isinstance(description, dict) else None
-        keep = description.get("keep_fp32") if isinstance(description, dict) else None
-        if dtype != "keep" and dtype not in POLICY_NAMES.values():
-            raise LongcatError(f"dtype policy {dtype!r} is not one convert writes (keep, "
-                               f"{', '.join(POLICY_NAMES.values())})", where, "the manifest was altered or is corrupt")
-        if not isinstance(keep, list) or not all(isinstance(pattern, str) for pattern in keep):
-            raise LongcatError(f"dtype policy keep_fp32 {keep!r} is not a list of patterns", where,
-                               "the manifest was altered or is corrupt")
-        return cls(None if dtype == "keep" else dtype, tuple(keep))
 
 
 @dataclass
@@ -329,18 +293,17 @@ def _upstream_to_fastvideo(adapter: Adapter, expanded: keymap.ExpandedMap, polic
     blocks_used: dict[str, int] = {}
     for module, record in adapter.lora.modules.items():
         linear = expanded.linears[module]
-        n, r = record.n_blocks, record.rank
-        blocks_used[module] = n
+        blocks_used[module] = record.n_blocks
         alpha_scale = adapter.lora.alphas[record.alpha]
         ups = record.ups
         down_dtype = header.tensors[record.down].dtype
         up_dtype = header.tensors[ups[0]].dtype
-        parts = fused_targets(linear.out_features, n, len(linear.fastvideo), r)
+        parts = fused_targets(linear.out_features, record.n_blocks, len(linear.fastvideo), record.rank)
         for target, part in zip(linear.fastvideo, parts, strict=True):
             lora_alpha, multiplier = _fastvideo_alpha(adapter, module, alpha_scale, part.rank, fix)
-            a_name, b_name, alpha_name = (fastvideo_key(target, part) for part in ("down", "up", "alpha"))
-            b_sources = tuple(Slice(adapter.file, ups[j], None if part.whole_block(i) else part.rows[i])
-                              for i, j in enumerate(part.blocks))
+            a_name, b_name, alpha_name = (fastvideo_key(target, role) for role in ("down", "up", "alpha"))
+            b_sources = tuple(Slice(adapter.file, ups[block], None if part.whole_block(index) else part.rows[index])
+                              for index, block in enumerate(part.blocks))
             b_op = "rows" if len(b_sources) == 1 else "blockdiag"
             a_rows = None if part.down_rows == (0, header.tensors[record.down].shape[0]) else part.down_rows
             outputs.append(OutputTensor(a_name, (part.rank, linear.in_features), policy.resolve(a_name, down_dtype),
@@ -367,13 +330,13 @@ def _fastvideo_to_upstream(adapter: Adapter, expanded: keymap.ExpandedMap, polic
     outputs: list[OutputTensor] = []
     for module, parts in grouped.items():
         linear = expanded.linears[module]
-        k = len(linear.fastvideo)
-        if sorted(parts) != list(range(k)):
-            raise LongcatError(f"LoRA for {module!r} covers only {len(parts)} of its {k} FastVideo targets; the "
-                               "upstream format needs all of them", header.path)
-        records_in_order = [parts[t] for t in range(k)]
-        n = hints.get(module) or _infer_blocks(linear, records_in_order[0].rank)
-        outputs.extend(_module_to_upstream(adapter, linear, records_in_order, n, policy, fix))
+        target_count = len(linear.fastvideo)
+        if sorted(parts) != list(range(target_count)):
+            raise LongcatError(f"LoRA for {module!r} covers only {len(parts)} of its {target_count} FastVideo "
+                               "targets; the upstream format needs all of them", header.path)
+        records_in_order = [parts[target] for target in range(target_count)]
+        block_count = hints.get(module) or _infer_blocks(linear, records_in_order[0].rank)
+        outputs.extend(_module_to_upstream(adapter, linear, records_in_order, block_count, policy, fix))
     return outputs
 
 
@@ -383,8 +346,8 @@ def _block_hints(header) -> dict[str, int]:
     if text is None:
         return {}
     hints = parse_json(text, header.path, "remove the corrupt metadata entry " + LORA_BLOCKS_METADATA)
-    if not isinstance(hints, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                              for v in hints.values()):
+    if not isinstance(hints, dict) or not all(isinstance(count, int) and not isinstance(count, bool) and count > 0
+                                              for count in hints.values()):
         raise LongcatError(f"metadata {LORA_BLOCKS_METADATA} is not a map of module names to block counts",
                            header.path, "remove the corrupt metadata entry")
     return hints
@@ -392,52 +355,54 @@ def _block_hints(header) -> dict[str, int]:
 
 def _infer_blocks(linear: keymap.LinearModule, rank: int) -> int:
     """Without our metadata: one up block per target for a fused module, else the map's published hint."""
-    k = len(linear.fastvideo)
-    if k > 1:
-        return k
+    if len(linear.fastvideo) > 1:
+        return len(linear.fastvideo)
     return linear.lora_up_blocks if rank % linear.lora_up_blocks == 0 else 1
 
 
-def _module_to_upstream(adapter: Adapter, linear: keymap.LinearModule, records: list[LoraModule], n: int,
+def _module_to_upstream(adapter: Adapter, linear: keymap.LinearModule, records: list[LoraModule], block_count: int,
                         policy: DtypePolicy, fix: str) -> list[OutputTensor]:
-    """The inverse of `_upstream_to_fastvideo` for one module: up block j is read back from the column band
+    """The inverse of `_upstream_to_fastvideo` for one module: each up block is read back from the column band
     and rows it occupies in each target's lora_B, its lora_down rows from the first target holding it.
 
     Targets with different scales (possible in FastVideo's format, not in upstream's one alpha_scale per
     module) need `fix == "rescale"`: the first target's scale becomes alpha_scale and each up block is
     multiplied by its target's scale / alpha_scale."""
     header, file, module = adapter.header, adapter.file, linear.upstream
-    k, out = len(records), linear.out_features
-    ranks = [r.rank for r in records]
-    scales = [fastvideo_scale(adapter.lora.alphas[r.alpha], rank) for r, rank in zip(records, ranks, strict=True)]
-    layout = _fused_layout(out, n, k, ranks)
+    out = linear.out_features
+    ranks = [record.rank for record in records]
+    scales = [fastvideo_scale(adapter.lora.alphas[record.alpha], record.rank) for record in records]
+    layout = _fused_layout(out, block_count, ranks)
     if layout is None:
-        raise LongcatError(f"LoRA for {module!r}: its {k} target(s) have ranks {ranks}, which one upstream module "
-                           f"with {n} up block(s) cannot express", header.path)
-    holders = [[(t, part.blocks.index(j)) for t, part in enumerate(layout) if j in part.blocks] for j in range(n)]
+        raise LongcatError(f"LoRA for {module!r}: its {len(records)} target(s) have ranks {ranks}, which one upstream "
+                           f"module with {block_count} up block(s) cannot express", header.path)
+    holders = [[(target, part.blocks.index(block)) for target, part in enumerate(layout) if block in part.blocks]
+               for block in range(block_count)]
     multipliers = _block_multipliers(adapter, module, scales, holders, fix)
-    r = layout[0].rank_per_block
-    up_names = [upstream_key(module, "up")] if n == 1 else [upstream_key(module, "up", j) for j in range(n)]
+    block_rank = layout[0].rank_per_block
+    up_names = ([upstream_key(module, "up")] if block_count == 1
+                else [upstream_key(module, "up", block) for block in range(block_count)])
     a_dtype, b_dtype = header.tensors[records[0].down].dtype, header.tensors[records[0].up].dtype
     down_sources, ups = [], []
     for block_holders in holders:
-        t0, band0 = block_holders[0]
-        down_sources.append(Slice(file, records[t0].down, _unless_whole((band0 * r, (band0 + 1) * r), ranks[t0])))
+        first_target, first_band = block_holders[0]
+        band_rows = (first_band * block_rank, (first_band + 1) * block_rank)
+        down_sources.append(Slice(file, records[first_target].down, _unless_whole(band_rows, ranks[first_target])))
         pieces = []
-        for t, band in block_holders:
-            part = layout[t]
-            first_row = sum(hi - lo for lo, hi in part.rows[:band])
-            lo, hi = part.rows[band]
-            cols = None if len(part.blocks) == 1 else (band * r, (band + 1) * r)
-            rows = _unless_whole((first_row, first_row + hi - lo), out // k)
-            pieces.append(Slice(file, records[t].up, rows, cols))
+        for target, band in block_holders:
+            part = layout[target]
+            first_row = sum(stop - start for start, stop in part.rows[:band])
+            start, stop = part.rows[band]
+            cols = None if len(part.blocks) == 1 else (band * block_rank, (band + 1) * block_rank)
+            rows = _unless_whole((first_row, first_row + stop - start), out // len(records))
+            pieces.append(Slice(file, records[target].up, rows, cols))
         ups.append(pieces)
     down_name = upstream_key(module, "down")
-    outputs = [OutputTensor(down_name, (n * r, linear.in_features), policy.resolve(down_name, a_dtype), a_dtype,
-                            "rows", tuple(down_sources), "lora_A concat")]
+    outputs = [OutputTensor(down_name, (block_count * block_rank, linear.in_features),
+                            policy.resolve(down_name, a_dtype), a_dtype, "rows", tuple(down_sources), "lora_A concat")]
     for name, sources, multiplier in zip(up_names, ups, multipliers, strict=True):
-        outputs.append(OutputTensor(name, (out // n, r), policy.resolve(name, b_dtype), b_dtype, "rows",
-                                    tuple(sources), "lora_B blocks", multiplier=multiplier))
+        outputs.append(OutputTensor(name, (out // block_count, block_rank), policy.resolve(name, b_dtype), b_dtype,
+                                    "rows", tuple(sources), "lora_B blocks", multiplier=multiplier))
     alpha_key = records[0].alpha
     alpha_dtype = _scalar_dtype(scales[0], header.tensors[alpha_key].dtype)
     outputs.append(OutputTensor(upstream_key(module, "alpha"), header.tensors[alpha_key].shape, alpha_dtype, alpha_dtype,
@@ -456,7 +421,7 @@ def _block_multipliers(adapter: Adapter, module: str, scales: list[float], holde
                            "pass --lora-alpha-fix rescale to fold each target's scale into its up block exactly")
     multipliers: list[float | None] = []
     for block_holders in holders:
-        factors = {scales[t] / scales[0] for t, _ in block_holders}
+        factors = {scales[target] / scales[0] for target, _ in block_holders}
         if len(factors) != 1:
             raise LongcatError(f"LoRA for {module!r}: an up block spans targets with different scales {scales}, "
                                "which the upstream format cannot express", adapter.header.path)
@@ -465,14 +430,16 @@ def _block_multipliers(adapter: Adapter, module: str, scales: list[float], holde
     return multipliers
 
 
-def _fused_layout(out: int, n: int, k: int, ranks: list[int]) -> list[TargetPart] | None:
-    """The target layout of an upstream module with n up blocks whose FastVideo targets have these ranks."""
-    if out % n or out % k:
+def _fused_layout(out: int, block_count: int, ranks: list[int]) -> list[TargetPart] | None:
+    """The target layout of an upstream module with `block_count` up blocks whose FastVideo targets (one per
+    rank given) have these ranks; None when no such module exists."""
+    target_count = len(ranks)
+    if out % block_count or out % target_count:
         return None
-    shape = fused_targets(out, n, k, 1)
-    per_block = ranks[0] // len(shape[0].blocks)
-    layout = fused_targets(out, n, k, per_block)
-    return layout if per_block > 0 and [p.rank for p in layout] == ranks else None
+    blocks_per_first_target = len(fused_targets(out, block_count, target_count, 1)[0].blocks)
+    block_rank = ranks[0] // blocks_per_first_target
+    layout = fused_targets(out, block_count, target_count, block_rank)
+    return layout if block_rank > 0 and [part.rank for part in layout] == ranks else None
 
 
 def _unless_whole(rows: tuple[int, int], length: int) -> tuple[int, int] | None:

@@ -24,7 +24,7 @@ from .validation.configs import check_cross_rules, check_model_index, check_sche
 from .validation.findings import Findings
 from .validation.manifest import check_manifest_headers, load_manifest
 from .validation.tree import Context, check_tree_safety, report_stray_pickles
-from .validation.weights import DtypePolicy
+from .validation.weights import DtypeExpectations
 
 REPORT_SCHEMA_VERSION = 1
 SHARED_COMPONENTS = tuple(keymap.load_map_document()["shared_components"])
@@ -67,7 +67,7 @@ def validate_tree(root: str | Path, options: ValidateOptions = ValidateOptions()
     ctx = Context(resolved, findings, dit_only=not any((resolved / name).exists() for name in SHARED_COMPONENTS),
                   files=files or DirectFiles())
     manifest = load_manifest(ctx)
-    policy = DtypePolicy(POLICY_NAMES[options.dtype] if options.dtype else None, options.allow_mixed_dtypes,
+    policy = DtypeExpectations(POLICY_NAMES[options.dtype] if options.dtype else None, options.allow_mixed_dtypes,
                          manifest.dtypes_by_file() if manifest else {})
 
     _check_model_index(ctx, layout)
@@ -102,10 +102,10 @@ def validate_tree(root: str | Path, options: ValidateOptions = ValidateOptions()
     return report
 
 
-def _check_shared_components(ctx: Context, options: ValidateOptions, policy: DtypePolicy, layout_name: str,
+def _check_shared_components(ctx: Context, options: ValidateOptions, policy: DtypeExpectations, layout_name: str,
                              dit) -> None:
     """text_encoder/, tokenizer/, vae/ and scheduler/, and the rules tying their configs to the DiT's."""
-    copied = DtypePolicy(None, options.allow_mixed_dtypes, policy.recorded)  # conversion copies these as they are
+    copied = DtypeExpectations(None, options.allow_mixed_dtypes, policy.recorded)  # conversion copies these as they are
     text_encoder = check_text_encoder(ctx, copied)
     tokenizer = ctx.root / "tokenizer"
     if tokenizer.is_dir():

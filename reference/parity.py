@@ -25,12 +25,11 @@ from pathlib import Path
 import torch
 
 from longcat_convert import jsonschemas, keymap, progress
-from longcat_convert.dtypes import POLICY_NAMES, SAFETENSORS_NAME
+from longcat_convert.dtypes import POLICY_NAMES, SAFETENSORS_NAME, DtypePolicy
 from longcat_convert.errors import LongcatError
 from longcat_convert.io import read_header, read_json_object
 from longcat_convert.lora import split_fastvideo, split_upstream, upstream_key
 from longcat_convert.lora_delta import AdapterDeltas, Term, compare_deltas
-from longcat_convert.plan import DtypePolicy
 
 from .config import DiTConfig
 from .dit import LongcatDiT

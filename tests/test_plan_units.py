@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from longcat_convert import keymap
+from longcat_convert.dtypes import DtypePolicy
 from longcat_convert.errors import LongcatError
 from longcat_convert.lora import decode_module, encode_module, fused_targets
-from longcat_convert.plan import DtypePolicy
 from longcat_convert.sharding import group_into_shards, parse_size
 
 PUBLISHED = dict(hidden_size=4096, depth=48, num_heads=32, caption_channels=4096, adaln_tembed_dim=512,

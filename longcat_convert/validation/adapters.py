@@ -20,7 +20,7 @@ from ..io import SafetensorsHeader
 from ..io.pickles import is_pickle_name, pickle_message
 from ..lora import LoraModule, ParsedLora, fastvideo_represents, fused_targets, parse, target_problems
 from .tree import Context
-from .weights import DtypePolicy, check_dtypes, read_header_or_report
+from .weights import DtypeExpectations, check_dtypes, read_header_or_report
 
 BLOCK_INDEX = re.compile(r"\.\d+\.")
 
@@ -112,7 +112,7 @@ def _fastvideo_alphas(ctx: Context, rel: str, lora: ParsedLora, expanded: keymap
 
 
 def check_lora_folder(ctx: Context, layout: dict, expanded: keymap.ExpandedMap | None,
-                      policy: DtypePolicy) -> None:
+                      policy: DtypeExpectations) -> None:
     folder = ctx.root / layout["lora_dir"]
     if not folder.is_dir():
         ctx.findings.info("lora", "missing_component", f"{layout['lora_dir']}/ does not exist: no LoRA adapter "

@@ -12,7 +12,7 @@ from ..jsonschemas import schema_findings
 from ..shard_folder import FolderRules, ShardFolder
 from .configs import check_dit_config, check_text_encoder_config, check_vae_config, dit_schema_name
 from .tree import Context, read_json_quietly
-from .weights import DtypePolicy, check_dtypes, compare_keys, scan_weight_folder, weights_summary
+from .weights import DtypeExpectations, check_dtypes, compare_keys, scan_weight_folder, weights_summary
 
 TEXT_ENCODER_BLOCK = re.compile(r"^encoder\.block\.(\d+)\.")
 TEXT_ENCODER_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight")
@@ -35,7 +35,7 @@ def component_folder(ctx: Context, component: str, name: str) -> Path | None:
     return None
 
 
-def check_dit(ctx: Context, layout: dict, policy: DtypePolicy) -> DitResult:
+def check_dit(ctx: Context, layout: dict, policy: DtypeExpectations) -> DitResult:
     folder = component_folder(ctx, "dit", layout["dit_dir"])
     config_rel = f"{layout['dit_dir']}/config.json"
     if folder is None:
@@ -96,7 +96,7 @@ def drop_expectations(ctx: Context, result: DitResult) -> dict[tuple[str, str], 
     return table
 
 
-def check_text_encoder(ctx: Context, policy: DtypePolicy) -> dict | None:
+def check_text_encoder(ctx: Context, policy: DtypeExpectations) -> dict | None:
     folder = component_folder(ctx, "text_encoder", "text_encoder")
     if folder is None:
         return None
@@ -127,7 +127,7 @@ def _check_text_encoder_keys(ctx: Context, weights: ShardFolder, config: dict) -
                            f"holds encoder blocks {_ranges(blocks)}, but num_layers is {config['num_layers']}", rel)
 
 
-def check_vae(ctx: Context, policy: DtypePolicy) -> dict | None:
+def check_vae(ctx: Context, policy: DtypeExpectations) -> dict | None:
     folder = component_folder(ctx, "vae", "vae")
     if folder is None:
         return None

@@ -79,14 +79,14 @@ def compare_keys(ctx: Context, component: str, weights: ShardFolder, expected: d
 
 
 @dataclass(frozen=True)
-class DtypePolicy:
+class DtypeExpectations:
     expected: str | None = None  # safetensors dtype name every floating tensor must have (--dtype)
     allow_mixed: bool = False
     recorded: dict[str, dict[str, str]] = field(default_factory=dict)  # file -> key -> dtype in the manifest
 
 
 def check_dtypes(ctx: Context, component: str, folder: Path, tensors: dict[str, tuple[str, TensorInfo]],
-                 policy: DtypePolicy, what: str = "tensors") -> None:
+                 policy: DtypeExpectations, what: str = "tensors") -> None:
     """Integer parameters, tensors off the --dtype or manifest dtype, and mixed dtypes."""
     census = Counter(info.dtype for _, info in tensors.values())
     dominant = census.most_common(1)[0][0] if census else None
