@@ -11,7 +11,6 @@ from . import progress
 from .cli_common import dtype_option, echo_json, json_option, quiet_option, report_option
 from .convert import ConvertRequest, convert, prepare
 from .hub import looks_like_repo_id
-from .io.reader import CHUNK_BYTES
 from .plan import ConversionPlan
 from .report import census_lines, human_bytes
 from .report_file import check_report_path, write_report
@@ -37,12 +36,7 @@ def _plan_lines(plan: ConversionPlan) -> list[str]:
                  + (f", float32 kept for {', '.join(plan.policy.keep_fp32)}" if plan.policy.keep_fp32 else ""))
     lines.append("  dtype census (before -> after):")
     lines += census_lines(plan.census_before, plan.census_after)
-    blockdiag = max((t.nbytes for s in plan.shards for t in s.tensors if t.op != "rows"), default=0)
-    # chunks alive at once: the one being read, two queued, one being written, one being hashed; a cast also
-    # queues two source chunks for the thread hashing the source bytes, and hashes a third
-    casts = any(not t.is_byte_copy for s in plan.shards for t in s.tensors if t.op == "rows")
-    chunks = 5 + (3 if casts else 0)
-    lines.append(f"  estimated working memory: {human_bytes(chunks * CHUNK_BYTES + 2 * blockdiag)} beyond the interpreter "
+    lines.append(f"  estimated working memory: {human_bytes(plan.working_memory_bytes())} beyond the interpreter "
                  f"(largest tensor {human_bytes(plan.largest_tensor_bytes())} is streamed, never held whole)")
     lines.append(f"  estimated disk: {human_bytes(plan.tensor_bytes + plan.copy_bytes)}")
     return lines

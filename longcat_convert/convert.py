@@ -18,7 +18,7 @@ from .tree import Tree, read_tree
 from .validate import ValidateOptions, refuse_if_invalid, validate_tree
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ConvertRequest:
     src: Path | str  # a folder or a Hugging Face repo id
     dst: Path

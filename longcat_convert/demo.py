@@ -14,6 +14,15 @@ from .io import read_bytes, read_header, tensor_range
 from .tiny import build_tiny_tree
 
 
+class StepFailed(Exception):
+    """A demo step whose check did not hold (a FAIL row, not a crash; unlike `assert`, survives python -O)."""
+
+
+def _require(condition: bool, failure: str) -> None:
+    if not condition:
+        raise StepFailed(failure)
+
+
 @dataclass
 class StepResult:
     step: str
@@ -109,7 +118,7 @@ class Demo:
             detail, verdict = step.action(), "PASS"
         except LongcatError as exc:
             detail, verdict = exc.one_line(), "FAIL"
-        except AssertionError as exc:
+        except StepFailed as exc:
             detail, verdict = str(exc), "FAIL"
         return StepResult(step.name, verdict, detail, time.perf_counter() - started)
 
@@ -118,7 +127,7 @@ class Demo:
 
         report = validate_tree(tree, ValidateOptions(deep=True))
         errors = [f["message"] for f in report["findings"] if f["severity"] == "error"]
-        assert report["valid"], f"{len(errors)} errors, e.g. {errors[0] if errors else '?'}"
+        _require(report["valid"], f"{len(errors)} errors, e.g. {errors[0] if errors else '?'}")
         hashes = report["deep_scan"]["hashed_against_manifest"]
         return f"valid, {report['counts']['warning']} warnings" + (f", {hashes} manifest hashes verified" if hashes else "")
 
@@ -127,7 +136,7 @@ class Demo:
 
         report = weights_parity(raw, converted)
         failed = [case["name"] for case in report["cases"] if not case["passed"]]
-        assert report["passed"], f"weights differ in {failed}"
+        _require(report["passed"], f"weights differ in {failed}")
         dit = next(case for case in report["cases"] if case["name"] == "dit")
         loras = sum(case["name"].startswith("lora:") for case in report["cases"])
         return f"{dit['checked']} tensors equal; {loras} LoRAs' deltas equal"
@@ -137,7 +146,7 @@ class Demo:
 
         report = forward_parity(raw, converted, dtype=dtype)
         worst = max(case.get("rel_l2", float("inf")) for case in report["cases"])
-        assert report["passed"], f"forward outputs differ (worst rel L2 {worst:.2e})"
+        _require(report["passed"], f"forward outputs differ (worst rel L2 {worst:.2e})")
         return f"{len(report['cases'])} cases, worst rel L2 {worst:.1e}"
 
     def _tiny(self, raw: Path, dtype: str) -> str:
@@ -145,16 +154,16 @@ class Demo:
         return str(raw)
 
     def _convert(self, raw: Path, converted: Path, layout: str) -> str:
-        manifest = convert(ConvertRequest(raw, converted, layout, overwrite=True, quiet=True))
+        manifest = convert(ConvertRequest(src=raw, dst=converted, to=layout, overwrite=True, quiet=True))
         checks = ", ".join(f"{c['adapter']} Δ rel {c['max_rel_error']:.0e}" for c in manifest["lora_checks"])
         return f"{len(manifest['tensors'])} tensors; LoRA {checks}"
 
     def _round_trip(self, raw: Path, converted: Path, back: Path) -> str:
-        convert(ConvertRequest(converted, back, "raw", overwrite=True, quiet=True))
+        convert(ConvertRequest(src=converted, dst=back, to="raw", overwrite=True, quiet=True))
         total = 0
         for folder, by_file in (("dit", False), ("lora", True)):
             count, differing = tensors_bitwise_equal(raw / folder, back / folder, "*.safetensors", by_file)
-            assert not differing, f"{len(differing)} tensors differ, e.g. {differing[0]}"
+            _require(not differing, f"{len(differing)} tensors differ, e.g. {differing[0] if differing else ''}")
             total += count
         return f"{total} tensors bitwise identical to the source"
 
@@ -163,7 +172,7 @@ class Demo:
 
         report = task_parity(raw, converted)
         failed = [case["name"] for case in report["cases"] if not case["passed"]]
-        assert report["passed"], f"tasks differ: {failed[:4]}"
+        _require(report["passed"], f"tasks differ: {failed[:4]}")
         worst = max((case.get("rel_l2") or 0.0) for case in report["cases"])
         tasks = sorted({case["name"].split(":")[0] for case in report["cases"]})
         return f"{len(tasks)} tasks ({', '.join(tasks)}), worst rel L2 {worst:.1e}"

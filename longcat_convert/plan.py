@@ -14,6 +14,7 @@ from . import keymap
 from .dtypes import ITEMSIZE, DtypePolicy, exactly_representable
 from .errors import LongcatError
 from .io import index_name, parse_json, shard_name
+from .io.reader import CHUNK_BYTES
 from .lora import (
     LoraModule,
     TargetPart,
@@ -164,6 +165,14 @@ class ConversionPlan:
             "written": sorted(self.json_files), "dtype_policy": self.policy.describe(),
             "census": {"before": self.census_before, "after": self.census_after},
         }
+
+    def working_memory_bytes(self) -> int:
+        """What executing the plan holds at once, beyond the interpreter: chunks in flight (the one being read, two
+        queued, one being written, one being hashed; a cast also queues two source chunks for the thread hashing
+        the source bytes and hashes a third) and two copies of the largest block-diagonal tensor, built whole."""
+        built_whole = max((t.nbytes for s in self.shards for t in s.tensors if t.op != "rows"), default=0)
+        casts = any(not t.is_byte_copy for s in self.shards for t in s.tensors if t.op == "rows")
+        return (5 + (3 if casts else 0)) * CHUNK_BYTES + 2 * built_whole
 
     def largest_tensor_bytes(self) -> int:
         return max((t.nbytes for s in self.shards for t in s.tensors), default=0)

@@ -65,7 +65,7 @@ def expected_fastvideo_state(raw: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def _convert(src: Path, dst: Path, to: str, **kwargs) -> dict:
-    return convert(ConvertRequest(src, dst, to, quiet=True, **kwargs))
+    return convert(ConvertRequest(src=src, dst=dst, to=to, quiet=True, **kwargs))
 
 
 # ----------------------------------------------------------------------------------------- the DiT

@@ -183,7 +183,7 @@ def test_resume_redoes_what_a_changed_source_made(raw_copy: Path, tmp_path: Path
 
     resumed = _run(raw_copy, dst, "--resume", *extra, kill_at=10**9, trace=True)
     assert resumed.returncode == 0, resumed.stderr
-    convert(ConvertRequest(raw_copy, tmp_path / "fresh", "fastvideo", dtype=extra[1] if extra else "keep",
+    convert(ConvertRequest(src=raw_copy, dst=tmp_path / "fresh", to="fastvideo", dtype=extra[1] if extra else "keep",
                            max_shard_size="300KB", quiet=True))
     assert _digests(dst) == _digests(tmp_path / "fresh")
 

@@ -18,7 +18,7 @@ from longcat_convert.jsonschemas import schema_errors
 @pytest.fixture(scope="module")
 def fastvideo(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     dst = tmp_path_factory.mktemp("task-parity") / "fv"
-    convert(ConvertRequest(tiny_raw, dst, "fastvideo", quiet=True))
+    convert(ConvertRequest(src=tiny_raw, dst=dst, to="fastvideo", quiet=True))
     return dst
 
 

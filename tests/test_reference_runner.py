@@ -444,8 +444,8 @@ def converted_trees(tiny_raw, tmp_path_factory) -> dict[str, Path]:
     kept in float32."""
     root = tmp_path_factory.mktemp("converted")
     trees = {"keep": root / "keep", "bf16": root / "bf16"}
-    convert(ConvertRequest(tiny_raw, trees["keep"], "fastvideo", quiet=True))
-    convert(ConvertRequest(tiny_raw, trees["bf16"], "fastvideo", dtype="bfloat16", keep_fp32=("*adaln*",), quiet=True))
+    convert(ConvertRequest(src=tiny_raw, dst=trees["keep"], to="fastvideo", quiet=True))
+    convert(ConvertRequest(src=tiny_raw, dst=trees["bf16"], to="fastvideo", dtype="bfloat16", keep_fp32=("*adaln*",), quiet=True))
     return trees
 
 

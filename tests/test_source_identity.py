@@ -115,7 +115,7 @@ def _change_at(monkeypatch: pytest.MonkeyPatch, label_part: str, action: Callabl
 
 
 def _request(src: Path, dst: Path, **options) -> ConvertRequest:
-    return ConvertRequest(src, dst, "fastvideo", max_shard_size="300KB", quiet=True, **options)
+    return ConvertRequest(src=src, dst=dst, to="fastvideo", max_shard_size="300KB", quiet=True, **options)
 
 
 @pytest.mark.parametrize("relative, mutation, when", CASES,

@@ -150,7 +150,7 @@ def test_manifest_dtypes_make_a_deliberate_mix_valid(tiny_raw: Path, tmp_path: P
     shutil.rmtree(tree)
     from longcat_convert.convert import ConvertRequest, convert
 
-    convert(ConvertRequest(tiny_raw, tree, "fastvideo", dtype="bfloat16", keep_fp32=("*adaln*",), quiet=True))
+    convert(ConvertRequest(src=tiny_raw, dst=tree, to="fastvideo", dtype="bfloat16", keep_fp32=("*adaln*",), quiet=True))
     report = validate_tree(tree)
     assert report["valid"], errors_of(report)
     assert set(report["components"]["dit"]["dtypes"]) == {"BF16", "F32"}
@@ -365,7 +365,7 @@ def test_dtype_option_covers_dit_and_lora_only(tiny_raw: Path, tmp_path: Path) -
     from longcat_convert.convert import ConvertRequest, convert
 
     tree = tmp_path / "fv"
-    convert(ConvertRequest(tiny_raw, tree, "fastvideo", dtype="bfloat16", quiet=True))
+    convert(ConvertRequest(src=tiny_raw, dst=tree, to="fastvideo", dtype="bfloat16", quiet=True))
     report = validate_tree(tree, ValidateOptions(dtype="bfloat16"))
     assert report["valid"], errors_of(report)
     assert set(report["components"]["text_encoder"]["dtypes"]) == {"F32"}

@@ -45,7 +45,7 @@ def converted(raw: Path, dst: Path, layout: str) -> Path:
     """`raw` itself for the raw layout, else a converted copy at `dst`."""
     if layout == "raw":
         return raw
-    convert(ConvertRequest(raw, dst, layout, quiet=True))
+    convert(ConvertRequest(src=raw, dst=dst, to=layout, quiet=True))
     return dst
 
 
