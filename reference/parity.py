@@ -17,7 +17,6 @@ arguments raise LongcatError; problems found in the converted tree are reported,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from .loading import (
 )
 from .lora import clear_loras, read_upstream_lora
 from .lora_delta import Term, relative_delta_error
+from .metrics import compare_outputs, json_number
 
 LIST_LIMIT = 20
 DEFAULT_THRESHOLDS = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
@@ -338,7 +338,7 @@ def _compare_lora(source: dict, converted: dict[str, list[Term]], unexpected_tar
         rel = relative_delta_error(want, got, source[module].out_features)
         worst = max(worst, rel)
         if not rel <= tolerance:
-            mismatches.append({"module": module, "rel_fro": _json_number(rel), "tolerance": tolerance})
+            mismatches.append({"module": module, "rel_fro": json_number(rel), "tolerance": tolerance})
     passed = not (missing or unexpected or mismatches)
     return {"passed": passed, "file": where, "modules_checked": len(set(source) & set(converted)),
             "max_rel_fro": worst, "mismatched": len(mismatches), "mismatches": mismatches[:LIST_LIMIT],
@@ -467,28 +467,11 @@ def _run_case(dit: LongcatDiT, name: str, inputs: ForwardInputs) -> torch.Tensor
     return dit(inputs.latents, inputs.timestep, inputs.text, inputs.mask)
 
 
-def compare_outputs(output: torch.Tensor, reference: torch.Tensor) -> dict:
-    """max abs, relative L2 and cosine similarity of two outputs (computed in float64)."""
-    out, ref = output.double().flatten(), reference.double().flatten()
-    diff = out - ref
-    ref_norm, out_norm = float(ref.norm()), float(out.norm())
-    rel = float(diff.norm()) / ref_norm if ref_norm else (0.0 if float(diff.norm()) == 0 else math.inf)
-    cosine = float(out @ ref) / (out_norm * ref_norm) if out_norm and ref_norm else 0.0
-    return {"max_abs": float(diff.abs().max()), "rel_l2": rel, "cosine": cosine}
-
-
 def _case_result(output: torch.Tensor | str, reference: torch.Tensor, threshold: float) -> dict:
     if isinstance(output, str):
         return {"passed": False, "error": output}
     if output.shape != reference.shape:
         return {"passed": False, "error": f"output shape {list(output.shape)} != {list(reference.shape)}"}
     metrics = compare_outputs(output, reference)
-    finite = all(math.isfinite(value) for value in metrics.values())
-    passed = finite and metrics["rel_l2"] <= threshold
-    return {**{name: _json_number(value) for name, value in metrics.items()}, "passed": passed,
-            "shape": list(output.shape)}
-
-
-def _json_number(value: float) -> float | None:
-    """Strict JSON has no NaN or infinity; report those as null (the case has failed anyway)."""
-    return value if math.isfinite(value) else None
+    passed = metrics["rel_l2"] is not None and metrics["rel_l2"] <= threshold
+    return {**metrics, "passed": passed, "shape": list(output.shape)}

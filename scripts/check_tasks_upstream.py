@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -252,9 +253,11 @@ def run_upstream(tree: Path, seed: int, checkout: Path) -> dict:
 # ---- comparison ----------------------------------------------------------------------------------------
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    a, b = a.double().flatten(), b.double().flatten()
-    norm = float(b.norm())
-    return (float((a - b).norm()) / norm if norm else float((a - b).norm())), float((a - b).abs().max())
+    """Relative L2 and max abs of `a` against `b` (inf where not finite)."""
+    from longcat_reference.metrics import compare_outputs
+
+    found = compare_outputs(a, b)
+    return tuple(math.inf if found[name] is None else found[name] for name in ("rel_l2", "max_abs"))
 
 
 def compare(ours: dict, upstream: dict, tol: float) -> bool:

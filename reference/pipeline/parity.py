@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from longcat_convert import progress
@@ -24,6 +23,7 @@ from longcat_convert.torch_threads import torch_threads
 
 from ..bsa import BsaParams
 from ..loading import open_tree
+from ..metrics import compare_outputs
 from .components import Pipeline, load_pipeline, resolve_dtype
 from .i2v import image_to_video
 from .long import long_video
@@ -104,36 +104,12 @@ def run_task(pipe: Pipeline, task: str, inputs: Inputs, sizes: TaskSizes, steps:
     raise LongcatError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
 
-# ---- metrics -----------------------------------------------------------------------------------------
-
-def metrics(output: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor, peak: float | None = None) -> dict:
-    """max abs, relative L2, cosine (float64); PSNR in dB against `peak` if given (None when identical).
-
-    Frames use peak 1 (they lie in [0, 1]); latents use the reference's largest magnitude.
-    """
-    out = torch.as_tensor(np.asarray(output, dtype=np.float64)).flatten()
-    ref = torch.as_tensor(np.asarray(reference, dtype=np.float64)).flatten()
-    diff = out - ref
-    ref_norm, out_norm, diff_norm = float(ref.norm()), float(out.norm()), float(diff.norm())
-    rel = diff_norm / ref_norm if ref_norm else (0.0 if diff_norm == 0 else math.inf)
-    result = {"max_abs": float(diff.abs().max()) if diff.numel() else 0.0, "rel_l2": rel,
-              "cosine": float(out @ ref) / (out_norm * ref_norm) if out_norm and ref_norm else 0.0}
-    if peak is not None:
-        mse = float((diff**2).mean()) if diff.numel() else 0.0
-        result["psnr"] = 10 * math.log10(peak**2 / mse) if mse else None
-    return result
-
-
-def _finite(value: float | None) -> float | None:
-    return value if value is None or math.isfinite(value) else None
-
+# ---- comparison --------------------------------------------------------------------------------------
 
 def _case(name: str, fields: dict, tolerance: float, dtype: str) -> dict:
     rel = fields.get("rel_l2")
-    passed = rel is not None and math.isfinite(rel) and rel <= tolerance and "error" not in fields
-    return {"name": name, "passed": bool(passed), **{k: _finite(v) if isinstance(v, float) else v
-                                                       for k, v in fields.items()},
-            "tolerance": tolerance, "dtype": dtype}
+    passed = rel is not None and rel <= tolerance and "error" not in fields
+    return {"name": name, "passed": passed, **fields, "tolerance": tolerance, "dtype": dtype}
 
 
 def compare_steps(got: list[TaskResult], want: list[TaskResult]) -> dict:
@@ -145,20 +121,24 @@ def compare_steps(got: list[TaskResult], want: list[TaskResult]) -> dict:
         for index, (a, b) in enumerate(zip(mine.steps, theirs.steps, strict=True)):
             if a.shape != b.shape:
                 return {"error": f"call {call} step {index}: shape {list(a.shape)} != {list(b.shape)}"}
-            found = metrics(a, b, peak=float(b.abs().max()))
+            found = compare_outputs(a, b, peak=float(b.abs().max()))
             per_step.append(found["rel_l2"])
-            if worst is None or not found["rel_l2"] <= worst[1]["rel_l2"]:
+            if worst is None or _badness(found) > _badness(worst[1]):
                 worst = ((call, index), found)
-    final = metrics(got[-1].latents.float(), want[-1].latents.float())
+    final = compare_outputs(got[-1].latents.float(), want[-1].latents.float())
     return {**worst[1], "worst_step": list(worst[0]), "final_rel_l2": final["rel_l2"],
-            "per_step_rel_l2": [_finite(v) for v in per_step], "shape": list(want[-1].latents.shape)}
+            "per_step_rel_l2": per_step, "shape": list(want[-1].latents.shape)}
+
+
+def _badness(found: dict) -> float:
+    return math.inf if found["rel_l2"] is None else found["rel_l2"]
 
 
 def compare_frames(got: list[TaskResult], want: list[TaskResult]) -> dict:
     mine, theirs = got[-1].frames, want[-1].frames
     if mine.shape != theirs.shape:
         return {"error": f"frame shapes differ: {list(mine.shape)} vs {list(theirs.shape)}"}
-    return {**metrics(mine, theirs, peak=1.0), "shape": list(theirs.shape)}
+    return {**compare_outputs(mine, theirs, peak=1.0), "shape": list(theirs.shape)}
 
 
 # ---- the report --------------------------------------------------------------------------------------
