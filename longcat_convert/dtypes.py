@@ -1,9 +1,15 @@
-"""safetensors dtype names, their sizes, and their torch equivalents."""
+"""safetensors dtype names, their sizes, their torch equivalents, and the dtype names users give and read."""
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from .errors import LongcatError
+
+if TYPE_CHECKING:
+    import torch
 
 ITEMSIZE: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -90,13 +96,33 @@ def exactly_representable(value: float, dtype: str) -> bool:
 
 FLOATING = frozenset({"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"})
 
-# user-facing names for the --dtype policy
-POLICY_NAMES: dict[str, str] = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-FRIENDLY: dict[str, str] = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+# The user-facing dtype names (--dtype, reports): torch's names of these floating dtypes, in the order
+# options list them. Every user takes the names it supports (`dtype_names`, `torch_dtype`).
+DTYPE_NAMES: dict[str, str] = {_TORCH_NAMES[name]: name for name in ("F32", "BF16", "F16", "F64")}
+FRIENDLY: dict[str, str] = {name: user for user, name in DTYPE_NAMES.items()}
+
+
+def dtype_names(*names: str) -> dict[str, str]:
+    """user-facing name -> safetensors name, for the names a command supports."""
+    return {name: DTYPE_NAMES[name] for name in names}
+
+
+POLICY_NAMES = dtype_names("bfloat16", "float16", "float32")  # what convert's --dtype casts weights to
 
 
 def friendly(dtype: str) -> str:
     return FRIENDLY.get(dtype, dtype)
+
+
+def torch_dtype(dtype: str | torch.dtype, supported: Sequence[str]) -> torch.dtype:
+    """The torch dtype of a user-facing name (or a torch dtype) among `supported`; imports torch."""
+    table = {name: TORCH_DTYPE[DTYPE_NAMES[name]] for name in supported}
+    if isinstance(dtype, str) and dtype in table:
+        return table[dtype]
+    if not isinstance(dtype, str) and dtype in table.values():
+        return dtype
+    *rest, last = supported
+    raise LongcatError(f"unsupported dtype {dtype!r}; choose {', '.join(rest) + ' or ' if rest else ''}{last}")
 
 
 def is_floating(dtype: str) -> bool:

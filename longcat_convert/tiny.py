@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import keymap
-from .dtypes import POLICY_NAMES, SAFETENSORS_NAME
+from .dtypes import SAFETENSORS_NAME
 from .errors import LongcatError
 from .io import ShardWriter, TensorEntry, index_name, shard_name, write_index
 from .lora import encode_module
@@ -178,7 +178,7 @@ def build_tiny_tree(dst: Path, *, seed: int = 0, dtype: str = "float32", depth: 
     """Write a complete raw tree into `dst` (atomically: built in a sibling folder, then renamed)."""
     from .atomic import AtomicDirectory
 
-    if dtype not in POLICY_NAMES or dtype == "float16":
+    if dtype not in ("float32", "bfloat16"):
         raise LongcatError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
     if hidden % 64 or hidden <= 0:
         raise LongcatError(f"--hidden must be a positive multiple of 64 (two heads of a multiple of 32), not {hidden}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from longcat_convert import jsonschemas, keymap, progress
-from longcat_convert.dtypes import POLICY_NAMES, SAFETENSORS_NAME
+from longcat_convert.dtypes import POLICY_NAMES, SAFETENSORS_NAME, torch_dtype
 from longcat_convert.errors import LongcatError
 from longcat_convert.io import read_header, read_json_object, read_tensor
 from longcat_convert.lora import encode_module
@@ -48,8 +48,6 @@ from .metrics import compare_outputs, json_number
 
 LIST_LIMIT = 20
 DEFAULT_THRESHOLDS = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 BASE_CASES = ("plain", "cond", "kvcache")
 # tolerance on the relative ΔW error, by the least precise dtype involved
 LORA_RTOL = {"F64": 1e-6, "F32": 1e-6, "F16": 2e-3, "BF16": 1e-2}
@@ -413,13 +411,8 @@ def _load_dit(tree: Tree, dtype: torch.dtype, device: str | torch.device) -> Lon
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> tuple[torch.dtype, str]:
-    if isinstance(dtype, torch.dtype):
-        if dtype in DTYPES.values():
-            return dtype, str(dtype).removeprefix("torch.")
-        raise LongcatError(f"unsupported dtype {dtype}")
-    if dtype not in DTYPES:
-        raise LongcatError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype], str(DTYPES[dtype]).removeprefix("torch.")
+    resolved = torch_dtype(dtype, tuple(DEFAULT_THRESHOLDS))
+    return resolved, str(resolved).removeprefix("torch.")
 
 
 def _case_names(cases: Iterable[str] | None, loras: list[str]) -> list[str]:
