@@ -21,22 +21,19 @@ from longcat_convert import progress
 from longcat_convert.errors import LongcatError
 from longcat_convert.torch_threads import torch_threads
 
-from ..bsa import BsaParams
-from ..loading import open_tree
+from ..loading import Tree, open_tree
 from ..metrics import compare_outputs
 from .components import Pipeline, load_pipeline, resolve_dtype
-from .i2v import image_to_video
-from .long import long_video
+from .dispatch import run_task
 from .original import check_checkout, original_task_results
-from .refine import refine
-from .rng import RandomStreams
+from .preflight import Media, RunPlan, RunRequest, plan_run
 from .sampler import TaskResult
-from .t2v import text_to_video
-from .vc import video_continuation
 
 TASKS = ("t2v", "t2v-distill", "i2v", "vc", "vc-nokv", "refine", "long")
 THRESHOLDS = {"float32": 1e-4, "bfloat16": 5e-2}  # rel L2, for latents and frames alike
-PARITY_BSA = BsaParams(sparsity=0.5, chunk_q=(4, 4, 4), chunk_k=(4, 4, 4))
+PROMPT = "a cat sits on a wooden table next to a window"
+PARITY_BSA = {"sparsity": 0.5, "cdf_threshold": None, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]}
+Job = tuple[RunPlan, Media]  # a planned task and its inputs
 
 
 @dataclass(frozen=True)
@@ -76,32 +73,41 @@ def synthetic_inputs(sizes: TaskSizes, seed: int) -> Inputs:
     return Inputs(image, video, refine_cond)
 
 
-def run_task(pipe: Pipeline, task: str, inputs: Inputs, sizes: TaskSizes, steps: int, seed: int) -> list[TaskResult]:
-    """One task at parity sizes; long video gives one result per call it made."""
-    rng = RandomStreams.from_seed(seed, pipe.device)
-    size, common = (sizes.height, sizes.width), {"max_sequence_length": sizes.max_sequence_length}
-    prompt = "a cat sits on a wooden table next to a window"
+def task_request(task: str, sizes: TaskSizes, steps: int, seed: int, dtype: str, device: str, inputs: Inputs
+                 ) -> tuple[RunRequest, Media]:
+    """Parity task `task` as the `run` request and inputs that run it (t2v-distill and vc-nokv are t2v with
+    distill and vc with no_kv_cache; refinement runs at least 2 steps, with PARITY_BSA)."""
+    common = {"prompt": PROMPT, "seed": seed, "dtype": dtype, "device": str(device),
+              "max_sequence_length": sizes.max_sequence_length}
+    stage1 = {**common, "height": sizes.height, "width": sizes.width, "num_frames": sizes.num_frames, "steps": steps}
     if task in ("t2v", "t2v-distill"):
-        return [text_to_video(pipe, prompt, rng, height=sizes.height, width=sizes.width, num_frames=sizes.num_frames,
-                              steps=steps, distill=task == "t2v-distill", **common)]
+        return RunRequest("t2v", distill=task == "t2v-distill", **stage1), Media()
     if task == "i2v":
-        return [image_to_video(pipe, inputs.image, prompt, rng, size=size, num_frames=sizes.num_frames, steps=steps,
-                               **common)]
+        return RunRequest("i2v", **stage1), Media(image=inputs.image)
     if task in ("vc", "vc-nokv"):
-        return [video_continuation(pipe, inputs.video, prompt, rng, size=size, num_frames=sizes.vc_frames,
-                                   num_cond_frames=sizes.num_cond_frames, steps=steps, use_kv_cache=task == "vc",
-                                   **common)]
+        return (RunRequest("vc", **{**stage1, "num_frames": sizes.vc_frames}, num_cond_frames=sizes.num_cond_frames,
+                           no_kv_cache=task == "vc-nokv"), Media(video=inputs.video))
     if task == "refine":
-        stage1 = inputs.video[:5]
-        return [refine(pipe, stage1, rng, prompt=prompt, video=inputs.refine_cond, num_cond_frames=2,
-                       size=(sizes.refine_height, sizes.refine_width), steps=max(steps, 2), bsa=PARITY_BSA, **common)]
+        return (RunRequest("refine", height=sizes.refine_height, width=sizes.refine_width, steps=max(steps, 2),
+                           num_cond_frames=2, bsa_params=PARITY_BSA, **common),
+                Media(video=inputs.video[:5], cond_video=inputs.refine_cond))
     if task == "long":
-        result = long_video(pipe, prompt, rng, segments=1, height=sizes.height, width=sizes.width,
-                            num_frames=sizes.num_frames, num_cond_frames=sizes.num_cond_frames, steps=steps,
-                            vc_size=size, refine_size=sizes.long_refine_size,
-                            refine_steps=max(steps, 2), spatial_refine_only=True, bsa=PARITY_BSA, **common)
-        return result.segments
+        refine_height, refine_width = sizes.long_refine_size
+        return (RunRequest("long", segments=1, num_cond_frames=sizes.num_cond_frames, refine_height=refine_height,
+                           refine_width=refine_width, refine_steps=max(steps, 2), spatial_refine_only=True,
+                           bsa_params=PARITY_BSA, **stage1), Media())
     raise LongcatError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+
+
+def _jobs(tree: Tree, tasks: list[str], sizes: TaskSizes, steps: int, seed: int, dtype: str, device: str
+          ) -> dict[str, Job]:
+    """Every task planned (and so checked) once; both sides run these plans."""
+    inputs = synthetic_inputs(sizes, seed)
+    jobs = {}
+    for task in tasks:
+        request, media = task_request(task, sizes, steps, seed, dtype, device, inputs)
+        jobs[task] = (plan_run(tree.root, request, media, measure=False), media)
+    return jobs
 
 
 # ---- comparison --------------------------------------------------------------------------------------
@@ -151,17 +157,16 @@ def _tree_info(root: str | Path) -> dict:
     return {"path": str(tree.root), "layout": tree.layout, "naming": tree.naming}
 
 
-def _run_all(load: Callable[[], Pipeline], tasks: list[str], inputs: Inputs, sizes: TaskSizes, steps: int,
-             seed: int) -> dict[str, list[TaskResult] | str]:
+def _run_all(load: Callable[[], Pipeline], jobs: dict[str, Job]) -> dict[str, list[TaskResult] | str]:
     try:
         pipe = load()
     except LongcatError as exc:
-        return dict.fromkeys(tasks, f"cannot load the pipeline: {exc.one_line()}")
+        return dict.fromkeys(jobs, f"cannot load the pipeline: {exc.one_line()}")
     results: dict[str, list[TaskResult] | str] = {}
-    for number, task in enumerate(tasks, start=1):
+    for number, (task, (plan, media)) in enumerate(jobs.items(), start=1):
         try:
-            with progress.scope(f"task {number}/{len(tasks)} {task}"):
-                results[task] = run_task(pipe, task, inputs, sizes, steps, seed)
+            with progress.scope(f"task {number}/{len(jobs)} {task}"):
+                results[task] = run_task(pipe, plan, media).results
         except LongcatError as exc:
             results[task] = exc.one_line()
     return results
@@ -189,29 +194,26 @@ def task_parity(raw_tree: str | Path, converted_tree: str | Path, tasks: Iterabl
     dtype_name = str(torch_dtype).removeprefix("torch.")
     tolerance = {**THRESHOLDS, **(thresholds or {})}[dtype_name]
     sizes = sizes or TaskSizes()
-    inputs = synthetic_inputs(sizes, seed)
     checkout = check_checkout(original_src) if original_src is not None else None
     raw = open_tree(raw_tree)
     if checkout is not None and raw.layout != "raw":
         raise LongcatError(f"the upstream pipeline (--original-src) reads raw trees only, this one is {raw.layout}",
                            raw.root)
+    jobs = _jobs(raw, tasks, sizes, steps, seed, dtype_name, device)
     started = time.perf_counter()
     with torch_threads(threads):  # tiny tensors run faster on one thread
         with progress.scope("raw tree"):
             if checkout is None:
-                reference = _run_all(lambda: load_pipeline(raw, torch_dtype, device), tasks, inputs, sizes, steps,
-                                     seed)
+                reference = _run_all(lambda: load_pipeline(raw, torch_dtype, device), jobs)
             else:
                 with progress.stage("upstream pipeline"):
-                    reference = original_task_results(checkout, raw.root, tasks, inputs, sizes, steps, seed,
-                                                      torch_dtype, device)
+                    reference = original_task_results(checkout, raw.root, jobs, torch_dtype, device)
         failed = {task: out for task, out in reference.items() if isinstance(out, str)}
         if failed:
             task, error = next(iter(failed.items()))
             raise LongcatError(f"the raw tree cannot run task {task}: {error}", raw.root)
         with progress.scope("converted tree"):
-            outputs = _run_all(lambda: load_pipeline(converted_tree, torch_dtype, device), tasks, inputs, sizes,
-                               steps, seed)
+            outputs = _run_all(lambda: load_pipeline(converted_tree, torch_dtype, device), jobs)
     cases = []
     for task in tasks:
         got, want = outputs[task], reference[task]
