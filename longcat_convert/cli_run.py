@@ -127,8 +127,8 @@ def run_command(tree: Path, task: str, output: Path, image: Path | None, video: 
     if refused and not yes:
         raise LongcatError(f"this {task} run {refused}", fix=REFUSE_FIX)
     with progress.reporting(progress.wanted(quiet)):
-        done = _execute(plan, media)
-    _write(output, done.arrays(save_steps), _reproducible(done.info, plan, tree), done.fps)
+        done = _execute(plan, media, save_steps)
+    _write(output, done.arrays, _reproducible(done.info, plan, tree), done.fps)
 
 
 def _checked_output(output: Path) -> Path:
@@ -144,12 +144,12 @@ def _checked_output(output: Path) -> Path:
     return output
 
 
-def _execute(plan: RunPlan, media: Media) -> TaskRun:
+def _execute(plan: RunPlan, media: Media, save_steps: bool) -> TaskRun:
     from longcat_reference.pipeline import load_pipeline
     from longcat_reference.pipeline.dispatch import run_task
 
     with progress.scope(plan.request.task):
-        return run_task(load_pipeline(plan.tree, plan.dtype, plan.device), plan, media)
+        return run_task(load_pipeline(plan.tree, plan.dtype, plan.device), plan, media, save_steps)
 
 
 def _reproducible(info: dict, plan: RunPlan, tree: Path) -> dict:

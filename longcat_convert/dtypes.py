@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from .errors import LongcatError
@@ -26,17 +26,15 @@ _TORCH_NAMES: dict[str, str] = {
 }
 
 
-class _TorchDtypes(Mapping):
-    """safetensors name -> torch.dtype, importing torch on first use: header-only commands never pay for it."""
+class _Lazy(Mapping):
+    """A table built on first use (they import torch): header-only commands never pay for it."""
 
-    def __init__(self) -> None:
-        self._table: dict | None = None
+    def __init__(self, build: Callable[[], dict]) -> None:
+        self._build, self._table = build, None
 
     def _load(self) -> dict:
         if self._table is None:
-            import torch
-
-            self._table = {name: getattr(torch, attr) for name, attr in _TORCH_NAMES.items()}
+            self._table = self._build()
         return self._table
 
     def __getitem__(self, key):
@@ -49,21 +47,14 @@ class _TorchDtypes(Mapping):
         return len(_TORCH_NAMES)
 
 
-class _SafetensorsNames(Mapping):
-    """torch.dtype -> safetensors name, the inverse of TORCH_DTYPE."""
+def _torch_table() -> dict:
+    import torch
 
-    def __getitem__(self, key):
-        return {v: k for k, v in TORCH_DTYPE.items()}[key]
-
-    def __iter__(self):
-        return iter(TORCH_DTYPE.values())
-
-    def __len__(self) -> int:
-        return len(_TORCH_NAMES)
+    return {name: getattr(torch, attr) for name, attr in _TORCH_NAMES.items()}
 
 
-TORCH_DTYPE = _TorchDtypes()
-SAFETENSORS_NAME = _SafetensorsNames()
+TORCH_DTYPE = _Lazy(_torch_table)  # safetensors name -> torch.dtype
+SAFETENSORS_NAME = _Lazy(lambda: {dtype: name for name, dtype in TORCH_DTYPE.items()})  # and back
 
 _STRUCT_SCALARS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b",
                    "U8": "<B", "U16": "<H", "U32": "<I", "U64": "<Q", "BOOL": "<?"}

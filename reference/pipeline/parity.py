@@ -49,15 +49,9 @@ class TaskSizes:
     max_sequence_length: int = 32
 
 
-@dataclass(frozen=True)
-class Inputs:
-    image: Image.Image
-    video: list[Image.Image]
-    refine_cond: list[Image.Image]
-
-
-def synthetic_inputs(sizes: TaskSizes, seed: int) -> Inputs:
-    """Deterministic RGB inputs: smooth gradients plus seeded noise, the same for both trees."""
+def synthetic_inputs(sizes: TaskSizes, seed: int) -> Media:
+    """Deterministic RGB inputs: smooth gradients plus seeded noise, the same for both trees (an image, a video
+    and refinement's conditioning video)."""
     rs = np.random.RandomState(seed)
 
     def frame(height: int, width: int, phase: float) -> Image.Image:
@@ -70,10 +64,10 @@ def synthetic_inputs(sizes: TaskSizes, seed: int) -> Inputs:
     image = frame(sizes.height + 8, sizes.width + 12, 0.0)
     video = [frame(sizes.height, sizes.width, 0.3 * k) for k in range(sizes.num_frames)]
     refine_cond = [frame(sizes.refine_height, sizes.refine_width, 0.2 * k) for k in range(4)]
-    return Inputs(image, video, refine_cond)
+    return Media(image, video, refine_cond)
 
 
-def task_request(task: str, sizes: TaskSizes, steps: int, seed: int, dtype: str, device: str, inputs: Inputs
+def task_request(task: str, sizes: TaskSizes, steps: int, seed: int, dtype: str, device: str, inputs: Media
                  ) -> tuple[RunRequest, Media]:
     """Parity task `task` as the `run` request and inputs that run it (t2v-distill and vc-nokv are t2v with
     distill and vc with no_kv_cache; refinement runs at least 2 steps, with PARITY_BSA)."""
@@ -90,7 +84,7 @@ def task_request(task: str, sizes: TaskSizes, steps: int, seed: int, dtype: str,
     if task == "refine":
         return (RunRequest("refine", height=sizes.refine_height, width=sizes.refine_width, steps=max(steps, 2),
                            num_cond_frames=2, bsa_params=PARITY_BSA, **common),
-                Media(video=inputs.video[:5], cond_video=inputs.refine_cond))
+                Media(video=inputs.video[:5], cond_video=inputs.cond_video))
     if task == "long":
         refine_height, refine_width = sizes.long_refine_size
         return (RunRequest("long", segments=1, num_cond_frames=sizes.num_cond_frames, refine_height=refine_height,
@@ -102,8 +96,7 @@ def task_request(task: str, sizes: TaskSizes, steps: int, seed: int, dtype: str,
 def _jobs(tree: Tree, tasks: list[str], sizes: TaskSizes, steps: int, seed: int, dtype: str, device: str
           ) -> dict[str, Job]:
     """Every task planned (and so checked) once; both sides run these plans."""
-    inputs = synthetic_inputs(sizes, seed)
-    jobs = {}
+    inputs, jobs = synthetic_inputs(sizes, seed), {}
     for task in tasks:
         request, media = task_request(task, sizes, steps, seed, dtype, device, inputs)
         jobs[task] = (plan_run(tree.root, request, media, measure=False), media)

@@ -10,8 +10,10 @@ has, with the reason wherever they differ from what was asked, and a rough cost 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -63,7 +65,7 @@ APPLIES_TO = {"num_cond_frames": ("vc", "refine", "long"), "resolution": ("i2v",
               "segments": ("long",), "no_refine": ("long",), "refine_height": ("long",), "refine_width": ("long",),
               "negative_prompt": ("t2v", "i2v", "vc", "long"), "guidance": ("t2v", "i2v", "vc", "long"),
               "refine_steps": ("long",), "bsa_params": ("refine", "long")}
-MEDIA_APPLIES_TO = {"image": ("i2v", "refine"), "video": ("vc", "refine"), "cond_video": ("refine",)}
+MEDIA_APPLIES_TO = {"image": ("i2v", "refine"), "video": ("vc", "refine"), "cond_video": ("refine",)}  # files
 REFUSE_FIX = ("use --device cuda, or lower --height/--width, --num-frames or --steps; pass --yes to run it "
               "anyway")
 
@@ -227,13 +229,11 @@ def read_media(task: str, image: Path | None, video: Path | None, cond_video: Pa
     """The input files `task` reads, read and checked (the others are left alone)."""
     from .media import load_image, load_video
 
-    def wanted(name: str, path: Path | None) -> Path | None:
-        return path if task in MEDIA_APPLIES_TO[name] else None
+    def read(name: str, path: Path | None, load: Callable) -> Any:
+        return load(path) if path is not None and task in MEDIA_APPLIES_TO[name] else None
 
-    image, video, cond_video = wanted("image", image), wanted("video", video), wanted("cond_video", cond_video)
-    return Media(image=load_image(image) if image is not None else None,
-                 video=load_video(video) if video is not None else None,
-                 cond_video=load_video(cond_video) if cond_video is not None else None)
+    return Media(read("image", image, load_image), read("video", video, load_video),
+                 read("cond_video", cond_video, load_video))
 
 
 def cond_frames(request: RunRequest, media: Media) -> int:
