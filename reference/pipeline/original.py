@@ -268,12 +268,6 @@ class Recorder:
 
 # ---- driving the tasks --------------------------------------------------------------------------------
 
-def _uint8_frames(output: np.ndarray) -> list:
-    from PIL import Image
-
-    return [Image.fromarray((output[i] * 255).astype(np.uint8)) for i in range(output.shape[0])]
-
-
 def _fixed_sizes(pipe: Any, plan: RunPlan) -> None:
     """upstream's get_condition_shape answers with the planned sizes (parity's are explicit, not a bucket)."""
     request, by_resolution = plan.request, {}
@@ -357,35 +351,29 @@ def run_upstream_task(pipe: Any, plan: RunPlan, media: Media) -> list:
 
 def _run_long(pipe: Any, call: Callable[[str, Callable[[], Any]], np.ndarray], plan: RunPlan, common: dict,
               steps: tuple[int, int], cond_count: int) -> None:
-    """run_demo_long_video's loop on upstream's methods, as long_video runs it on ours: t2v, continuations
-    with KV cache and enhance_hf, then refinement windows (prompt '') each conditioned on the previous one."""
-    from PIL import Image
+    """The long-video demo's loop (the one long_video runs) on upstream's methods: t2v, continuations with
+    KV cache and enhance_hf, then refinement windows (prompt '')."""
+    from .long import long_video_loop
 
     request, first = plan.request, plan.calls[0]
-    count = plan.num_frames
-    sampling = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "num_frames": count,
+    sampling = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "num_frames": plan.num_frames,
                 "guidance_scale": plan.guidance, "num_inference_steps": steps[0], **common}
-    video = _uint8_frames(call("t2v", lambda: pipe.generate_t2v(height=first.height, width=first.width, **sampling)))
-    target, current, frames = video[0].size, video, list(video)
-    for _ in range(request.segments):
-        output = call("vc", lambda current=current: pipe.generate_vc(
-            video=current, resolution="480p", num_cond_frames=cond_count, use_kv_cache=True, offload_kv_cache=False,
-            enhance_hf=True, **sampling))
-        current = [frame if frame.size == target else frame.resize(target, Image.BICUBIC)
-                   for frame in _uint8_frames(output)]
-        frames.extend(current[cond_count:])
-    if request.no_refine:
-        return
-    torch.manual_seed(request.seed)  # the global RNG, first used by the refinement
-    refine_common = {**common, "num_inference_steps": steps[1]}
-    condition, current_count, start = None, 0, 0
-    for _ in range(request.segments + 1):
-        output = call("refine", lambda condition=condition, current_count=current_count, start=start: _with_adapters(
+
+    def refine_window(stage1: list, condition: list | None, count: int) -> np.ndarray:
+        if condition is None:
+            torch.manual_seed(request.seed)  # the global RNG, first used by the first refinement
+        return call("refine", lambda: _with_adapters(
             pipe, ["refinement_lora"], not request.no_bsa, request.bsa_params, lambda: pipe.generate_refine(
-                video=condition, prompt="", stage1_video=frames[start:start + count], num_cond_frames=current_count,
-                spatial_refine_only=request.spatial_refine_only, **refine_common)))
-        condition, start = _uint8_frames(output), start + count - cond_count
-        current_count = cond_count if request.spatial_refine_only else 2 * cond_count
+                video=condition, prompt="", stage1_video=stage1, num_cond_frames=count,
+                spatial_refine_only=request.spatial_refine_only, **{**common, "num_inference_steps": steps[1]})))
+
+    long_video_loop(
+        lambda: call("t2v", lambda: pipe.generate_t2v(height=first.height, width=first.width, **sampling)),
+        lambda current: call("vc", lambda: pipe.generate_vc(
+            video=current, resolution="480p", num_cond_frames=cond_count, use_kv_cache=True, offload_kv_cache=False,
+            enhance_hf=True, **sampling)),
+        None if request.no_refine else refine_window, segments=request.segments, num_frames=plan.num_frames,
+        num_cond_frames=cond_count, spatial_refine_only=request.spatial_refine_only)
 
 
 def original_task_results(checkout: str | Path, raw_tree: str | Path, jobs: dict[str, tuple[RunPlan, Media]],
