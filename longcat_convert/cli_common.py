@@ -8,7 +8,9 @@ from pathlib import Path
 
 import click
 
-DTYPE_ORDER = ("keep", "float32", "bfloat16", "float16")  # every --dtype lists its choices in this order
+from .dtypes import DTYPE_NAMES
+
+DTYPE_ORDER = ("keep", *DTYPE_NAMES)  # every --dtype lists its choices in this order
 
 
 def dtype_option(choices: tuple[str, ...], help: str, default: str | None = None) -> Callable:

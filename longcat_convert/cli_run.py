@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
@@ -18,8 +19,11 @@ from . import __version__, progress
 from .cli_common import dtype_option, quiet_option
 from .errors import LongcatError
 
+if TYPE_CHECKING:
+    from longcat_reference.pipeline.dispatch import TaskRun
+    from longcat_reference.pipeline.preflight import Media, RunPlan
+
 TASKS = ("t2v", "i2v", "vc", "refine", "long")
-MEDIA_TASKS = {"image": ("i2v", "refine"), "video": ("vc", "refine"), "cond_video": ("refine",)}
 
 
 @click.command("run")
@@ -99,14 +103,20 @@ def run_command(tree: Path, task: str, output: Path, image: Path | None, video: 
     --save-steps `steps`. Same seed, same draws in the same order as upstream's demos (refinement's
     global-RNG draws come from a stream seeded with --seed).
     """
-    from longcat_reference.pipeline.preflight import REFUSE_FIX, RunRequest, check_request, plan_run
+    from longcat_reference.pipeline.preflight import (
+        REFUSE_FIX,
+        RunRequest,
+        check_request,
+        plan_run,
+        read_media,
+        unused_media,
+    )
 
     request = RunRequest(task=task, **options)
     notices = check_request(request)  # fails on bad options before any file is read
     output = _checked_output(output)
-    notices += _unused_media(task, image=image, video=video, cond_video=cond_video)
-    media = _read_media(*(path if task in MEDIA_TASKS[name] else None
-                          for name, path in (("image", image), ("video", video), ("cond_video", cond_video))))
+    notices += unused_media(task, image=image, video=video, cond_video=cond_video)
+    media = read_media(task, image, video, cond_video)
     plan = plan_run(tree, request, media)
     plan.notices = notices
     for notice in notices:
@@ -117,8 +127,8 @@ def run_command(tree: Path, task: str, output: Path, image: Path | None, video: 
     if refused and not yes:
         raise LongcatError(f"this {task} run {refused}", fix=REFUSE_FIX)
     with progress.reporting(progress.wanted(quiet)):
-        arrays, info, fps = _execute(plan, media, save_steps)
-    _write(output, arrays, _reproducible(info, plan, tree), fps)
+        done = _execute(plan, media, save_steps)
+    _write(output, done.arrays, _reproducible(done.info, plan, tree), done.fps)
 
 
 def _checked_output(output: Path) -> Path:
@@ -134,104 +144,15 @@ def _checked_output(output: Path) -> Path:
     return output
 
 
-def _unused_media(task: str, **paths: Path | None) -> list[str]:
-    return [f"--{name.replace('_', '-')} applies to {', '.join(MEDIA_TASKS[name])}, not {task}; ignored"
-            for name, path in paths.items() if path is not None and task not in MEDIA_TASKS[name]]
-
-
-def _read_media(image: Path | None, video: Path | None, cond_video: Path | None):
-    from longcat_reference.pipeline.media import load_image, load_video
-    from longcat_reference.pipeline.preflight import Media
-
-    return Media(image=load_image(image) if image is not None else None,
-                 video=load_video(video) if video is not None else None,
-                 cond_video=load_video(cond_video) if cond_video is not None else None)
-
-
-def _execute(plan, media, save_steps: bool) -> tuple[dict[str, np.ndarray], dict, int]:
-    from longcat_reference.pipeline import RandomStreams, load_pipeline
+def _execute(plan: RunPlan, media: Media, save_steps: bool) -> TaskRun:
+    from longcat_reference.pipeline import load_pipeline
+    from longcat_reference.pipeline.dispatch import run_task
 
     with progress.scope(plan.request.task):
-        pipe = load_pipeline(plan.tree, plan.dtype, plan.device)
-        rng = RandomStreams.from_seed(plan.request.seed, pipe.device)
-        return _run(plan, pipe, rng, media, save_steps)
+        return run_task(load_pipeline(plan.tree, plan.dtype, plan.device), plan, media, save_steps)
 
 
-def _run(plan, pipe, rng, media, save_steps: bool) -> tuple[dict[str, np.ndarray], dict, int]:
-    from longcat_reference.pipeline import image_to_video, text_to_video, video_continuation
-
-    request = plan.request
-    common = {"steps": request.steps, "guidance": request.guidance, "distill": request.distill,
-              "negative_prompt": request.negative_prompt, "num_frames": plan.num_frames,
-              "max_sequence_length": request.max_sequence_length}
-    if request.task == "t2v":
-        height, width = plan.calls[0].height, plan.calls[0].width
-        result = text_to_video(pipe, request.prompt, rng, height=height, width=width, **common)
-    elif request.task == "i2v":
-        result = image_to_video(pipe, media.image, request.prompt, rng, resolution=request.resolution,
-                                size=request.size, **common)
-    elif request.task == "vc":
-        result = video_continuation(pipe, media.video, request.prompt, rng, resolution=request.resolution,
-                                    size=request.size, num_cond_frames=_or(request.num_cond_frames, 13),
-                                    use_kv_cache=not request.no_kv_cache,
-                                    enhance_hf_schedule=False if request.no_enhance_hf else None, **common)
-    elif request.task == "refine":
-        return _refine(plan, pipe, rng, media, save_steps)
-    else:
-        return _long(plan, pipe, rng)
-    return _single(result, save_steps), result.info, 15
-
-
-def _or(value, default):
-    return default if value is None else value
-
-
-def _single(result, save_steps: bool) -> dict[str, np.ndarray]:
-    arrays = {"frames": result.frames, "latents": result.latents.float().numpy(),
-              "timesteps": np.asarray(result.timesteps, dtype=np.float32)}
-    if save_steps:
-        arrays["steps"] = np.stack([step.numpy() for step in result.steps])
-    return arrays
-
-
-def _refine(plan, pipe, rng, media, save_steps: bool) -> tuple[dict[str, np.ndarray], dict, int]:
-    from longcat_reference.pipeline import refine
-
-    request = plan.request
-    count = request.num_cond_frames
-    if count is None:
-        count = 1 if media.image is not None else (len(media.cond_video) if media.cond_video is not None else 0)
-    result = refine(pipe, media.video, rng, prompt=request.prompt, image=media.image, video=media.cond_video,
-                    num_cond_frames=count, size=request.size, steps=_or(request.steps, 50),
-                    t_thresh=request.t_thresh, spatial_refine_only=request.spatial_refine_only,
-                    bsa=not request.no_bsa, max_sequence_length=request.max_sequence_length)
-    return _single(result, save_steps), result.info, 15 if request.spatial_refine_only else 30
-
-
-def _long(plan, pipe, rng) -> tuple[dict[str, np.ndarray], dict, int]:
-    from longcat_reference.pipeline import long_video
-
-    request = plan.request
-    height, width = plan.calls[0].height, plan.calls[0].width
-    result = long_video(pipe, request.prompt, rng, negative_prompt=request.negative_prompt,
-                        segments=request.segments, height=height, width=width, num_frames=plan.num_frames,
-                        num_cond_frames=_or(request.num_cond_frames, 13), steps=_or(request.steps, 50),
-                        guidance=plan.guidance, vc_size=request.size, refine_stage=not request.no_refine,
-                        refine_size=request.refine_size, refine_steps=_or(request.steps, 50),
-                        spatial_refine_only=request.spatial_refine_only, bsa=not request.no_bsa,
-                        max_sequence_length=request.max_sequence_length)
-    frames = result.refined_frames if result.refined_frames is not None else result.stage1_frames
-    arrays = {"frames": frames, "stage1_frames": result.stage1_frames}
-    for index, segment in enumerate(result.segments):
-        arrays[f"latents_{index:03d}_{segment.task}"] = segment.latents.float().numpy()
-    info = {"height": int(frames.shape[1]), "width": int(frames.shape[2]), "num_frames": int(frames.shape[0]),
-            "segments": [segment.info for segment in result.segments],
-            "steps": sum(len(segment.timesteps) for segment in result.segments), "guidance": plan.guidance}
-    refined = result.refined_frames is not None and not request.spatial_refine_only
-    return arrays, info, 30 if refined else 15
-
-
-def _reproducible(info: dict, plan, tree: Path) -> dict:
+def _reproducible(info: dict, plan: RunPlan, tree: Path) -> dict:
     """The task's own info plus everything that reproduces the output."""
     from .journal import file_sha256
 

@@ -1,13 +1,17 @@
-"""safetensors dtype names, their sizes, and their torch equivalents."""
+"""safetensors dtype names, their sizes, their torch equivalents, and the dtype names users give and read."""
 
 from __future__ import annotations
 
 import fnmatch
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import LongcatError
+
+if TYPE_CHECKING:
+    import torch
 
 ITEMSIZE: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -24,17 +28,15 @@ _TORCH_NAMES: dict[str, str] = {
 }
 
 
-class _TorchDtypes(Mapping):
-    """safetensors name -> torch.dtype, importing torch on first use: header-only commands never pay for it."""
+class _Lazy(Mapping):
+    """A table built on first use (they import torch): header-only commands never pay for it."""
 
-    def __init__(self) -> None:
-        self._table: dict | None = None
+    def __init__(self, build: Callable[[], dict]) -> None:
+        self._build, self._table = build, None
 
     def _load(self) -> dict:
         if self._table is None:
-            import torch
-
-            self._table = {name: getattr(torch, attr) for name, attr in _TORCH_NAMES.items()}
+            self._table = self._build()
         return self._table
 
     def __getitem__(self, key):
@@ -47,21 +49,14 @@ class _TorchDtypes(Mapping):
         return len(_TORCH_NAMES)
 
 
-class _SafetensorsNames(Mapping):
-    """torch.dtype -> safetensors name, the inverse of TORCH_DTYPE."""
+def _torch_table() -> dict:
+    import torch
 
-    def __getitem__(self, key):
-        return {v: k for k, v in TORCH_DTYPE.items()}[key]
-
-    def __iter__(self):
-        return iter(TORCH_DTYPE.values())
-
-    def __len__(self) -> int:
-        return len(_TORCH_NAMES)
+    return {name: getattr(torch, attr) for name, attr in _TORCH_NAMES.items()}
 
 
-TORCH_DTYPE = _TorchDtypes()
-SAFETENSORS_NAME = _SafetensorsNames()
+TORCH_DTYPE = _Lazy(_torch_table)  # safetensors name -> torch.dtype
+SAFETENSORS_NAME = _Lazy(lambda: {dtype: name for name, dtype in TORCH_DTYPE.items()})  # and back
 
 _STRUCT_SCALARS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b",
                    "U8": "<B", "U16": "<H", "U32": "<I", "U64": "<Q", "BOOL": "<?"}
@@ -94,13 +89,33 @@ def exactly_representable(value: float, dtype: str) -> bool:
 
 FLOATING = frozenset({"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"})
 
-# user-facing names for the --dtype policy
-POLICY_NAMES: dict[str, str] = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-FRIENDLY: dict[str, str] = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+# The user-facing dtype names (--dtype, reports): torch's names of these floating dtypes, in the order
+# options list them. Every user takes the names it supports (`dtype_names`, `torch_dtype`).
+DTYPE_NAMES: dict[str, str] = {_TORCH_NAMES[name]: name for name in ("F32", "BF16", "F16", "F64")}
+FRIENDLY: dict[str, str] = {name: user for user, name in DTYPE_NAMES.items()}
+
+
+def dtype_names(*names: str) -> dict[str, str]:
+    """user-facing name -> safetensors name, for the names a command supports."""
+    return {name: DTYPE_NAMES[name] for name in names}
+
+
+POLICY_NAMES = dtype_names("bfloat16", "float16", "float32")  # what convert's --dtype casts weights to
 
 
 def friendly(dtype: str) -> str:
     return FRIENDLY.get(dtype, dtype)
+
+
+def torch_dtype(dtype: str | torch.dtype, supported: Sequence[str]) -> torch.dtype:
+    """The torch dtype of a user-facing name (or a torch dtype) among `supported`; imports torch."""
+    table = {name: TORCH_DTYPE[DTYPE_NAMES[name]] for name in supported}
+    if isinstance(dtype, str) and dtype in table:
+        return table[dtype]
+    if not isinstance(dtype, str) and dtype in table.values():
+        return dtype
+    *rest, last = supported
+    raise LongcatError(f"unsupported dtype {dtype!r}; choose {', '.join(rest) + ' or ' if rest else ''}{last}")
 
 
 def is_floating(dtype: str) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import keymap
-from .dtypes import POLICY_NAMES, SAFETENSORS_NAME
+from .dtypes import SAFETENSORS_NAME, torch_dtype
 from .errors import LongcatError
 from .io import ShardWriter, TensorEntry, index_name, shard_name, tensor_bytes, write_index
 from .lora import upstream_key
@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are made, so that argument 
     import torch
 
 LORA_TARGET_SETS = ("published", "extended", "all")
+TINY_DTYPES = ("float32", "bfloat16")
 CFG_STEP_SUFFIXES = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear",
                      "ffn.w1", "ffn.w2", "ffn.w3")
 DIFFUSERS_VERSION = "0.35.1"
@@ -67,14 +68,6 @@ def dit_config(spec: TinySpec) -> dict:
     }
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    if name not in ("float32", "bfloat16"):
-        raise LongcatError(f"tiny trees are float32 or bfloat16, not {name!r}")
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
 def _dit_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     import torch
 
@@ -105,7 +98,7 @@ def write_dit(folder: Path, spec: TinySpec) -> dict:
     config = dit_config(spec)
     expanded = keymap.expand(config, "upstream")
     gen = torch.Generator().manual_seed(spec.seed)
-    dtype = _torch_dtype(spec.dtype)
+    dtype = torch_dtype(spec.dtype, TINY_DTYPES)
     tensors = {r.upstream: _dit_tensor(r.upstream, r.shape, gen).to(dtype) for r in expanded.params}
     folder.mkdir(parents=True)
     _write_shards(folder, keymap.load_map_document()["shard_prefix"], tensors, spec.max_shard_bytes)
@@ -158,7 +151,7 @@ def write_loras(folder: Path, config: dict, spec: TinySpec) -> None:
     folder.mkdir(parents=True)
     for adapter, (rank, alpha) in ADAPTERS.items():
         state = lora_state(expanded, lora_targets(expanded, adapter, spec.lora_targets), rank, alpha, gen,
-                           _torch_dtype(spec.dtype))
+                           torch_dtype(spec.dtype, TINY_DTYPES))
         entries = [TensorEntry(k, SAFETENSORS_NAME[v.dtype], tuple(v.shape)) for k, v in state.items()]
         with ShardWriter(folder / f"{adapter}.safetensors", entries, {"format": "pt"}) as writer:
             for key, value in state.items():
@@ -170,7 +163,7 @@ def build_tiny_tree(dst: Path, *, seed: int = 0, dtype: str = "float32", depth: 
     """Write a complete raw tree into `dst` (atomically: built in a sibling folder, then renamed)."""
     from .atomic import AtomicDirectory
 
-    if dtype not in POLICY_NAMES or dtype == "float16":
+    if dtype not in TINY_DTYPES:
         raise LongcatError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
     if hidden % 64 or hidden <= 0:
         raise LongcatError(f"--hidden must be a positive multiple of 64 (two heads of a multiple of 32), not {hidden}")
@@ -182,5 +175,5 @@ def build_tiny_tree(dst: Path, *, seed: int = 0, dtype: str = "float32", depth: 
 
         config = write_dit(work / "dit", spec)
         write_loras(work / "lora", config, spec)
-        write_components(work, config["caption_channels"], seed, _torch_dtype(dtype))
+        write_components(work, config["caption_channels"], seed, torch_dtype(dtype, TINY_DTYPES))
     return Path(dst)

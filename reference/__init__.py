@@ -13,7 +13,8 @@ from .lora import (
     read_fastvideo_lora,
     read_upstream_lora,
 )
-from .parity import compare_outputs, forward_parity, weights_parity
+from .metrics import compare_outputs
+from .parity import forward_parity, weights_parity
 
 __all__ = [
     "BsaParams", "FastvideoLoraTarget", "KVCache", "LongcatDiT", "LoraFile", "Tree", "UpstreamLoraModule",

@@ -17,7 +17,6 @@ arguments raise LongcatError; problems found in the converted tree are reported,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 from longcat_convert import jsonschemas, keymap, progress
-from longcat_convert.dtypes import POLICY_NAMES, SAFETENSORS_NAME, DtypePolicy
+from longcat_convert.dtypes import POLICY_NAMES, SAFETENSORS_NAME, DtypePolicy, torch_dtype
 from longcat_convert.errors import LongcatError
 from longcat_convert.io import read_header, read_json_object
 from longcat_convert.lora import split_fastvideo, split_upstream, upstream_key
@@ -43,11 +42,10 @@ from .loading import (
     read_lora,
 )
 from .lora import clear_loras, read_adapter
+from .metrics import compare_outputs, json_number
 
 LIST_LIMIT = 20
 DEFAULT_THRESHOLDS = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 BASE_CASES = ("plain", "cond", "kvcache")
 # tolerance on the relative ΔW error, by the least precise dtype involved
 LORA_RTOL = {"F64": 1e-6, "F32": 1e-6, "F16": 2e-3, "BF16": 1e-2}
@@ -304,7 +302,7 @@ def _compare_lora(source: AdapterDeltas, target: AdapterDeltas, lora_rtol: float
         if module.problem is not None:
             mismatches.append({"module": module.module, "problem": module.problem})
         elif not module.passed:
-            mismatches.append({"module": module.module, "rel_fro": _json_number(module.rel_error),
+            mismatches.append({"module": module.module, "rel_fro": json_number(module.rel_error),
                                "tolerance": module.tolerance})
     passed = not (result.missing or result.unexpected or mismatches)
     return {"passed": passed, "file": where, "modules_checked": len(result.modules),
@@ -380,13 +378,8 @@ def _load_dit(tree: Tree, dtype: torch.dtype, device: str | torch.device) -> Lon
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> tuple[torch.dtype, str]:
-    if isinstance(dtype, torch.dtype):
-        if dtype in DTYPES.values():
-            return dtype, str(dtype).removeprefix("torch.")
-        raise LongcatError(f"unsupported dtype {dtype}")
-    if dtype not in DTYPES:
-        raise LongcatError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype], str(DTYPES[dtype]).removeprefix("torch.")
+    resolved = torch_dtype(dtype, tuple(DEFAULT_THRESHOLDS))
+    return resolved, str(resolved).removeprefix("torch.")
 
 
 def _case_names(cases: Iterable[str] | None, loras: list[str]) -> list[str]:
@@ -434,28 +427,11 @@ def _run_case(dit: LongcatDiT, name: str, inputs: ForwardInputs) -> torch.Tensor
     return dit(inputs.latents, inputs.timestep, inputs.text, inputs.mask)
 
 
-def compare_outputs(output: torch.Tensor, reference: torch.Tensor) -> dict:
-    """max abs, relative L2 and cosine similarity of two outputs (computed in float64)."""
-    out, ref = output.double().flatten(), reference.double().flatten()
-    diff = out - ref
-    ref_norm, out_norm = float(ref.norm()), float(out.norm())
-    rel = float(diff.norm()) / ref_norm if ref_norm else (0.0 if float(diff.norm()) == 0 else math.inf)
-    cosine = float(out @ ref) / (out_norm * ref_norm) if out_norm and ref_norm else 0.0
-    return {"max_abs": float(diff.abs().max()), "rel_l2": rel, "cosine": cosine}
-
-
 def _case_result(output: torch.Tensor | str, reference: torch.Tensor, threshold: float) -> dict:
     if isinstance(output, str):
         return {"passed": False, "error": output}
     if output.shape != reference.shape:
         return {"passed": False, "error": f"output shape {list(output.shape)} != {list(reference.shape)}"}
     metrics = compare_outputs(output, reference)
-    finite = all(math.isfinite(value) for value in metrics.values())
-    passed = finite and metrics["rel_l2"] <= threshold
-    return {**{name: _json_number(value) for name, value in metrics.items()}, "passed": passed,
-            "shape": list(output.shape)}
-
-
-def _json_number(value: float) -> float | None:
-    """Strict JSON has no NaN or infinity; report those as null (the case has failed anyway)."""
-    return value if math.isfinite(value) else None
+    passed = metrics["rel_l2"] is not None and metrics["rel_l2"] <= threshold
+    return {**metrics, "passed": passed, "shape": list(output.shape)}

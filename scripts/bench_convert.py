@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from longcat_convert import keymap
+from longcat_convert.dtypes import dtype_names
 from longcat_convert.io import TensorEntry, encode_header, index_name, shard_name, write_index
 from longcat_convert.sharding import group_into_shards
 from longcat_convert.tiny import TinySpec, dit_config
@@ -58,7 +59,7 @@ TIME = "/usr/bin/time"
 SHARD_BYTES = 5 * 10**9
 POOL_BYTES = 64 * 2**20
 WRITE_BYTES = 16 * 2**20
-DTYPES = {"float32": "F32", "bfloat16": "BF16"}
+DTYPES = dtype_names("float32", "bfloat16")
 # clears the top exponent bit of every fp32 and bf16 element: |x| < 2, never inf or NaN
 FINITE_MASK = np.uint32(0xBFFFBFFF)
 

@@ -5,8 +5,9 @@ usage (from the repo, in the project venv):
         [--upstream-python ~/.cache/longcat-oracle/venv/bin/python] [--original-src ~/.cache/longcat-oracle/longcat]
         [--prompt TEXT] [--cases t2v vc ...]
 
-Without TREE a tiny raw tree is built in --work. The script runs our tasks in this process, then runs
-itself with `--upstream` in the upstream venv, exchanging `.pt` files through --work. That process does not
+Without TREE a tiny raw tree is built in --work. The script runs our tasks in this process (each case a
+`run` request, planned and run by the dispatcher `longcat-convert run` uses), then runs itself with
+`--upstream` in the upstream venv, exchanging `.pt` files through --work. That process does not
 import our package: it loads reference/pipeline/original.py by file path (the upstream engine behind
 `longcat-convert parity --level task --original-src`), whose shims and loader it uses. Everything is fp32 on the CPU, at 32x48 pixels (refinement 64x128), 3 steps, 32 text
 tokens. Cases: t2v, t2v-distill (cfg_step_lora, distilled schedule, guidance 1), i2v, vc (KV cache,
@@ -33,7 +34,9 @@ CPU shims for the upstream side (our own code in reference/pipeline/original.py,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -47,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 ORACLE_HOME = Path(os.environ.get("ORACLE_HOME", Path.home() / ".cache/longcat-oracle"))
 DEFAULT_UPSTREAM_PYTHON = ORACLE_HOME / "venv/bin/python"
 DEFAULT_CHECKOUT = Path(os.environ.get("LONGCAT_UPSTREAM") or ORACLE_HOME / "longcat")
-PROMPT = "a cat sits on a wooden table next to a window"
+PROMPT = ""  # every case's prompt: --prompt, by default task parity's (set by main in both processes)
 NEGATIVE = "blurred details, low quality"
 SIZE = (32, 48)
 REFINE_SIZE = (64, 128)
@@ -93,57 +96,45 @@ def make_inputs(seed: int) -> dict:
 # ---- our side -----------------------------------------------------------------------------------------
 
 def run_ours(tree: Path, seed: int) -> dict:
-    from longcat_reference.bsa import BsaParams
-    from longcat_reference.pipeline import RandomStreams, load_pipeline
+    """Every case as a `run` request, planned and run by the dispatcher `run` itself uses."""
+    from longcat_reference.pipeline import load_pipeline
+    from longcat_reference.pipeline.dispatch import run_task
+    from longcat_reference.pipeline.preflight import plan_run
 
     pipe = load_pipeline(tree, "float32")
     inputs = make_inputs(seed)
-    bsa = BsaParams(BSA["sparsity"], BSA["cdf_threshold"], tuple(BSA["chunk_3d_shape_q"]),
-                    tuple(BSA["chunk_3d_shape_k"]))
     results = {}
     for name, case in CASES.items():
-        calls, frames = _our_case(pipe, case, inputs, bsa, RandomStreams.from_seed(seed))
+        request, media = _request(case, inputs, seed)
+        done = run_task(pipe, plan_run(tree, request, media, measure=False), media)
+        frames = done.arrays["frames"]  # uint8 for long video
+        frames = frames.astype(np.float32) / 255 if frames.dtype == np.uint8 else frames
         # what upstream's scheduler returns each step: the stepped (non-conditioning) frames, call after call
-        steps = [state[:, :, call.info["num_cond_latents"]:] for call in calls for state in call.steps]
-        results[name] = {"latents": calls[-1].latents.float(), "frames": torch.from_numpy(frames), "steps": steps}
+        steps = [state[:, :, call.info["num_cond_latents"]:] for call in done.results for state in call.steps]
+        results[name] = {"latents": done.results[-1].latents.float(), "frames": torch.from_numpy(frames),
+                         "steps": steps}
     return results
 
 
-def _our_case(pipe, case: dict, inputs: dict, bsa, rng) -> tuple[list, np.ndarray]:
-    from longcat_reference.pipeline import (
-        image_to_video,
-        long_video,
-        refine,
-        text_to_video,
-        video_continuation,
-    )
+def _request(case: dict, inputs: dict, seed: int):
+    """A case as the `run` request and inputs that run it."""
+    from longcat_reference.pipeline.preflight import Media, RunRequest
 
-    common = {"max_sequence_length": MAX_LEN}
+    options = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": seed, "dtype": "float32", "steps": case["steps"],
+               "max_sequence_length": MAX_LEN, **{key: case[key] for key in ("num_frames", "num_cond_frames",
+                                                                              "guidance", "segments") if key in case}}
+    if case["task"] == "refine":
+        media = Media(video=inputs["stage1"], image=inputs["refine_image"] if case["cond"] == "image" else None,
+                      cond_video=inputs["refine_video"] if case["cond"] == "video" else None)
+        return RunRequest("refine", height=REFINE_SIZE[0], width=REFINE_SIZE[1], bsa_params=BSA,
+                          spatial_refine_only=case.get("spatial_refine_only", False), **options), media
+    media = {"i2v": Media(image=inputs["image"]), "vc": Media(video=inputs["video"])}.get(case["task"], Media())
+    request = RunRequest(case["task"], height=SIZE[0], width=SIZE[1], distill=case.get("distill", False),
+                         no_kv_cache=not case.get("kv", True), **options)
     if case["task"] == "long":
-        result = long_video(pipe, PROMPT, rng, negative_prompt=NEGATIVE, segments=case["segments"], height=SIZE[0],
-                            width=SIZE[1], num_frames=case["num_frames"], num_cond_frames=case["num_cond_frames"],
-                            steps=case["steps"], guidance=case["guidance"], vc_size=SIZE, refine_size=REFINE_SIZE,
-                            refine_steps=case["steps"], bsa=bsa, **common)
-        return result.segments, result.refined_frames.astype(np.float32) / 255
-    if case["task"] == "t2v":
-        result = text_to_video(pipe, PROMPT, rng, negative_prompt=NEGATIVE, height=SIZE[0], width=SIZE[1],
-                               num_frames=case["num_frames"], steps=case["steps"], guidance=case["guidance"],
-                               distill=case.get("distill", False), **common)
-    elif case["task"] == "i2v":
-        result = image_to_video(pipe, inputs["image"], PROMPT, rng, negative_prompt=NEGATIVE, size=SIZE,
-                                num_frames=case["num_frames"], steps=case["steps"], guidance=case["guidance"],
-                                **common)
-    elif case["task"] == "vc":
-        result = video_continuation(pipe, inputs["video"], PROMPT, rng, negative_prompt=NEGATIVE, size=SIZE,
-                                    num_frames=case["num_frames"], num_cond_frames=case["num_cond_frames"],
-                                    steps=case["steps"], guidance=case["guidance"], use_kv_cache=case["kv"], **common)
-    else:
-        result = refine(pipe, inputs["stage1"], rng, prompt=PROMPT, num_cond_frames=case["num_cond_frames"],
-                        image=inputs["refine_image"] if case["cond"] == "image" else None,
-                        video=inputs["refine_video"] if case["cond"] == "video" else None,
-                        size=REFINE_SIZE, steps=case["steps"], bsa=bsa,
-                        spatial_refine_only=case.get("spatial_refine_only", False), **common)
-    return [result], result.frames
+        request = dataclasses.replace(request, refine_height=REFINE_SIZE[0], refine_width=REFINE_SIZE[1],
+                                      bsa_params=BSA)
+    return request, media
 
 
 # ---- upstream side (runs in the upstream venv) ---------------------------------------------------------
@@ -252,9 +243,11 @@ def run_upstream(tree: Path, seed: int, checkout: Path) -> dict:
 # ---- comparison ----------------------------------------------------------------------------------------
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    a, b = a.double().flatten(), b.double().flatten()
-    norm = float(b.norm())
-    return (float((a - b).norm()) / norm if norm else float((a - b).norm())), float((a - b).abs().max())
+    """Relative L2 and max abs of `a` against `b` (inf where not finite)."""
+    from longcat_reference.metrics import compare_outputs
+
+    found = compare_outputs(a, b)
+    return tuple(math.inf if found[name] is None else found[name] for name in ("rel_l2", "max_abs"))
 
 
 def compare(ours: dict, upstream: dict, tol: float) -> bool:
@@ -296,11 +289,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upstream-python", type=Path, default=DEFAULT_UPSTREAM_PYTHON)
     parser.add_argument("--original-src", type=Path, default=DEFAULT_CHECKOUT,
                         help="the upstream LongCat-Video checkout (holds longcat_video/)")
-    parser.add_argument("--prompt", default=PROMPT,
-                        help="the prompt of every case, e.g. one of upstream's demo prompts with non-ASCII text")
+    parser.add_argument("--prompt", help="the prompt of every case (default: task parity's), e.g. one of "
+                                         "upstream's demo prompts with non-ASCII text")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), help="run only these cases")
     parser.add_argument("--upstream", metavar="OUT", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.prompt is None:  # the upstream process is always given --prompt
+        from longcat_reference.pipeline.parity import PROMPT as parity_prompt
+
+        args.prompt = parity_prompt
     _select(args.prompt, args.cases)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)

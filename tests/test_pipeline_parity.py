@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from longcat_reference.pipeline.parity import TASKS, task_parity
+from longcat_reference.bsa import BsaParams
+from longcat_reference.pipeline import load_pipeline
+from longcat_reference.pipeline.dispatch import bsa_setting, run_task
+from longcat_reference.pipeline.parity import TASKS, TaskSizes, synthetic_inputs, task_parity, task_request
+from longcat_reference.pipeline.preflight import plan_run
 from safetensors.torch import load_file, save_file
 
 from longcat_convert.convert import ConvertRequest, convert
@@ -49,6 +53,20 @@ def test_every_task_passes_raw_against_fastvideo(tiny_raw, fastvideo):
     assert cases["refine:frames"]["psnr"] > 80
     assert len(cases["vc:latents"]["per_step_rel_l2"]) == 12
     assert report["seconds"] < 60
+
+
+def test_parity_tasks_are_run_requests_whose_plan_is_what_runs(tiny_raw):
+    """Refinement and long video with parity's own fields: BSA parameters and at least 2 refinement steps."""
+    pipe, sizes = load_pipeline(tiny_raw, "float32"), TaskSizes()
+    for task in ("refine", "long"):
+        request, media = task_request(task, sizes, 1, 0, "float32", "cpu", synthetic_inputs(sizes, 0))
+        assert bsa_setting(request) == BsaParams(sparsity=0.5, cdf_threshold=None, chunk_q=(4, 4, 4),
+                                                 chunk_k=(4, 4, 4))
+        plan = plan_run(tiny_raw, request, media, measure=False)
+        planned = [(call.task, call.height, call.width, call.steps) for call in plan.calls for _ in range(call.repeat)]
+        ran = run_task(pipe, plan, media).results
+        assert planned == [(r.task, r.info["height"], r.info["width"], r.info["steps"]) for r in ran]
+        assert [r.info["steps"] for r in ran if r.task == "refine"] == [2] * (2 if task == "long" else 1)
 
 
 def test_a_damaged_dit_weight_fails_parity(tiny_raw, fastvideo, tmp_path):

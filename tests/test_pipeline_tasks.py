@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from longcat_reference.bsa import BsaParams
+from longcat_reference.metrics import compare_outputs
 from longcat_reference.pipeline import (
     Pipeline,
     RandomStreams,
@@ -20,7 +21,6 @@ from longcat_reference.pipeline import (
     to_pil,
     video_continuation,
 )
-from longcat_reference.pipeline.parity import metrics
 from PIL import Image
 
 from longcat_convert.errors import LongcatError
@@ -93,9 +93,9 @@ def test_vc_with_and_without_kv_cache(pipe, video):
                                                     use_kv_cache=kv, **TINY)
     _check(runs[4.0, True], (1, 16, 4, 4, 6), (13, 32, 48, 3), 12)  # enhance_hf: 2 kept + 10 tail steps
     assert runs[4.0, True].info["num_cond_latents"] == 2
-    no_cfg = metrics(runs[1.0, False].latents, runs[1.0, True].latents)
+    no_cfg = compare_outputs(runs[1.0, False].latents, runs[1.0, True].latents)
     assert no_cfg["rel_l2"] < 1e-5
-    with_cfg = metrics(runs[4.0, False].latents, runs[4.0, True].latents)
+    with_cfg = compare_outputs(runs[4.0, False].latents, runs[4.0, True].latents)
     assert 10 * no_cfg["rel_l2"] < with_cfg["rel_l2"] < 0.2
     cond = runs[4.0, True].latents[:, :, :2]
     assert torch.equal(cond, runs[4.0, False].latents[:, :, :2])  # same draws, same cond latents
@@ -107,7 +107,7 @@ def test_vc_without_cache_keeps_the_state_in_the_dit_dtype(tiny_raw, video):
     cached = video_continuation(pipe16, video, PROMPT, RandomStreams.from_seed(0), **common)
     uncached = video_continuation(pipe16, video, PROMPT, RandomStreams.from_seed(0), use_kv_cache=False, **common)
     assert cached.latents.dtype == torch.float32 and uncached.latents.dtype == torch.bfloat16
-    assert metrics(uncached.latents.float(), cached.latents)["rel_l2"] < 0.1
+    assert compare_outputs(uncached.latents.float(), cached.latents)["rel_l2"] < 0.1
 
 
 def test_vc_argument_checks(pipe, video):
@@ -128,7 +128,7 @@ def test_refine_geometry_and_bsa(pipe, video):
     assert [round(t, 2) for t in result.timesteps] == [500.0, 443.02, 343.47, 207.77, 11.87]
     assert (result.info["pad_front"], result.info["pad_back"]) == (0, 6)
     dense = refine(pipe, stage1, RandomStreams.from_seed(0), size=(64, 128), steps=50, bsa=False, **TINY)
-    assert metrics(dense.latents, result.latents)["rel_l2"] > 1e-4  # block selection changes the result
+    assert compare_outputs(dense.latents, result.latents)["rel_l2"] > 1e-4  # block selection changes the result
     assert not pipe.dit.runtime_loras and pipe.dit.bsa is None
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from longcat_convert import keymap
-from longcat_convert.dtypes import DtypePolicy
+from longcat_convert.dtypes import DTYPE_NAMES, FRIENDLY, DtypePolicy, torch_dtype
 from longcat_convert.errors import LongcatError
 from longcat_convert.lora import decode_module, encode_module, fused_targets
 from longcat_convert.sharding import group_into_shards, parse_size
@@ -127,3 +127,14 @@ def test_factors_reproduce_the_fused_delta(n: int, k: int) -> None:
         assert b.shape == (out // k, part.rank) and a.shape == (part.rank, width)
         stacked.append(b @ a)
     assert torch.allclose(torch.cat(stacked), fused, rtol=0, atol=1e-12)
+
+
+def test_user_dtype_names_are_torchs_and_each_user_takes_what_it_supports() -> None:
+    assert {name: getattr(torch, name) for name in DTYPE_NAMES} == {
+        "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+    assert all(FRIENDLY[safetensors] == name for name, safetensors in DTYPE_NAMES.items())
+    assert torch_dtype("bfloat16", ("float32", "bfloat16")) is torch.bfloat16
+    assert torch_dtype(torch.float32, ("float32", "bfloat16")) is torch.float32
+    for refused in ("float16", torch.float16, "bf16", "keep", None):
+        with pytest.raises(LongcatError, match="unsupported dtype .*; choose float32 or bfloat16$"):
+            torch_dtype(refused, ("float32", "bfloat16"))

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from longcat_reference.bsa import BsaParams, block_sparse_attention, chunk_index
 from longcat_reference.embeddings import timestep_frequencies
 from longcat_reference.lora import FastvideoLoraTarget, read_fastvideo_lora, read_upstream_lora
+from longcat_reference.metrics import compare_outputs
 from longcat_reference.rope import apply_rope, grid_angles, rope_split
 from safetensors.torch import save_file
 
@@ -225,3 +228,31 @@ def test_relative_delta_error_matches_the_dense_computation():
     assert relative_delta_error(blocks, other, 18) == pytest.approx(expected, rel=1e-10)
     assert relative_delta_error([], [], 18) == 0.0
     assert relative_delta_error([], other, 18) == math.inf
+
+
+# ---- comparing outputs -------------------------------------------------------------------------------
+
+
+def test_compare_outputs_figures_from_numpy_and_torch_alike():
+    found = compare_outputs(np.array([3.0, 5.0], dtype=np.float32), torch.tensor([3.0, 4.0]), peak=4.0)
+    assert found == pytest.approx({"max_abs": 1.0, "rel_l2": 0.2, "cosine": 29 / (5 * math.sqrt(34)),
+                                   "psnr": 10 * math.log10(32)}, rel=1e-12)
+    assert compare_outputs(torch.tensor([3.0, 5.0], dtype=torch.bfloat16), np.array([3.0, 4.0])) == {
+        key: found[key] for key in ("max_abs", "rel_l2", "cosine")}
+
+
+@pytest.mark.parametrize(("output", "reference", "expected"), [
+    ([3.0, 4.0], [3.0, 4.0], {"max_abs": 0.0, "rel_l2": 0.0, "cosine": 1.0, "psnr": None}),  # identical
+    ([1.0, 1.0], [0.0, 0.0], {"max_abs": 1.0, "rel_l2": None, "cosine": 0.0, "psnr": 0.0}),  # zero reference
+    ([math.nan, 0.0], [1.0, 0.0], {"max_abs": None, "rel_l2": None, "cosine": None, "psnr": None}),
+    ([math.inf, 0.0], [1.0, 0.0], {"max_abs": None, "rel_l2": None, "cosine": None, "psnr": None}),
+    ([], [], {"max_abs": 0.0, "rel_l2": 0.0, "cosine": 0.0, "psnr": None}),
+])
+def test_compare_outputs_numbers_are_strict_json(output, reference, expected):
+    found = compare_outputs(np.array(output), np.array(reference), peak=1.0)
+    assert found == expected
+    json.dumps(found, allow_nan=False)
+
+
+def test_compare_outputs_psnr_against_a_zero_peak_is_null():
+    assert compare_outputs(np.array([0.5, 0.0]), np.zeros(2), peak=0.0)["psnr"] is None

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from longcat_reference import loading
 from longcat_reference.pipeline import components, preflight
 from longcat_reference.pipeline.estimate import Rates
-from longcat_reference.pipeline.preflight import Media, RunRequest, plan_run
+from longcat_reference.pipeline.preflight import Media, RunRequest, check_request, plan_run
 from PIL import Image
 
 from longcat_convert import __version__
@@ -212,6 +212,16 @@ def test_options_another_task_reads_are_noted_as_ignored(tiny_raw, clip, tmp_pat
                  "note: --t-thresh applies to refine, not t2v; ignored",
                  "note: --video applies to vc, refine, not t2v; ignored"):
         assert note in result.output, result.output
+
+
+def test_request_fields_without_a_flag_are_checked_like_the_others():
+    with pytest.raises(LongcatError, match=r"BSA sparsity must lie in \[0, 1\], got 2"):
+        check_request(RunRequest("refine", bsa_params={"sparsity": 2.0}))
+    with pytest.raises(LongcatError, match="bsa_params has unknown fields"):
+        check_request(RunRequest("long", bsa_params={"sparsity": 0.5, "chunk": [4, 4, 4]}))
+    with pytest.raises(LongcatError, match="refine_steps must be at least 1, got 0"):
+        check_request(RunRequest("long", refine_steps=0))
+    assert "--refine-steps applies to long, not t2v; ignored" in check_request(RunRequest("t2v", refine_steps=4))
 
 
 def test_an_absurd_segment_count_is_planned_at_once_and_refused(tiny_raw, tmp_path, no_model):

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from longcat_convert import progress
+from longcat_convert.dtypes import torch_dtype
 from longcat_convert.errors import LongcatError
 from longcat_convert.quiet import quiet_libraries
 
@@ -27,7 +28,7 @@ from .schedule import SchedulerConfig
 
 DISTILL_LORA = "cfg_step_lora"
 REFINE_LORA = "refinement_lora"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+COMPUTE_DTYPES = ("float32", "bfloat16")  # what the pipeline runs in
 
 
 @dataclass
@@ -73,11 +74,7 @@ class Pipeline:
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise LongcatError(f"unsupported dtype {dtype!r}; choose float32 or bfloat16")
+    return torch_dtype(dtype, COMPUTE_DTYPES)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

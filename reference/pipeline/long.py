@@ -9,7 +9,7 @@ global RNG of the refinement) does. Between calls frames go through the demo's u
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,50 +51,56 @@ def long_video(pipe: Pipeline, prompt: str, rng: RandomStreams, *, negative_prom
         raise LongcatError(f"segments must not be negative, got {segments}")
     if num_cond_frames >= num_frames:
         raise LongcatError(f"num_cond_frames {num_cond_frames} must be below num_frames {num_frames}")
-    with progress.scope("t2v"):
-        first = text_to_video(pipe, prompt, rng, negative_prompt=negative_prompt, height=height, width=width,
-                              num_frames=num_frames, steps=steps, guidance=guidance,
-                              max_sequence_length=max_sequence_length)
-    results = [first]
-    current = to_pil(first.frames)
-    frames = list(current)
-    for segment in range(segments):
-        with progress.scope(f"continuation {segment + 1}/{segments}"):
-            result = video_continuation(pipe, current, prompt, rng, negative_prompt=negative_prompt, size=vc_size,
-                                        num_frames=num_frames, num_cond_frames=num_cond_frames, steps=steps,
-                                        guidance=guidance, use_kv_cache=True, enhance_hf_schedule=True,
-                                        max_sequence_length=max_sequence_length)
+    results: list[TaskResult] = []
+    text = {"negative_prompt": negative_prompt, "max_sequence_length": max_sequence_length}
+
+    def ran(result: TaskResult) -> np.ndarray:
         results.append(result)
-        current = _resized(to_pil(result.frames), frames[0].size)
-        frames.extend(current[num_cond_frames:])
-    stage1 = np.stack([np.asarray(frame) for frame in frames])
-    refined = None
-    if refine_stage:
-        refined = _refine_windows(pipe, frames, rng, results, segments=segments, num_frames=num_frames,
-                                  num_cond_frames=num_cond_frames, size=refine_size, steps=refine_steps,
-                                  spatial_refine_only=spatial_refine_only, bsa=bsa,
-                                  max_sequence_length=max_sequence_length)
+        return result.frames
+
+    def refine_window(stage1: list[Image.Image], condition: list[Image.Image] | None, count: int) -> np.ndarray:
+        return ran(refine(pipe, stage1, rng, prompt="", video=condition, num_cond_frames=count, size=refine_size,
+                          steps=refine_steps, spatial_refine_only=spatial_refine_only, bsa=bsa,
+                          max_sequence_length=max_sequence_length))
+
+    stage1, refined = long_video_loop(
+        lambda: ran(text_to_video(pipe, prompt, rng, height=height, width=width, num_frames=num_frames, steps=steps,
+                                  guidance=guidance, **text)),
+        lambda current: ran(video_continuation(pipe, current, prompt, rng, size=vc_size, num_frames=num_frames,
+                                               num_cond_frames=num_cond_frames, steps=steps, guidance=guidance,
+                                               use_kv_cache=True, enhance_hf_schedule=True, **text)),
+        refine_window if refine_stage else None, segments=segments, num_frames=num_frames,
+        num_cond_frames=num_cond_frames, spatial_refine_only=spatial_refine_only)
     return LongResult(results, stage1, refined)
 
 
-def _refine_windows(pipe: Pipeline, frames: list[Image.Image], rng: RandomStreams, results: list[TaskResult], *,
-                    segments: int, num_frames: int, num_cond_frames: int, size: tuple[int, int] | None, steps: int,
-                    spatial_refine_only: bool, bsa: BsaParams | bool, max_sequence_length: int) -> np.ndarray:
-    """Refine windows of num_frames stage-1 frames, stride num_frames − num_cond_frames, prompt ''."""
+def long_video_loop(t2v: Callable[[], np.ndarray], vc: Callable[[list[Image.Image]], np.ndarray],
+                    refine_window: Callable[[list[Image.Image], list[Image.Image] | None, int], np.ndarray] | None, *,
+                    segments: int, num_frames: int, num_cond_frames: int, spatial_refine_only: bool
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The demo's loop, whichever pipeline makes the calls (ours, or upstream's in task parity): t2v, then
+    `segments` continuations of the last clip, then refinement windows of num_frames stage-1 frames with
+    stride num_frames − num_cond_frames, each conditioned on the previous refined window. The calls return
+    float frames in [0, 1]; returns the stage-1 and refined frames as uint8."""
+    with progress.scope("t2v"):
+        current = to_pil(t2v())
+    frames = list(current)
+    for segment in range(segments):
+        with progress.scope(f"continuation {segment + 1}/{segments}"):
+            current = _resized(to_pil(vc(current)), frames[0].size)
+        frames.extend(current[num_cond_frames:])
+    stage1 = np.stack([np.asarray(frame) for frame in frames])
+    if refine_window is None:
+        return stage1, None
     condition: list[Image.Image] | None = None
     cond_count, start, refined = 0, 0, []
     for window in range(segments + 1):
         with progress.scope(f"refine window {window + 1}/{segments + 1}"):
-            result = refine(pipe, frames[start:start + num_frames], rng, prompt="", video=condition,
-                            num_cond_frames=cond_count, size=size, steps=steps,
-                            spatial_refine_only=spatial_refine_only, bsa=bsa, max_sequence_length=max_sequence_length)
-        results.append(result)
-        window = to_pil(result.frames)
-        refined.extend(window[cond_count:])
-        condition = window
+            condition = to_pil(refine_window(frames[start:start + num_frames], condition, cond_count))
+        refined.extend(condition[cond_count:])
         cond_count = num_cond_frames if spatial_refine_only else 2 * num_cond_frames
         start += num_frames - num_cond_frames
-    return np.stack([np.asarray(frame) for frame in refined])
+    return stage1, np.stack([np.asarray(frame) for frame in refined])
 
 
 def _resized(frames: Sequence[Image.Image], size: tuple[int, int]) -> list[Image.Image]:

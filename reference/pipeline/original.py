@@ -1,8 +1,9 @@
 """Run the user's own upstream LongCat-Video checkout (module `longcat_video`) on a raw tree.
 
-`original_task_results` drives upstream's `LongCatVideoPipeline` through the same tasks, sizes, seeds
-and inputs as `parity.run_task` drives ours, and returns the same shape (`{task: [TaskResult, ...]}`,
-one result per pipeline call), so `compare_steps` / `compare_frames` work unchanged.
+`original_task_results` drives upstream's `LongCatVideoPipeline` through the same planned requests
+(preflight.RunPlan: task, prompt, sizes, steps, seed, BSA parameters) and inputs as `dispatch.run_task`
+drives ours, and returns the same shape (`{task: [TaskResult, ...]}`, one result per pipeline call), so
+`compare_steps` / `compare_frames` work unchanged.
 
 Shims (our own code, applied only when the device is the CPU or flash-attn is not importable; on CUDA
 with flash-attn upstream's real kernels run):
@@ -12,12 +13,13 @@ with flash-attn upstream's real kernels run):
 * cross-attention through SDPA, one sample at a time (upstream uses varlen flash-attn);
 * on the CPU, `torch_gc` (torch.cuda.ipc_collect) is a no-op.
 Always (these are about driving, not about the hardware): the DiT is loaded with `cp_split_hw=[1, 1]`
-(no context parallelism); `get_condition_shape` returns the explicit parity size instead of the
-published 480p/720p buckets; refinement's global RNG is seeded with the task seed right before the
+(no context parallelism); `get_condition_shape` returns the planned size instead of the published
+480p/720p buckets; refinement's global RNG is seeded with the task seed right before the
 first refinement call, which is what our `RandomStreams.default` stream stands for.
 
 This module never imports upstream at import time, and `scripts/check_tasks_upstream.py` loads it by
-file path in the upstream venv, so keep its module-level imports to torch, numpy and `longcat_convert.errors`.
+file path in the upstream venv, so keep its module-level imports to torch, numpy and `longcat_convert.errors`
+(the task runner imports what it needs of ours when it runs, in our package).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import sys
 import types
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,7 +39,9 @@ from longcat_convert.errors import LongcatError
 from longcat_convert.io import read_header
 from longcat_convert.lora import parse
 
-PROMPT = "a cat sits on a wooden table next to a window"  # parity.run_task's prompt
+if TYPE_CHECKING:
+    from .preflight import Media, RunPlan
+
 BSA_INTERFACE = "longcat_video.block_sparse_attention.bsa_interface"
 
 
@@ -264,45 +268,46 @@ class Recorder:
 
 # ---- driving the tasks --------------------------------------------------------------------------------
 
-def _uint8_frames(output: np.ndarray) -> list:
-    from PIL import Image
-
-    return [Image.fromarray((output[i] * 255).astype(np.uint8)) for i in range(output.shape[0])]
-
-
-def _fixed_sizes(pipe: Any, by_resolution: dict[str, tuple[int, int]]) -> None:
+def _fixed_sizes(pipe: Any, plan: RunPlan) -> None:
+    """upstream's get_condition_shape answers with the planned sizes (parity's are explicit, not a bucket)."""
+    request, by_resolution = plan.request, {}
+    for call in plan.calls:
+        if call.task in ("i2v", "vc"):
+            by_resolution["480p" if request.task == "long" else request.resolution] = (call.height, call.width)
+        elif call.task == "refine":
+            by_resolution["720p"] = (call.height, call.width)
     pipe.get_condition_shape = lambda condition, resolution, scale_factor_spatial=32: by_resolution[resolution]
 
 
-def _with_adapters(pipe: Any, loras: list[str], bsa: dict | None, run: Callable[[], Any]) -> Any:
+def _with_adapters(pipe: Any, loras: list[str], bsa: bool, bsa_params: dict | None, run: Callable[[], Any]) -> Any:
+    """The demos' enable_loras / enable_bsa around one call; `bsa_params` stand in for the config's during it."""
+    attentions = [block.attn for block in pipe.dit.blocks] if bsa and bsa_params is not None else []
+    configured = [attention.bsa_params for attention in attentions]
     if loras:
         pipe.dit.enable_loras(loras)
-    if bsa is not None:
+    if bsa:
         pipe.dit.enable_bsa()
-        for block in pipe.dit.blocks:
-            block.attn.bsa_params = dict(bsa)
+    for attention in attentions:
+        attention.bsa_params = dict(bsa_params)
     try:
         return run()
     finally:
         pipe.dit.disable_all_loras()
-        if bsa is not None:
+        if bsa:
             pipe.dit.disable_bsa()
+        for attention, params in zip(attentions, configured, strict=True):
+            attention.bsa_params = params
 
 
-def _bsa_dict(bsa: Any) -> dict:
-    return {"sparsity": bsa.sparsity, "cdf_threshold": bsa.cdf_threshold,
-            "chunk_3d_shape_q": list(bsa.chunk_q), "chunk_3d_shape_k": list(bsa.chunk_k)}
+def run_upstream_task(pipe: Any, plan: RunPlan, media: Media) -> list:
+    """The planned task on upstream's pipeline, with what `dispatch.run_task` gives ours: one TaskResult per
+    upstream call."""
+    from .preflight import cond_frames, long_steps, refine_steps
+    from .t2v import sampling_defaults
 
-
-def run_upstream_task(pipe: Any, task: str, inputs: Any, sizes: Any, steps: int, seed: int,
-                      device: str | torch.device) -> list:
-    """One task at parity sizes (parity.run_task's settings), one TaskResult per upstream call."""
-    from .parity import PARITY_BSA
-
-    generator = torch.Generator(torch.device(device)).manual_seed(seed)
-    size = (sizes.height, sizes.width)
-    common = {"generator": generator, "max_sequence_length": sizes.max_sequence_length, "num_inference_steps": steps}
-    bsa = _bsa_dict(PARITY_BSA)
+    request = plan.request
+    generator = torch.Generator(plan.device).manual_seed(request.seed)
+    common = {"generator": generator, "max_sequence_length": request.max_sequence_length}
     results = []
 
     def call(name: str, run: Callable[[], Any]) -> np.ndarray:
@@ -311,70 +316,74 @@ def run_upstream_task(pipe: Any, task: str, inputs: Any, sizes: Any, steps: int,
         results.append(recorder.result(name, frames))
         return frames
 
-    if task in ("t2v", "t2v-distill"):
-        distill = task == "t2v-distill"
-        call("t2v", lambda: _with_adapters(pipe, ["cfg_step_lora"] if distill else [], None, lambda: pipe.generate_t2v(
-            prompt=PROMPT, height=sizes.height, width=sizes.width, num_frames=sizes.num_frames, use_distill=distill,
-            guidance_scale=1.0 if distill else 4.0, **common)))
-    elif task == "i2v":
-        _fixed_sizes(pipe, {"480p": size})
-        call("i2v", lambda: pipe.generate_i2v(image=inputs.image, prompt=PROMPT, num_frames=sizes.num_frames,
-                                              guidance_scale=4.0, **common))
-    elif task in ("vc", "vc-nokv"):
-        _fixed_sizes(pipe, {"480p": size})
-        call("vc", lambda: pipe.generate_vc(video=inputs.video, prompt=PROMPT, num_frames=sizes.vc_frames,
-                                            num_cond_frames=sizes.num_cond_frames, guidance_scale=4.0,
-                                            use_kv_cache=task == "vc", **common))
-    elif task == "refine":
-        _fixed_sizes(pipe, {"720p": (sizes.refine_height, sizes.refine_width)})
-        torch.manual_seed(seed)  # upstream's refinement draws from the global RNG
-        call("refine", lambda: _with_adapters(pipe, ["refinement_lora"], bsa, lambda: pipe.generate_refine(
-            video=inputs.refine_cond, prompt=PROMPT, stage1_video=inputs.video[:5], num_cond_frames=2,
-            **{**common, "num_inference_steps": max(steps, 2)})))
-    elif task == "long":
-        _run_long(pipe, call, inputs, sizes, steps, seed, common, bsa)
+    _fixed_sizes(pipe, plan)
+    if request.task == "long":
+        _run_long(pipe, call, plan, common, long_steps(request), cond_frames(request, media))
+        return results
+    if request.task == "refine":
+        def refine() -> Any:
+            return pipe.generate_refine(
+                image=media.image, video=media.cond_video, prompt=request.prompt, stage1_video=media.video,
+                num_cond_frames=cond_frames(request, media), t_thresh=request.t_thresh,
+                spatial_refine_only=request.spatial_refine_only, num_inference_steps=refine_steps(request), **common)
+
+        torch.manual_seed(request.seed)  # upstream's refinement draws from the global RNG
+        call("refine", lambda: _with_adapters(pipe, ["refinement_lora"], not request.no_bsa, request.bsa_params,
+                                              refine))
+        return results
+    steps, _ = sampling_defaults(request.distill, request.steps, None)
+    sampling = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "num_frames": plan.num_frames,
+                "use_distill": request.distill, "guidance_scale": plan.guidance, "num_inference_steps": steps, **common}
+    loras = ["cfg_step_lora"] if request.distill else []
+    if request.task == "t2v":
+        call("t2v", lambda: _with_adapters(pipe, loras, False, None, lambda: pipe.generate_t2v(
+            height=plan.calls[0].height, width=plan.calls[0].width, **sampling)))
+    elif request.task == "i2v":
+        call("i2v", lambda: _with_adapters(pipe, loras, False, None, lambda: pipe.generate_i2v(
+            image=media.image, resolution=request.resolution, **sampling)))
     else:
-        raise LongcatError(f"unknown task {task!r}")
+        call("vc", lambda: _with_adapters(pipe, loras, False, None, lambda: pipe.generate_vc(
+            video=media.video, resolution=request.resolution, num_cond_frames=cond_frames(request, media),
+            use_kv_cache=not request.no_kv_cache, enhance_hf=not (request.no_enhance_hf or request.distill),
+            **sampling)))
     return results
 
 
-def _run_long(pipe: Any, call: Callable[[str, Callable[[], Any]], np.ndarray], inputs: Any, sizes: Any, steps: int,
-              seed: int, common: dict, bsa: dict) -> None:
-    """long_video(segments=1, spatial_refine_only=True) as parity.run_task runs it, on upstream's methods:
-    run_demo_long_video's loop (t2v, continuations with KV cache and enhance_hf, refinement windows)."""
-    from PIL import Image
+def _run_long(pipe: Any, call: Callable[[str, Callable[[], Any]], np.ndarray], plan: RunPlan, common: dict,
+              steps: tuple[int, int], cond_count: int) -> None:
+    """The long-video demo's loop (the one long_video runs) on upstream's methods: t2v, continuations with
+    KV cache and enhance_hf, then refinement windows (prompt '')."""
+    from .long import long_video_loop
 
-    count, cond_count = sizes.num_frames, sizes.num_cond_frames
-    _fixed_sizes(pipe, {"480p": (sizes.height, sizes.width), "720p": tuple(sizes.long_refine_size)})
-    video = _uint8_frames(call("t2v", lambda: pipe.generate_t2v(
-        prompt=PROMPT, height=sizes.height, width=sizes.width, num_frames=count, guidance_scale=4.0, **common)))
-    target, current, frames = video[0].size, video, list(video)
-    for _ in range(1):
-        output = call("vc", lambda current=current: pipe.generate_vc(
-            video=current, prompt=PROMPT, resolution="480p", num_frames=count, num_cond_frames=cond_count,
-            guidance_scale=4.0, use_kv_cache=True, offload_kv_cache=False, enhance_hf=True, **common))
-        current = [frame if frame.size == target else frame.resize(target, Image.BICUBIC)
-                   for frame in _uint8_frames(output)]
-        frames.extend(current[cond_count:])
-    torch.manual_seed(seed)  # the global RNG, first used by the refinement
-    refine_common = {**common, "num_inference_steps": max(steps, 2)}
-    condition, current_count, start = None, 0, 0
-    for _ in range(2):
-        output = call("refine", lambda condition=condition, current_count=current_count, start=start: _with_adapters(
-            pipe, ["refinement_lora"], bsa, lambda: pipe.generate_refine(
-                video=condition, prompt="", stage1_video=frames[start:start + count], num_cond_frames=current_count,
-                spatial_refine_only=True, **refine_common)))
-        condition, current_count, start = _uint8_frames(output), cond_count, start + count - cond_count
+    request, first = plan.request, plan.calls[0]
+    sampling = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "num_frames": plan.num_frames,
+                "guidance_scale": plan.guidance, "num_inference_steps": steps[0], **common}
+
+    def refine_window(stage1: list, condition: list | None, count: int) -> np.ndarray:
+        if condition is None:
+            torch.manual_seed(request.seed)  # the global RNG, first used by the first refinement
+        return call("refine", lambda: _with_adapters(
+            pipe, ["refinement_lora"], not request.no_bsa, request.bsa_params, lambda: pipe.generate_refine(
+                video=condition, prompt="", stage1_video=stage1, num_cond_frames=count,
+                spatial_refine_only=request.spatial_refine_only, **{**common, "num_inference_steps": steps[1]})))
+
+    long_video_loop(
+        lambda: call("t2v", lambda: pipe.generate_t2v(height=first.height, width=first.width, **sampling)),
+        lambda current: call("vc", lambda: pipe.generate_vc(
+            video=current, resolution="480p", num_cond_frames=cond_count, use_kv_cache=True, offload_kv_cache=False,
+            enhance_hf=True, **sampling)),
+        None if request.no_refine else refine_window, segments=request.segments, num_frames=plan.num_frames,
+        num_cond_frames=cond_count, spatial_refine_only=request.spatial_refine_only)
 
 
-def original_task_results(checkout: str | Path, raw_tree: str | Path, tasks: Iterable[str], inputs: Any, sizes: Any,
-                          steps: int, seed: int, dtype: torch.dtype, device: str | torch.device) -> dict:
-    """Every task run by the upstream pipeline from `checkout` on `raw_tree`: {task: [TaskResult] or error}.
+def original_task_results(checkout: str | Path, raw_tree: str | Path, jobs: dict[str, tuple[RunPlan, Media]],
+                          dtype: torch.dtype, device: str | torch.device) -> dict:
+    """Every planned task run by the upstream pipeline from `checkout` on `raw_tree`: {task: [TaskResult] or
+    error}.
 
     A missing checkout or missing dependency raises LongcatError; a task upstream fails on gives its
     one-line error instead of results (the caller decides what that means).
     """
-    tasks = list(tasks)
     import_upstream(checkout, needs_shims(device))
     try:
         pipe = load_upstream(raw_tree, dtype, device)
@@ -382,11 +391,11 @@ def original_task_results(checkout: str | Path, raw_tree: str | Path, tasks: Ite
         raise
     except Exception as exc:  # upstream's own loaders: any failure is the raw tree's or the checkout's
         message = " ".join(f"{type(exc).__name__}: {exc}".split())
-        return dict.fromkeys(tasks, f"upstream cannot load the raw tree: {message}")
+        return dict.fromkeys(jobs, f"upstream cannot load the raw tree: {message}")
     results: dict[str, list | str] = {}
-    for task in tasks:
+    for task, (plan, media) in jobs.items():
         try:
-            results[task] = run_upstream_task(pipe, task, inputs, sizes, steps, seed, device)
+            results[task] = run_upstream_task(pipe, plan, media)
         except LongcatError as exc:
             results[task] = exc.one_line()
         except Exception as exc:  # upstream code: report, do not crash the comparison of the other tasks

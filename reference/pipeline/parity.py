@@ -15,28 +15,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from longcat_convert import progress
 from longcat_convert.errors import LongcatError
 from longcat_convert.torch_threads import torch_threads
 
-from ..bsa import BsaParams
-from ..loading import open_tree
+from ..loading import Tree, open_tree
+from ..metrics import compare_outputs
 from .components import Pipeline, load_pipeline, resolve_dtype
-from .i2v import image_to_video
-from .long import long_video
+from .dispatch import run_task
 from .original import check_checkout, original_task_results
-from .refine import refine
-from .rng import RandomStreams
+from .preflight import Media, RunPlan, RunRequest, plan_run
 from .sampler import TaskResult
-from .t2v import text_to_video
-from .vc import video_continuation
 
 TASKS = ("t2v", "t2v-distill", "i2v", "vc", "vc-nokv", "refine", "long")
 THRESHOLDS = {"float32": 1e-4, "bfloat16": 5e-2}  # rel L2, for latents and frames alike
-PARITY_BSA = BsaParams(sparsity=0.5, chunk_q=(4, 4, 4), chunk_k=(4, 4, 4))
+PROMPT = "a cat sits on a wooden table next to a window"
+PARITY_BSA = {"sparsity": 0.5, "cdf_threshold": None, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]}
+Job = tuple[RunPlan, Media]  # a planned task and its inputs
 
 
 @dataclass(frozen=True)
@@ -52,15 +49,9 @@ class TaskSizes:
     max_sequence_length: int = 32
 
 
-@dataclass(frozen=True)
-class Inputs:
-    image: Image.Image
-    video: list[Image.Image]
-    refine_cond: list[Image.Image]
-
-
-def synthetic_inputs(sizes: TaskSizes, seed: int) -> Inputs:
-    """Deterministic RGB inputs: smooth gradients plus seeded noise, the same for both trees."""
+def synthetic_inputs(sizes: TaskSizes, seed: int) -> Media:
+    """Deterministic RGB inputs: smooth gradients plus seeded noise, the same for both trees (an image, a video
+    and refinement's conditioning video)."""
     rs = np.random.RandomState(seed)
 
     def frame(height: int, width: int, phase: float) -> Image.Image:
@@ -73,67 +64,51 @@ def synthetic_inputs(sizes: TaskSizes, seed: int) -> Inputs:
     image = frame(sizes.height + 8, sizes.width + 12, 0.0)
     video = [frame(sizes.height, sizes.width, 0.3 * k) for k in range(sizes.num_frames)]
     refine_cond = [frame(sizes.refine_height, sizes.refine_width, 0.2 * k) for k in range(4)]
-    return Inputs(image, video, refine_cond)
+    return Media(image, video, refine_cond)
 
 
-def run_task(pipe: Pipeline, task: str, inputs: Inputs, sizes: TaskSizes, steps: int, seed: int) -> list[TaskResult]:
-    """One task at parity sizes; long video gives one result per call it made."""
-    rng = RandomStreams.from_seed(seed, pipe.device)
-    size, common = (sizes.height, sizes.width), {"max_sequence_length": sizes.max_sequence_length}
-    prompt = "a cat sits on a wooden table next to a window"
+def task_request(task: str, sizes: TaskSizes, steps: int, seed: int, dtype: str, device: str, inputs: Media
+                 ) -> tuple[RunRequest, Media]:
+    """Parity task `task` as the `run` request and inputs that run it (t2v-distill and vc-nokv are t2v with
+    distill and vc with no_kv_cache; refinement runs at least 2 steps, with PARITY_BSA)."""
+    common = {"prompt": PROMPT, "seed": seed, "dtype": dtype, "device": str(device),
+              "max_sequence_length": sizes.max_sequence_length}
+    stage1 = {**common, "height": sizes.height, "width": sizes.width, "num_frames": sizes.num_frames, "steps": steps}
     if task in ("t2v", "t2v-distill"):
-        return [text_to_video(pipe, prompt, rng, height=sizes.height, width=sizes.width, num_frames=sizes.num_frames,
-                              steps=steps, distill=task == "t2v-distill", **common)]
+        return RunRequest("t2v", distill=task == "t2v-distill", **stage1), Media()
     if task == "i2v":
-        return [image_to_video(pipe, inputs.image, prompt, rng, size=size, num_frames=sizes.num_frames, steps=steps,
-                               **common)]
+        return RunRequest("i2v", **stage1), Media(image=inputs.image)
     if task in ("vc", "vc-nokv"):
-        return [video_continuation(pipe, inputs.video, prompt, rng, size=size, num_frames=sizes.vc_frames,
-                                   num_cond_frames=sizes.num_cond_frames, steps=steps, use_kv_cache=task == "vc",
-                                   **common)]
+        return (RunRequest("vc", **{**stage1, "num_frames": sizes.vc_frames}, num_cond_frames=sizes.num_cond_frames,
+                           no_kv_cache=task == "vc-nokv"), Media(video=inputs.video))
     if task == "refine":
-        stage1 = inputs.video[:5]
-        return [refine(pipe, stage1, rng, prompt=prompt, video=inputs.refine_cond, num_cond_frames=2,
-                       size=(sizes.refine_height, sizes.refine_width), steps=max(steps, 2), bsa=PARITY_BSA, **common)]
+        return (RunRequest("refine", height=sizes.refine_height, width=sizes.refine_width, steps=max(steps, 2),
+                           num_cond_frames=2, bsa_params=PARITY_BSA, **common),
+                Media(video=inputs.video[:5], cond_video=inputs.cond_video))
     if task == "long":
-        result = long_video(pipe, prompt, rng, segments=1, height=sizes.height, width=sizes.width,
-                            num_frames=sizes.num_frames, num_cond_frames=sizes.num_cond_frames, steps=steps,
-                            vc_size=size, refine_size=sizes.long_refine_size,
-                            refine_steps=max(steps, 2), spatial_refine_only=True, bsa=PARITY_BSA, **common)
-        return result.segments
+        refine_height, refine_width = sizes.long_refine_size
+        return (RunRequest("long", segments=1, num_cond_frames=sizes.num_cond_frames, refine_height=refine_height,
+                           refine_width=refine_width, refine_steps=max(steps, 2), spatial_refine_only=True,
+                           bsa_params=PARITY_BSA, **stage1), Media())
     raise LongcatError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
 
-# ---- metrics -----------------------------------------------------------------------------------------
-
-def metrics(output: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor, peak: float | None = None) -> dict:
-    """max abs, relative L2, cosine (float64); PSNR in dB against `peak` if given (None when identical).
-
-    Frames use peak 1 (they lie in [0, 1]); latents use the reference's largest magnitude.
-    """
-    out = torch.as_tensor(np.asarray(output, dtype=np.float64)).flatten()
-    ref = torch.as_tensor(np.asarray(reference, dtype=np.float64)).flatten()
-    diff = out - ref
-    ref_norm, out_norm, diff_norm = float(ref.norm()), float(out.norm()), float(diff.norm())
-    rel = diff_norm / ref_norm if ref_norm else (0.0 if diff_norm == 0 else math.inf)
-    result = {"max_abs": float(diff.abs().max()) if diff.numel() else 0.0, "rel_l2": rel,
-              "cosine": float(out @ ref) / (out_norm * ref_norm) if out_norm and ref_norm else 0.0}
-    if peak is not None:
-        mse = float((diff**2).mean()) if diff.numel() else 0.0
-        result["psnr"] = 10 * math.log10(peak**2 / mse) if mse else None
-    return result
+def _jobs(tree: Tree, tasks: list[str], sizes: TaskSizes, steps: int, seed: int, dtype: str, device: str
+          ) -> dict[str, Job]:
+    """Every task planned (and so checked) once; both sides run these plans."""
+    inputs, jobs = synthetic_inputs(sizes, seed), {}
+    for task in tasks:
+        request, media = task_request(task, sizes, steps, seed, dtype, device, inputs)
+        jobs[task] = (plan_run(tree.root, request, media, measure=False), media)
+    return jobs
 
 
-def _finite(value: float | None) -> float | None:
-    return value if value is None or math.isfinite(value) else None
-
+# ---- comparison --------------------------------------------------------------------------------------
 
 def _case(name: str, fields: dict, tolerance: float, dtype: str) -> dict:
     rel = fields.get("rel_l2")
-    passed = rel is not None and math.isfinite(rel) and rel <= tolerance and "error" not in fields
-    return {"name": name, "passed": bool(passed), **{k: _finite(v) if isinstance(v, float) else v
-                                                       for k, v in fields.items()},
-            "tolerance": tolerance, "dtype": dtype}
+    passed = rel is not None and rel <= tolerance and "error" not in fields
+    return {"name": name, "passed": passed, **fields, "tolerance": tolerance, "dtype": dtype}
 
 
 def compare_steps(got: list[TaskResult], want: list[TaskResult]) -> dict:
@@ -145,20 +120,24 @@ def compare_steps(got: list[TaskResult], want: list[TaskResult]) -> dict:
         for index, (a, b) in enumerate(zip(mine.steps, theirs.steps, strict=True)):
             if a.shape != b.shape:
                 return {"error": f"call {call} step {index}: shape {list(a.shape)} != {list(b.shape)}"}
-            found = metrics(a, b, peak=float(b.abs().max()))
+            found = compare_outputs(a, b, peak=float(b.abs().max()))
             per_step.append(found["rel_l2"])
-            if worst is None or not found["rel_l2"] <= worst[1]["rel_l2"]:
+            if worst is None or _badness(found) > _badness(worst[1]):
                 worst = ((call, index), found)
-    final = metrics(got[-1].latents.float(), want[-1].latents.float())
+    final = compare_outputs(got[-1].latents.float(), want[-1].latents.float())
     return {**worst[1], "worst_step": list(worst[0]), "final_rel_l2": final["rel_l2"],
-            "per_step_rel_l2": [_finite(v) for v in per_step], "shape": list(want[-1].latents.shape)}
+            "per_step_rel_l2": per_step, "shape": list(want[-1].latents.shape)}
+
+
+def _badness(found: dict) -> float:
+    return math.inf if found["rel_l2"] is None else found["rel_l2"]
 
 
 def compare_frames(got: list[TaskResult], want: list[TaskResult]) -> dict:
     mine, theirs = got[-1].frames, want[-1].frames
     if mine.shape != theirs.shape:
         return {"error": f"frame shapes differ: {list(mine.shape)} vs {list(theirs.shape)}"}
-    return {**metrics(mine, theirs, peak=1.0), "shape": list(theirs.shape)}
+    return {**compare_outputs(mine, theirs, peak=1.0), "shape": list(theirs.shape)}
 
 
 # ---- the report --------------------------------------------------------------------------------------
@@ -171,17 +150,16 @@ def _tree_info(root: str | Path) -> dict:
     return {"path": str(tree.root), "layout": tree.layout, "naming": tree.naming}
 
 
-def _run_all(load: Callable[[], Pipeline], tasks: list[str], inputs: Inputs, sizes: TaskSizes, steps: int,
-             seed: int) -> dict[str, list[TaskResult] | str]:
+def _run_all(load: Callable[[], Pipeline], jobs: dict[str, Job]) -> dict[str, list[TaskResult] | str]:
     try:
         pipe = load()
     except LongcatError as exc:
-        return dict.fromkeys(tasks, f"cannot load the pipeline: {exc.one_line()}")
+        return dict.fromkeys(jobs, f"cannot load the pipeline: {exc.one_line()}")
     results: dict[str, list[TaskResult] | str] = {}
-    for number, task in enumerate(tasks, start=1):
+    for number, (task, (plan, media)) in enumerate(jobs.items(), start=1):
         try:
-            with progress.scope(f"task {number}/{len(tasks)} {task}"):
-                results[task] = run_task(pipe, task, inputs, sizes, steps, seed)
+            with progress.scope(f"task {number}/{len(jobs)} {task}"):
+                results[task] = run_task(pipe, plan, media).results
         except LongcatError as exc:
             results[task] = exc.one_line()
     return results
@@ -209,29 +187,26 @@ def task_parity(raw_tree: str | Path, converted_tree: str | Path, tasks: Iterabl
     dtype_name = str(torch_dtype).removeprefix("torch.")
     tolerance = {**THRESHOLDS, **(thresholds or {})}[dtype_name]
     sizes = sizes or TaskSizes()
-    inputs = synthetic_inputs(sizes, seed)
     checkout = check_checkout(original_src) if original_src is not None else None
     raw = open_tree(raw_tree)
     if checkout is not None and raw.layout != "raw":
         raise LongcatError(f"the upstream pipeline (--original-src) reads raw trees only, this one is {raw.layout}",
                            raw.root)
+    jobs = _jobs(raw, tasks, sizes, steps, seed, dtype_name, device)
     started = time.perf_counter()
     with torch_threads(threads):  # tiny tensors run faster on one thread
         with progress.scope("raw tree"):
             if checkout is None:
-                reference = _run_all(lambda: load_pipeline(raw, torch_dtype, device), tasks, inputs, sizes, steps,
-                                     seed)
+                reference = _run_all(lambda: load_pipeline(raw, torch_dtype, device), jobs)
             else:
                 with progress.stage("upstream pipeline"):
-                    reference = original_task_results(checkout, raw.root, tasks, inputs, sizes, steps, seed,
-                                                      torch_dtype, device)
+                    reference = original_task_results(checkout, raw.root, jobs, torch_dtype, device)
         failed = {task: out for task, out in reference.items() if isinstance(out, str)}
         if failed:
             task, error = next(iter(failed.items()))
             raise LongcatError(f"the raw tree cannot run task {task}: {error}", raw.root)
         with progress.scope("converted tree"):
-            outputs = _run_all(lambda: load_pipeline(converted_tree, torch_dtype, device), tasks, inputs, sizes,
-                               steps, seed)
+            outputs = _run_all(lambda: load_pipeline(converted_tree, torch_dtype, device), jobs)
     cases = []
     for task in tasks:
         got, want = outputs[task], reference[task]

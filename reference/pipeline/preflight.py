@@ -10,8 +10,10 @@ has, with the reason wherever they differ from what was asked, and a rough cost 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -19,6 +21,7 @@ from PIL import Image
 from longcat_convert.errors import LongcatError
 from longcat_convert.report import human_bytes
 
+from ..bsa import BsaParams
 from ..loading import Tree, open_tree
 from .buckets import REFINE_SCALE, STAGE1_SCALE, check_size, target_size
 from .components import component_dir, resolve_device, resolve_dtype
@@ -60,14 +63,21 @@ APPLIES_TO = {"num_cond_frames": ("vc", "refine", "long"), "resolution": ("i2v",
               "num_frames": ("t2v", "i2v", "vc", "long"), "no_kv_cache": ("vc",), "no_enhance_hf": ("vc",),
               "t_thresh": ("refine",), "spatial_refine_only": ("refine", "long"), "no_bsa": ("refine", "long"),
               "segments": ("long",), "no_refine": ("long",), "refine_height": ("long",), "refine_width": ("long",),
-              "negative_prompt": ("t2v", "i2v", "vc", "long"), "guidance": ("t2v", "i2v", "vc", "long")}
+              "negative_prompt": ("t2v", "i2v", "vc", "long"), "guidance": ("t2v", "i2v", "vc", "long"),
+              "refine_steps": ("long",), "bsa_params": ("refine", "long")}
+MEDIA_APPLIES_TO = {"image": ("i2v", "refine"), "video": ("vc", "refine"), "cond_video": ("refine",)}  # files
 REFUSE_FIX = ("use --device cuda, or lower --height/--width, --num-frames or --steps; pass --yes to run it "
               "anyway")
 
 
 @dataclass(frozen=True)
 class RunRequest:
-    """The `run` options, as the command line gives them (None: the task's default)."""
+    """The `run` options, as the command line gives them (None: the task's default).
+
+    Two have no flag; task parity sets them: `refine_steps` (long: steps per refinement window, default
+    the stage-1 steps) and `bsa_params` (refine/long: block-sparse attention parameters in the DiT
+    config's form, default the config's own; --no-bsa still wins).
+    """
 
     task: str
     prompt: str = ""
@@ -93,6 +103,8 @@ class RunRequest:
     no_refine: bool = False
     refine_height: int | None = None
     refine_width: int | None = None
+    refine_steps: int | None = None
+    bsa_params: dict | None = None
 
     @property
     def size(self) -> tuple[int, int] | None:
@@ -190,6 +202,9 @@ def check_request(request: RunRequest) -> list[str]:
     _check_pair(request.size, scale, "--height/--width")
     _check_pair(request.refine_size, REFINE_SCALE, "--refine-height/--refine-width")
     _at_least(request.steps, 1, "--steps")
+    _at_least(request.refine_steps, 1, "refine_steps")
+    if request.bsa_params is not None:
+        BsaParams.from_config(request.bsa_params, "bsa_params")
     _at_least(request.max_sequence_length, 1, "--max-sequence-length")
     _at_least(request.segments, 0, "--segments")
     _at_least(request.num_cond_frames, 0 if request.task == "refine" else 1, "--num-cond-frames")
@@ -202,6 +217,44 @@ def check_request(request: RunRequest) -> list[str]:
     if not 0 <= request.seed < 2**63:
         raise LongcatError(f"--seed must lie in [0, 2^63), got {request.seed}")
     return _ignored(request) + _frame_notices(request)
+
+
+def unused_media(task: str, **paths: Path | None) -> list[str]:
+    """Notices for the input files given that `task` does not read."""
+    return [f"--{name.replace('_', '-')} applies to {', '.join(MEDIA_APPLIES_TO[name])}, not {task}; ignored"
+            for name, path in paths.items() if path is not None and task not in MEDIA_APPLIES_TO[name]]
+
+
+def read_media(task: str, image: Path | None, video: Path | None, cond_video: Path | None) -> Media:
+    """The input files `task` reads, read and checked (the others are left alone)."""
+    from .media import load_image, load_video
+
+    def read(name: str, path: Path | None, load: Callable) -> Any:
+        return load(path) if path is not None and task in MEDIA_APPLIES_TO[name] else None
+
+    return Media(read("image", image, load_image), read("video", video, load_video),
+                 read("cond_video", cond_video, load_video))
+
+
+def cond_frames(request: RunRequest, media: Media) -> int:
+    """Conditioning frames: as given, else 13 for vc and long; for refine 1 with an image, all of a
+    conditioning video, none without either."""
+    if request.num_cond_frames is not None:
+        return request.num_cond_frames
+    if request.task != "refine":
+        return VC_COND_FRAMES
+    return 1 if media.image is not None else (len(media.cond_video) if media.cond_video is not None else 0)
+
+
+def refine_steps(request: RunRequest) -> int:
+    """The steps of a refine task (its schedule, before t_thresh cuts it)."""
+    return request.steps if request.steps is not None else REFINE_STEPS
+
+
+def long_steps(request: RunRequest) -> tuple[int, int]:
+    """Long video's steps per stage-1 call and per refinement window."""
+    steps = sampling_defaults(False, request.steps, None)[0]
+    return steps, request.refine_steps if request.refine_steps is not None else steps
 
 
 def _ignored(request: RunRequest) -> list[str]:
@@ -328,7 +381,7 @@ def _vc(request: RunRequest, media: Media, scheduler: SchedulerConfig, frames: i
     video = media.video
     source = (video[0].height, video[0].width)
     height, width = target_size(source, request.size, request.resolution, STAGE1_SCALE)
-    count = request.num_cond_frames if request.num_cond_frames is not None else VC_COND_FRAMES
+    count = cond_frames(request, media)
     cond = _cond_latents(len(video), frames, count)
     hf = not request.distill and not request.no_enhance_hf
     steps, default = _steps_of(request.steps, request.distill)
@@ -362,15 +415,13 @@ def _refine_steps(steps: int, t_thresh: float, scheduler: SchedulerConfig) -> tu
 def _refine(request: RunRequest, media: Media, scheduler: SchedulerConfig, frames: int, cfg: bool):
     stage1 = media.video
     condition = media.cond_video
-    count = request.num_cond_frames
-    if count is None:
-        count = 1 if media.image is not None else (len(condition) if condition is not None else 0)
+    count = cond_frames(request, media)
     _check_conditioning(media.image, condition, count)
     source = (stage1[0].height, stage1[0].width)
     height, width = target_size(source, request.size, "720p", REFINE_SCALE)
     total = len(stage1) if request.spatial_refine_only else 2 * len(stage1)
     padding = Padding.compute(total, count)
-    steps = request.steps if request.steps is not None else REFINE_STEPS
+    steps = refine_steps(request)
     length, steps_text = _refine_steps(steps, request.t_thresh, scheduler)
     padded = total + padding.front + padding.back
     call = Call("refine", height, width, padded, length, False, cond_latents=padding.num_cond_latents,
@@ -383,10 +434,10 @@ def _refine(request: RunRequest, media: Media, scheduler: SchedulerConfig, frame
 def _long(request: RunRequest, media: Media, scheduler: SchedulerConfig, frames: int, cfg: bool):
     height, width = request.size or T2V_SIZE
     check_size(height, width, STAGE1_SCALE)
-    count = request.num_cond_frames if request.num_cond_frames is not None else VC_COND_FRAMES
+    count = cond_frames(request, media)
     if count >= frames:
         raise LongcatError(f"--num-cond-frames {count} must be below the {frames} frames of a segment")
-    steps = request.steps if request.steps is not None else 50
+    steps, window_steps = long_steps(request)
     calls = [Call("t2v", height, width, frames, len(base_schedule(steps, False, scheduler)), cfg)]
     vc_height, vc_width = target_size((height, width), request.size, "480p", STAGE1_SCALE)
     vc_length, _ = _vc_steps(steps, False, True, scheduler, "")
@@ -399,7 +450,7 @@ def _long(request: RunRequest, media: Media, scheduler: SchedulerConfig, frames:
     frames_text = f"{stage1} stage-1 frames ({request.segments} continuations of {frames} frames, {count} shared)"
     size_text = f"{height}x{width} (height x width)"
     if not request.no_refine:
-        refine_calls, refined = _long_refine(request, (height, width), frames, count, steps, scheduler)
+        refine_calls, refined = _long_refine(request, (height, width), frames, count, window_steps, scheduler)
         calls += refine_calls
         steps_text += f", {request.segments + 1} refine windows of {refine_calls[0].steps}"
         frames_text += f", {refined} after refinement at {refine_calls[0].height}x{refine_calls[0].width}"
