@@ -151,3 +151,10 @@ def apply_loras(dit: LongcatDiT, loras: list[LoraFile], multiplier: float = 1.0)
     for lora in loras:
         if lora.format == "fastvideo":
             merge_fastvideo_lora(dit, lora.modules, multiplier, lora.path)
+
+
+def upstream_lora_ranks(tree: Tree) -> dict[str, int]:
+    """Name -> rank of the tree's upstream-format adapters directly in lora/ (where upstream's pipeline loads
+    them from): upstream's load_lora must be told the rank, which its own loader cannot infer."""
+    return {adapter.name: next(iter(adapter.lora.modules.values())).rank for adapter in tree.adapters
+            if adapter.lora.format == "upstream" and adapter.lora.modules and Path(adapter.file).parent == Path("lora")}

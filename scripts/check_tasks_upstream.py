@@ -16,8 +16,10 @@ spatial_refine_only, refine without conditioning, and the long-video demo's loop
 2 refinement windows; frames through the demo's uint8 round trips). Refinement uses BSA with sparsity 0.5 on both sides
 (the published 0.9375 selects no block on grids this small).
 
-Per case it prints rel L2 / max abs of the final latents (the verdict, tolerance --tol), the worst step
-and the frames. Exit 0 when every case passes, 1 otherwise, 2 on bad input.
+Per case it prints rel L2 / max abs of the final latents and the worst step (both within --tol for a pass)
+and of the frames (within --tol too, except the long video's, which are rounded to uint8 between segments
+as upstream's demo does: they may differ by one uint8 level wherever a value sits on a rounding edge).
+Exit 0 when every case passes, 1 otherwise, 2 on bad input.
 
 CPU shims for the upstream side (our own code in reference/pipeline/original.py, applied only in the
 --upstream process):
@@ -56,6 +58,8 @@ SIZE = (32, 48)
 REFINE_SIZE = (64, 128)
 MAX_LEN = 32
 STEPS = 3
+UINT8_FRAMES = ("long",)  # cases whose frames are rounded to uint8 between segments, as upstream's demo does
+UINT8_LEVEL = 1 / 255 + 1e-6  # one uint8 level (frames are in [0, 1])
 BSA = {"sparsity": 0.5, "cdf_threshold": None, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]}
 
 # name -> what to run; shared by both sides so they cannot drift apart
@@ -226,10 +230,10 @@ def _upstream_long(pipe, case: dict, generator: torch.Generator) -> np.ndarray:
     return np.stack([np.asarray(frame) for frame in refined]).astype(np.float32) / 255
 
 
-def run_upstream(tree: Path, seed: int, checkout: Path) -> dict:
+def run_upstream(tree: Path, seed: int, checkout: Path, lora_ranks: dict[str, int]) -> dict:
     original = _original_module()
     original.import_upstream(checkout, shims=True)
-    pipe = original.load_upstream(tree)  # fp32 on the CPU, both LoRAs loaded
+    pipe = original.load_upstream(tree, lora_ranks)  # fp32 on the CPU, both LoRAs loaded
     inputs = make_inputs(seed)
     results = {}
     for name, case in CASES.items():
@@ -252,7 +256,8 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 def compare(ours: dict, upstream: dict, tol: float) -> bool:
     passed = True
-    print(f"{'case':<14} {'latents rel_l2':>15} {'max_abs':>10} {'worst step':>11} {'frames rel_l2':>14}  verdict")
+    print(f"{'case':<14} {'latents rel_l2':>15} {'max_abs':>10} {'worst step':>11} {'frames rel_l2':>14} "
+          f"{'frames max':>10}  verdict")
     for name in CASES:
         mine, theirs = ours[name], upstream[name]
         if mine["latents"].shape != theirs["latents"].shape or len(mine["steps"]) != len(theirs["steps"]):
@@ -262,11 +267,15 @@ def compare(ours: dict, upstream: dict, tol: float) -> bool:
             continue
         rel, max_abs = rel_l2(mine["latents"], theirs["latents"])
         worst = max(rel_l2(a, b)[0] for a, b in zip(mine["steps"], theirs["steps"], strict=True))
-        frames, _ = rel_l2(mine["frames"], theirs["frames"])
-        ok = rel <= tol and worst <= tol and frames <= tol
+        frames, frames_max_abs = rel_l2(mine["frames"], theirs["frames"])
+        # Frames that went through uint8 between segments (the long video) differ by whole levels wherever a
+        # value sits near a rounding edge; for them the bound is one level, not a rel L2 (the latents carry the
+        # strict check). Other frames are compared in float.
+        frames_ok = frames_max_abs <= UINT8_LEVEL if name in UINT8_FRAMES else frames <= tol
+        ok = rel <= tol and worst <= tol and frames_ok
         passed &= ok
-        print(f"{name:<14} {rel:>15.3e} {max_abs:>10.2e} {worst:>11.3e} {frames:>14.3e}  {'ok' if ok else 'FAIL'}"
-              f"   ({len(mine['steps'])} steps, latents {list(mine['latents'].shape)})")
+        print(f"{name:<14} {rel:>15.3e} {max_abs:>10.2e} {worst:>11.3e} {frames:>14.3e} {frames_max_abs:>10.2e}  "
+              f"{'ok' if ok else 'FAIL'}   ({len(mine['steps'])} steps, latents {list(mine['latents'].shape)})")
     print("PASS" if passed else "FAIL")
     return passed
 
@@ -293,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "upstream's demo prompts with non-ASCII text")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), help="run only these cases")
     parser.add_argument("--upstream", metavar="OUT", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--lora-ranks", default="{}", help=argparse.SUPPRESS)  # JSON, computed by our side
     args = parser.parse_args(argv)
     if args.prompt is None:  # the upstream process is always given --prompt
         from longcat_reference.pipeline.parity import PROMPT as parity_prompt
@@ -302,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     if args.upstream:
-        torch.save(run_upstream(args.tree, args.seed, args.original_src), args.upstream)
+        torch.save(run_upstream(args.tree, args.seed, args.original_src, json.loads(args.lora_ranks)), args.upstream)
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     tree = args.tree
@@ -316,8 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     ours = run_ours(tree, args.seed)
     out = args.work / "upstream.pt"
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
+    from longcat_reference.loading import open_tree, upstream_lora_ranks
+
+    ranks = json.dumps(upstream_lora_ranks(open_tree(tree)))  # the upstream process does not parse LoRAs itself
     command = [str(args.upstream_python), __file__, str(tree), "--seed", str(args.seed), "--original-src",
-               str(args.original_src), "--prompt", args.prompt, "--upstream", str(out)]
+               str(args.original_src), "--prompt", args.prompt, "--lora-ranks", ranks, "--upstream", str(out)]
     command += ["--cases", *args.cases] if args.cases else []
     if subprocess.run(command, env=env).returncode != 0:
         print("error: the upstream run failed (see above)", file=sys.stderr)

@@ -36,8 +36,6 @@ import numpy as np
 import torch
 
 from longcat_convert.errors import LongcatError
-from longcat_convert.io import read_header
-from longcat_convert.lora import parse
 
 if TYPE_CHECKING:
     from .preflight import Media, RunPlan
@@ -186,7 +184,8 @@ def install_shims() -> None:
 
 # ---- loading and recording ----------------------------------------------------------------------------
 
-def load_upstream(tree: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Any:
+def load_upstream(tree: str | Path, lora_ranks: dict[str, int], dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu") -> Any:
     """Upstream's LongCatVideoPipeline from a raw tree, every component in `dtype`, both LoRAs loaded."""
     from longcat_video.modules.autoencoder_kl_wan import AutoencoderKLWan
     from longcat_video.modules.longcat_video_dit import LongCatVideoTransformer3DModel
@@ -203,21 +202,11 @@ def load_upstream(tree: str | Path, dtype: torch.dtype = torch.float32, device: 
         dit=LongCatVideoTransformer3DModel.from_pretrained(tree, subfolder="dit", cp_split_hw=[1, 1],
                                                            torch_dtype=dtype),
     )
-    for name in ("cfg_step_lora", "refinement_lora"):
+    for name, rank in lora_ranks.items():  # upstream's load_lora builds every module with the one rank it is given
         path = Path(tree) / "lora" / f"{name}.safetensors"
-        if path.is_file():
-            rank = lora_rank(path)
-            pipe.dit.load_lora(str(path), name, lora_network_dim=rank, lora_network_alpha=rank / 2)
+        pipe.dit.load_lora(str(path), name, lora_network_dim=rank, lora_network_alpha=rank / 2)
     pipe.to(device)
     return pipe
-
-
-def lora_rank(path: Path) -> int:
-    """The one rank upstream's load_lora builds every module of an upstream-format adapter with."""
-    lora = parse(read_header(path)).check()
-    if lora.format != "upstream":
-        raise LongcatError(f"is a {lora.format}-format LoRA; upstream's load_lora takes its own format", path)
-    return next(iter(lora.modules.values())).rank
 
 
 class Recorder:
@@ -376,8 +365,9 @@ def _run_long(pipe: Any, call: Callable[[str, Callable[[], Any]], np.ndarray], p
         num_cond_frames=cond_count, spatial_refine_only=request.spatial_refine_only)
 
 
-def original_task_results(checkout: str | Path, raw_tree: str | Path, jobs: dict[str, tuple[RunPlan, Media]],
-                          dtype: torch.dtype, device: str | torch.device) -> dict:
+def original_task_results(checkout: str | Path, raw_tree: str | Path, lora_ranks: dict[str, int],
+                          jobs: dict[str, tuple[RunPlan, Media]], dtype: torch.dtype,
+                          device: str | torch.device) -> dict:
     """Every planned task run by the upstream pipeline from `checkout` on `raw_tree`: {task: [TaskResult] or
     error}.
 
@@ -386,7 +376,7 @@ def original_task_results(checkout: str | Path, raw_tree: str | Path, jobs: dict
     """
     import_upstream(checkout, needs_shims(device))
     try:
-        pipe = load_upstream(raw_tree, dtype, device)
+        pipe = load_upstream(raw_tree, lora_ranks, dtype, device)
     except LongcatError:
         raise
     except Exception as exc:  # upstream's own loaders: any failure is the raw tree's or the checkout's

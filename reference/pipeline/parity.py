@@ -21,7 +21,7 @@ from longcat_convert import progress
 from longcat_convert.errors import LongcatError
 from longcat_convert.torch_threads import torch_threads
 
-from ..loading import Tree, open_tree
+from ..loading import Tree, open_tree, upstream_lora_ranks
 from ..metrics import compare_outputs
 from .components import Pipeline, load_pipeline, resolve_dtype
 from .dispatch import run_task
@@ -200,7 +200,8 @@ def task_parity(raw_tree: str | Path, converted_tree: str | Path, tasks: Iterabl
                 reference = _run_all(lambda: load_pipeline(raw, torch_dtype, device), jobs)
             else:
                 with progress.stage("upstream pipeline"):
-                    reference = original_task_results(checkout, raw.root, jobs, torch_dtype, device)
+                    reference = original_task_results(checkout, raw.root, upstream_lora_ranks(raw), jobs,
+                                                      torch_dtype, device)
         failed = {task: out for task, out in reference.items() if isinstance(out, str)}
         if failed:
             task, error = next(iter(failed.items()))
