@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
-from .errors import LongcatError
+from .core.errors import LongcatError
 from .faults import crash_point
 
 TOKEN_LENGTH = 12

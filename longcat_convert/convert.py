@@ -7,15 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import DestinationClaim, check_destination
-from .dtypes import DtypePolicy
-from .errors import LongcatError
+from .core.dtypes import DtypePolicy
+from .core.errors import LongcatError
+from .core.io import SourceFiles
+from .core.tree import Tree, read_tree
 from .execute import execute
 from .hub import looks_like_repo_id, resolve_source
-from .io import SourceFiles
 from .plan import ConversionPlan, PlanOptions, plan_conversion
 from .sharding import parse_size
-from .tree import Tree, read_tree
-from .validate import ValidateOptions, refuse_if_invalid, validate_tree
+from .validation.run import ValidateOptions, refuse_if_invalid, validate_tree
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import progress
 from .convert import ConvertRequest, convert
-from .errors import LongcatError
-from .io import read_bytes, read_header, tensor_range
+from .core import progress
+from .core.errors import LongcatError
+from .core.io import read_bytes, read_header, tensor_range
 from .tiny import build_tiny_tree
 
 
@@ -123,7 +123,7 @@ class Demo:
         return StepResult(step.name, verdict, detail, time.perf_counter() - started)
 
     def _validate(self, tree: Path) -> str:
-        from .validate import ValidateOptions, validate_tree
+        from .validation.run import ValidateOptions, validate_tree
 
         report = validate_tree(tree, ValidateOptions(deep=True))
         errors = [f["message"] for f in report["findings"] if f["severity"] == "error"]
@@ -132,7 +132,7 @@ class Demo:
         return f"valid, {report['counts']['warning']} warnings" + (f", {hashes} manifest hashes verified" if hashes else "")
 
     def _parity_weights(self, raw: Path, converted: Path) -> str:
-        from longcat_reference.parity import weights_parity
+        from longcat_reference.dit_parity import weights_parity
 
         report = weights_parity(raw, converted)
         failed = [case["name"] for case in report["cases"] if not case["passed"]]
@@ -142,7 +142,7 @@ class Demo:
         return f"{dit['checked']} tensors equal; {loras} LoRAs' deltas equal"
 
     def _parity_forward(self, raw: Path, converted: Path, dtype: str) -> str:
-        from longcat_reference.parity import forward_parity
+        from longcat_reference.dit_parity import forward_parity
 
         report = forward_parity(raw, converted, dtype=dtype)
         worst = max(case.get("rel_l2", float("inf")) for case in report["cases"])
@@ -168,7 +168,7 @@ class Demo:
         return f"{total} tensors bitwise identical to the source"
 
     def _parity_tasks(self, raw: Path, converted: Path) -> str:
-        from longcat_reference.pipeline.parity import task_parity
+        from longcat_reference.pipeline.task_parity import task_parity
 
         report = task_parity(raw, converted)
         failed = [case["name"] for case in report["cases"] if not case["passed"]]

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from . import __version__, journal, jsonschemas
+from . import __version__, journal
 from .atomic import AtomicDirectory, DestinationClaim
-from .dtypes import TORCH_DTYPE
-from .errors import LongcatError
-from .faults import crash_point
-from .io import (
+from .core import jsonschemas
+from .core.dtypes import TORCH_DTYPE
+from .core.errors import LongcatError
+from .core.io import (
     SafetensorsHeader,
     ShardWriter,
     SourceFiles,
@@ -30,12 +30,13 @@ from .io import (
     tensor_range,
     write_index,
 )
-from .io.writer import BackgroundSink, SegmentHasher
+from .core.io.writer import BackgroundSink, SegmentHasher
+from .core.lora_format import parse
+from .core.tree import Tree
+from .faults import crash_point
 from .journal import Journal, file_sha256, plan_fingerprint
-from .lora import parse
 from .plan import ConversionPlan, FileCopy, OutputTensor, ShardPlan, Slice
-from .tree import Tree
-from .validate import ValidateOptions, refuse_if_invalid, validate_tree
+from .validation.run import ValidateOptions, refuse_if_invalid, validate_tree
 
 if TYPE_CHECKING:
     import torch
@@ -237,7 +238,7 @@ def _check_loras(plan: ConversionPlan, tree: Tree, work: Path, sources: Sources)
         return []
     import torch  # only conversions with LoRAs pay for it
 
-    from .lora_delta import AdapterDeltas, compare_deltas
+    from .core.lora_delta import AdapterDeltas, compare_deltas
 
     source_loras = {a.file: a.lora for a in tree.adapters}
     results = []

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import LongcatError
+from .core.errors import LongcatError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 NEEDED = ["dit/*", "transformer/*", "lora/*", "lora/*/*", "text_encoder/*", "tokenizer/*", "vae/*", "scheduler/*",

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from . import keymap
-from .lora import part_name
-from .tree import Adapter, Tree, read_tree
+from .core import keymap
+from .core.lora_format import part_name
+from .core.tree import Adapter, Tree, read_tree
 
 ARCH_FIELDS = ("hidden_size", "depth", "caption_channels", "adaln_tembed_dim", "mlp_ratio", "patch_size",
                "in_channels", "out_channels", "text_tokens_zero_pad")

@@ -17,9 +17,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import LongcatError
-from .io import iter_chunks, read_header, read_json_object, tensor_range
-from .io.reader import CHUNK_BYTES
+from .core.errors import LongcatError
+from .core.io import iter_chunks, read_header, read_json_object, tensor_range
+from .core.io.reader import CHUNK_BYTES
 
 JOURNAL = ".longcat-journal.json"
 JOURNAL_FORMAT = 2  # 2: records carry source_sha256, the fingerprint no longer trusts size and mtime

@@ -10,12 +10,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-from . import keymap
-from .dtypes import ITEMSIZE, DtypePolicy, exactly_representable
-from .errors import LongcatError
-from .io import index_name, parse_json, shard_name
-from .io.reader import CHUNK_BYTES
-from .lora import (
+from .core import keymap
+from .core.dtypes import ITEMSIZE, DtypePolicy, exactly_representable
+from .core.errors import LongcatError
+from .core.io import index_name, parse_json, shard_name
+from .core.io.reader import CHUNK_BYTES
+from .core.lora_format import (
     LoraModule,
     TargetPart,
     fastvideo_key,
@@ -26,9 +26,9 @@ from .lora import (
     target_problems,
     upstream_key,
 )
+from .core.tree import Adapter, Skipped, Tree
+from .core.versions import diffusers_version
 from .sharding import group_into_shards
-from .tree import Adapter, Skipped, Tree
-from .versions import diffusers_version
 
 LORA_BLOCKS_METADATA = "longcat_convert.lora_up_blocks"
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import keymap
-from .dtypes import SAFETENSORS_NAME, torch_dtype
-from .errors import LongcatError
-from .io import ShardWriter, TensorEntry, index_name, shard_name, tensor_bytes, write_index
-from .lora import upstream_key
+from .core import keymap
+from .core.dtypes import SAFETENSORS_NAME, torch_dtype
+from .core.errors import LongcatError
+from .core.io import ShardWriter, TensorEntry, index_name, shard_name, tensor_bytes, write_index
+from .core.lora_format import upstream_key
 from .sharding import group_into_shards
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so that argument checks come first and fast
@@ -171,7 +171,7 @@ def build_tiny_tree(dst: Path, *, seed: int = 0, dtype: str = "float32", depth: 
         raise LongcatError(f"--depth must be positive, not {depth}")
     spec = TinySpec(seed=seed, dtype=dtype, depth=depth, hidden=hidden, lora_targets=lora_targets)
     with AtomicDirectory(Path(dst), overwrite=overwrite) as work:
-        from .tiny_components import write_components  # torch, transformers, diffusers: after the checks
+        from .tiny_components import write_components
 
         config = write_dit(work / "dit", spec)
         write_loras(work / "lora", config, spec)

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from longcat_convert.errors import LongcatError
-from longcat_convert.quiet import quiet_libraries
+from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.quiet import quiet_libraries
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

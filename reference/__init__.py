@@ -3,8 +3,9 @@ converted checkpoints (weights- and forward-level parity) against the raw upstre
 
 from .bsa import BsaParams, block_sparse_attention
 from .dit import KVCache, LongcatDiT
+from .dit_parity import forward_parity, weights_parity
 from .loading import LoraFile, Tree, apply_loras, load_dit, lora_paths, open_tree, read_lora
-from .lora import (
+from .lora_layers import (
     FastvideoLoraTarget,
     UpstreamLoraModule,
     clear_loras,
@@ -14,7 +15,6 @@ from .lora import (
     read_upstream_lora,
 )
 from .metrics import compare_outputs
-from .parity import forward_parity, weights_parity
 
 __all__ = [
     "BsaParams", "FastvideoLoraTarget", "KVCache", "LongcatDiT", "LoraFile", "Tree", "UpstreamLoraModule",

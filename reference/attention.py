@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from longcat_convert.errors import LongcatError
+from longcat_convert.core.errors import LongcatError
 
 from .bsa import BsaParams, block_sparse_attention
 from .layout import Weights

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from longcat_convert import keymap
-from longcat_convert.errors import LongcatError
+from longcat_convert.core import keymap
+from longcat_convert.core.errors import LongcatError
 
 from .bsa import BsaParams
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longcat_convert import keymap
-from longcat_convert.errors import LongcatError
+from longcat_convert.core import keymap
+from longcat_convert.core.errors import LongcatError
 
 from .attention import LayerCache
 from .blocks import BlockInputs, dit_block, final_layer
@@ -30,7 +30,7 @@ from .embeddings import caption_embedding, patch_embed, timestep_embedding
 from .layout import Slot, attach_parameters, build_slots
 
 if TYPE_CHECKING:
-    from .lora import RuntimeLora
+    from .lora_layers import RuntimeLora
 
 Grid = tuple[int, int, int]
 

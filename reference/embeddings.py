@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from longcat_convert.errors import LongcatError
+from longcat_convert.core.errors import LongcatError
 
 from .layout import Weights
 

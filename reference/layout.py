@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from longcat_convert import keymap
+from longcat_convert.core import keymap
 
 
 class Weights(Protocol):

@@ -1,6 +1,6 @@
 """Load a DiT (and its LoRAs) from a checkpoint tree of any layout: raw, diffusers or fastvideo.
 
-The tree is read by `longcat_convert.tree.read_tree`, the reader `convert` uses: the same shard-folder checks,
+The tree is read by `longcat_convert.core.tree.read_tree`, the reader `convert` uses: the same shard-folder checks,
 the same held files. Key sets are checked strictly against the key map before any tensor is read; a mismatch
 raises one LongcatError line naming the first few missing / unexpected / mis-shaped keys and their counts.
 """
@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from longcat_convert import keymap
-from longcat_convert.errors import LongcatError
-from longcat_convert.layout_detect import detect_layout
-from longcat_convert.tree import Tree, check_dit, read_tree
+from longcat_convert.core import keymap
+from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.layout_detect import detect_layout
+from longcat_convert.core.tree import Tree, check_dit, read_tree
 
 from .dit import LongcatDiT
-from .lora import (
+from .lora_layers import (
     FastvideoLoraTarget,
     UpstreamLoraModule,
     clear_loras,

@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import torch
 
-from longcat_convert.errors import LongcatError
+from longcat_convert.core.errors import LongcatError
 
 BASE = 10000
 Grid = tuple[int, int, int]

@@ -48,9 +48,9 @@ from pathlib import Path
 
 import numpy as np
 
-from longcat_convert import keymap
-from longcat_convert.dtypes import dtype_names
-from longcat_convert.io import TensorEntry, encode_header, index_name, shard_name, write_index
+from longcat_convert.core import keymap
+from longcat_convert.core.dtypes import dtype_names
+from longcat_convert.core.io import TensorEntry, encode_header, index_name, shard_name, write_index
 from longcat_convert.sharding import group_into_shards
 from longcat_convert.tiny import TinySpec, dit_config
 
@@ -413,12 +413,12 @@ class Bench:
 
 def in_process_timings(root: Path, has_validate: bool) -> list[tuple[str, float]]:
     """The header work without interpreter start-up and imports (torch alone takes ~1.7 s here)."""
+    from longcat_convert.core.tree import read_tree
     from longcat_convert.inspect_tree import describe_path
-    from longcat_convert.tree import read_tree
 
     calls = [("read_tree", lambda: read_tree(root)), ("inspect", lambda: describe_path(root, None))]
     if has_validate:
-        from longcat_convert.validate import validate_tree
+        from longcat_convert.validation.run import validate_tree
 
         calls.append(("validate", lambda: validate_tree(root)))
     timings = []

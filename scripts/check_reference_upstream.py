@@ -17,10 +17,10 @@ import sys
 import torch
 from longcat_reference.dit import KVCache, LongcatDiT
 from longcat_reference.loading import Tree, apply_loras, load_dit, open_tree, read_lora
-from longcat_reference.lora import clear_loras
+from longcat_reference.lora_layers import clear_loras
 from longcat_reference.metrics import compare_outputs
 
-from longcat_convert.errors import LongcatError
+from longcat_convert.core.errors import LongcatError
 
 
 def replay(dit: LongcatDiT, tree: Tree, name: str, case: dict) -> tuple[torch.Tensor, list[str]]:

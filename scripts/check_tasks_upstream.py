@@ -145,7 +145,7 @@ def _request(case: dict, inputs: dict, seed: int):
 
 def _original_module():
     """reference/pipeline/original.py (the upstream engine and its CPU shims), loaded by file path: the
-    upstream venv does not have our package installed, only `longcat_convert.errors` from the repo is needed."""
+    upstream venv does not have our package installed, only `longcat_convert.core.errors` from the repo is needed."""
     import importlib.util
 
     sys.path.insert(0, str(REPO))
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-ranks", default="{}", help=argparse.SUPPRESS)  # JSON, computed by our side
     args = parser.parse_args(argv)
     if args.prompt is None:  # the upstream process is always given --prompt
-        from longcat_reference.pipeline.parity import PROMPT as parity_prompt
+        from longcat_reference.pipeline.task_parity import PROMPT as parity_prompt
 
         args.prompt = parity_prompt
     _select(args.prompt, args.cases)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from longcat_convert.core.torch_threads import torch_threads
 from longcat_convert.tiny import build_tiny_tree
-from longcat_convert.torch_threads import torch_threads
 
 
 def _build(factory: pytest.TempPathFactory, name: str, **kwargs) -> Path:

@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from longcat_convert import versions
 from longcat_convert.cli import COMMANDS, _register, main_group
-from longcat_convert.cli_common import DTYPE_ORDER
+from longcat_convert.cli.common import DTYPE_ORDER
+from longcat_convert.core import versions
 from tests.helpers import run_cli
 
 PROGRESS_COMMANDS = ("convert", "validate", "parity", "run", "demo")

@@ -18,10 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from longcat_convert import execute as execute_module
-from longcat_convert import lora, plan
+from longcat_convert import plan
 from longcat_convert.convert import ConvertRequest, convert
-from longcat_convert.errors import LongcatError
-from longcat_convert.jsonschemas import schema_errors
+from longcat_convert.core import lora_format as lora
+from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.jsonschemas import schema_errors
 from tests.helpers import bitwise_equal, load_folder, run_cli
 
 # upstream module -> FastVideo module(s), per FastVideo's LongCatTransformer3DModel

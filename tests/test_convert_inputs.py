@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from longcat_convert.lora import fastvideo_scale
+from longcat_convert.core.lora_format import fastvideo_scale
 from tests.helpers import run_cli
 
 CFG = "lora/cfg_step_lora.safetensors"

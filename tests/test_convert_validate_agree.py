@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from longcat_convert.errors import LongcatError
-from longcat_convert.tree import read_tree
-from longcat_convert.validate import validate_tree
+from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.tree import read_tree
+from longcat_convert.validation.run import validate_tree
 from tests.helpers import run_cli
 from tests.test_validate_corpus import DEFECTS, MARKER, Defect
 from tests.test_validate_helpers import converted

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from longcat_convert.convert import ConvertRequest, convert
-from longcat_convert.io import read_header
-from longcat_convert.validate import ValidateOptions, validate_tree
+from longcat_convert.core.io import read_header
+from longcat_convert.validation.run import ValidateOptions, validate_tree
 
 CONVERT = "from longcat_convert.cli import main; main()"
 

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from longcat_convert import atomic, execute
 from longcat_convert import convert as convert_module
 from longcat_convert.atomic import AtomicDirectory, DestinationLock, lock_file, sibling_stem
-from longcat_convert.errors import LongcatError
+from longcat_convert.core.errors import LongcatError
 from tests.helpers import run_cli
 
 CONVERT = "from longcat_convert.cli import main; main()"
@@ -234,7 +234,7 @@ def test_overwrite_has_no_moment_without_destination(tiny_raw: Path, out: Path, 
     run.kill()
     run.communicate(timeout=60)
     assert _dtype_of(dst) == "BF16"
-    from longcat_convert.validate import ValidateOptions, validate_tree
+    from longcat_convert.validation.run import ValidateOptions, validate_tree
 
     assert validate_tree(dst, ValidateOptions(deep=True))["valid"]
     assert len([name for name in _siblings(dst) if ".longcat-partial-" in name]) == 1
@@ -249,7 +249,7 @@ CHURN = """
 import os, sys
 from pathlib import Path
 from longcat_convert.atomic import DestinationLock, lock_file
-from longcat_convert.errors import LongcatError
+from longcat_convert.core.errors import LongcatError
 dst, inside, rounds = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 held = 0
 while held < rounds:
@@ -587,9 +587,9 @@ def test_report_through_a_symlink_is_written_to_its_target_whole(tiny_raw: Path,
 
 def test_validate_and_parity_check_the_report_path_first(tiny_raw: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    import longcat_reference.parity as parity
+    import longcat_reference.dit_parity as parity
 
-    from longcat_convert import cli_validate
+    from longcat_convert.cli import validate as cli_validate
 
     def refuse(*args, **kwargs):
         raise AssertionError("the work started before the report path was checked")

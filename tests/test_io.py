@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from longcat_convert.errors import HeaderError, LongcatError
-from longcat_convert.io import (
+from longcat_convert.core.errors import HeaderError, LongcatError
+from longcat_convert.core.io import (
     ShardWriter,
     TensorEntry,
     encode_header,
@@ -30,10 +30,10 @@ from longcat_convert.io import (
     tensor_range,
     write_index,
 )
-from longcat_convert.io import header as header_module
-from longcat_convert.io.header import MAX_HEADER_BYTES
+from longcat_convert.core.io import header as header_module
+from longcat_convert.core.io.header import MAX_HEADER_BYTES
 
-# safetensors dtype names, written out here rather than taken from longcat_convert.dtypes
+# safetensors dtype names, written out here rather than taken from longcat_convert.core.dtypes
 ST_NAME: dict[torch.dtype, str] = {
     torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
     torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",

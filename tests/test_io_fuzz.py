@@ -15,14 +15,14 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from longcat_convert.errors import HeaderError, LongcatError
-from longcat_convert.io import header as header_module
-from longcat_convert.io import read_header, read_index, read_tensor
-from longcat_convert.io.header import MAX_HEADER_BYTES, SafetensorsHeader
+from longcat_convert.core.errors import HeaderError, LongcatError
+from longcat_convert.core.io import header as header_module
+from longcat_convert.core.io import read_header, read_index, read_tensor
+from longcat_convert.core.io.header import MAX_HEADER_BYTES, SafetensorsHeader
 
 FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
-# safetensors dtype sizes, written out here rather than taken from longcat_convert.dtypes
+# safetensors dtype sizes, written out here rather than taken from longcat_convert.core.dtypes
 ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 

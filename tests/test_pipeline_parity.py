@@ -10,13 +10,19 @@ import torch
 from longcat_reference.bsa import BsaParams
 from longcat_reference.pipeline import load_pipeline
 from longcat_reference.pipeline.dispatch import bsa_setting, run_task
-from longcat_reference.pipeline.parity import TASKS, TaskSizes, synthetic_inputs, task_parity, task_request
 from longcat_reference.pipeline.preflight import plan_run
+from longcat_reference.pipeline.task_parity import (
+    TASKS,
+    TaskSizes,
+    synthetic_inputs,
+    task_parity,
+    task_request,
+)
 from safetensors.torch import load_file, save_file
 
 from longcat_convert.convert import ConvertRequest, convert
-from longcat_convert.errors import LongcatError
-from longcat_convert.jsonschemas import schema_errors
+from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.jsonschemas import schema_errors
 
 
 @pytest.fixture(scope="module")

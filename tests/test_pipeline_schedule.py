@@ -18,7 +18,7 @@ from longcat_reference.pipeline import (
 )
 from longcat_reference.pipeline.schedule import Schedule
 
-from longcat_convert.errors import LongcatError
+from longcat_convert.core.errors import LongcatError
 
 # pipeline.md §2.6, "Resulting schedules with shift 12" (two decimals as printed there)
 SPEC_50 = [1000, 998.27, 996.47, 994.60, 992.66, 990.63, 988.52, 986.32, 984.02, 981.62, 979.11, 976.48, 973.72,

@@ -23,7 +23,7 @@ from longcat_reference.pipeline import (
 )
 from PIL import Image
 
-from longcat_convert.errors import LongcatError
+from longcat_convert.core.errors import LongcatError
 
 PROMPT = "a small orange cat jumps from the sofa"
 TINY = {"max_sequence_length": 16}

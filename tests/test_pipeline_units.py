@@ -20,7 +20,7 @@ from longcat_reference.pipeline.latents import (
 from longcat_reference.pipeline.text import single_prompt
 from PIL import Image
 
-from longcat_convert.errors import LongcatError
+from longcat_convert.core.errors import LongcatError
 from longcat_convert.tiny_components import WAN_LATENTS_MEAN, WAN_LATENTS_STD
 
 

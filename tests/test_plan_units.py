@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longcat_convert import keymap
-from longcat_convert.dtypes import DTYPE_NAMES, FRIENDLY, DtypePolicy, torch_dtype
-from longcat_convert.errors import LongcatError
-from longcat_convert.lora import decode_module, encode_module, fused_targets
+from longcat_convert.core import keymap
+from longcat_convert.core.dtypes import DTYPE_NAMES, FRIENDLY, DtypePolicy, torch_dtype
+from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.lora_format import decode_module, encode_module, fused_targets
 from longcat_convert.sharding import group_into_shards, parse_size
 
 PUBLISHED = dict(hidden_size=4096, depth=48, num_heads=32, caption_channels=4096, adaln_tembed_dim=512,

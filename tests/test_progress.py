@@ -5,12 +5,12 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from longcat_reference.parity import forward_parity
+from longcat_reference.dit_parity import forward_parity
 from longcat_reference.pipeline import RandomStreams, load_pipeline, text_to_video
-from longcat_reference.pipeline.parity import task_parity
+from longcat_reference.pipeline.task_parity import task_parity
 
-from longcat_convert import progress
-from longcat_convert.validate import ValidateOptions, validate_tree
+from longcat_convert.core import progress
+from longcat_convert.validation.run import ValidateOptions, validate_tree
 from tests.helpers import run_cli
 
 

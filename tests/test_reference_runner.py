@@ -11,16 +11,16 @@ import pytest
 import torch
 from longcat_reference.bsa import BsaParams
 from longcat_reference.dit import LongcatDiT
+from longcat_reference.dit_parity import forward_parity, weights_parity
 from longcat_reference.embeddings import caption_embedding
 from longcat_reference.loading import apply_loras, load_dit, open_tree, read_lora
-from longcat_reference.lora import clear_loras
-from longcat_reference.parity import forward_parity, weights_parity
+from longcat_reference.lora_layers import clear_loras
 from safetensors.torch import load_file, save_file
 
-from longcat_convert import jsonschemas, keymap
 from longcat_convert.convert import ConvertRequest, convert
-from longcat_convert.errors import LongcatError
-from longcat_convert.lora import encode_module as encode_module_name
+from longcat_convert.core import jsonschemas, keymap
+from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.lora_format import encode_module as encode_module_name
 from tests.helpers import run_cli
 
 CONFIG = {

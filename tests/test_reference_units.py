@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 from longcat_reference.bsa import BsaParams, block_sparse_attention, chunk_index
 from longcat_reference.embeddings import timestep_frequencies
-from longcat_reference.lora import FastvideoLoraTarget, read_fastvideo_lora, read_upstream_lora
+from longcat_reference.lora_layers import FastvideoLoraTarget, read_fastvideo_lora, read_upstream_lora
 from longcat_reference.metrics import compare_outputs
 from longcat_reference.rope import apply_rope, grid_angles, rope_split
 from safetensors.torch import save_file
 
-from longcat_convert.errors import LongcatError
-from longcat_convert.lora import decode_module as decode_module_name
-from longcat_convert.lora import encode_module as encode_module_name
-from longcat_convert.lora_delta import Term, relative_delta_error
+from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.lora_delta import Term, relative_delta_error
+from longcat_convert.core.lora_format import decode_module as decode_module_name
+from longcat_convert.core.lora_format import encode_module as encode_module_name
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

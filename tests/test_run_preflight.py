@@ -19,7 +19,7 @@ from PIL import Image
 
 from longcat_convert import __version__
 from longcat_convert.cli import _register, main_group
-from longcat_convert.errors import LongcatError
+from longcat_convert.core.errors import LongcatError
 from tests.helpers import run_cli
 
 SMALL = ("--steps", "2", "--max-sequence-length", "8")

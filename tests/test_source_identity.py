@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from longcat_convert import convert as convert_module
 from longcat_convert import execute as execute_module
 from longcat_convert.convert import ConvertRequest, convert
-from longcat_convert.errors import LongcatError
-from longcat_convert.io import SourceFiles, read_header, tensor_range
+from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.io import SourceFiles, read_header, tensor_range
 from tests.helpers import run_cli
 
 CHANGED = "changed while it was being converted"
@@ -258,7 +258,7 @@ def test_verify_passes_exactly_when_nothing_changed(tmp_path: Path, content: byt
 
 
 def _whole(path: Path, length: int):
-    from longcat_convert.io import ByteRange
+    from longcat_convert.core.io import ByteRange
 
     return ByteRange(path, 0, length)
 

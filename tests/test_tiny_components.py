@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from longcat_convert.errors import LongcatError
-from longcat_convert.jsonschemas import schema_errors
+from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.jsonschemas import schema_errors
 from longcat_convert.tiny_components import (
     tokenizer_vocab_size,
     write_components,

@@ -13,15 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from longcat_convert import keymap
-from longcat_convert.errors import LongcatError
-from longcat_convert.jsonschemas import load_schema, schema_errors
-from longcat_convert.layout_detect import detect_layout
-from longcat_convert.lora import encode_module
-from longcat_convert.validate import ValidateOptions, validate_tree
+from longcat_convert.core import keymap
+from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.jsonschemas import load_schema, schema_errors
+from longcat_convert.core.layout_detect import detect_layout
+from longcat_convert.core.lora_format import encode_module
 from longcat_convert.validation import deep
 from longcat_convert.validation.findings import KINDS
 from longcat_convert.validation.render import render_summary
+from longcat_convert.validation.run import ValidateOptions, validate_tree
 from tests.test_validate_helpers import (
     PUBLISHED_DIT_CONFIG,
     UMT5_XXL,
@@ -261,7 +261,7 @@ def test_deep_scan_streams_in_small_chunks_and_hashes_tensor_bytes(tmp_path: Pat
     path = tmp_path / "t.safetensors"
     save_file(tensors, path)
     monkeypatch.setattr(deep, "CHUNK_BYTES", 12)
-    from longcat_convert.io import read_header
+    from longcat_convert.core.io import read_header
 
     seen = {}
     digest = deep.scan_file(read_header(path), lambda info, stats: seen.update({info.name: stats}))
@@ -280,7 +280,7 @@ def test_deep_scan_of_a_file_that_shrinks_while_read_raises_oserror(tmp_path: Pa
     path = tmp_path / "t.safetensors"
     save_file({"a": torch.arange(64, dtype=torch.float32), "b": torch.ones(64)}, path)
     monkeypatch.setattr(deep, "CHUNK_BYTES", 32)
-    from longcat_convert.io import read_header
+    from longcat_convert.core.io import read_header
 
     header = read_header(path)
     with open(path, "r+b") as handle:

@@ -21,8 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from longcat_convert.jsonschemas import schema_errors
-from longcat_convert.lora import encode_module
+from longcat_convert.core.jsonschemas import schema_errors
+from longcat_convert.core.lora_format import encode_module
 from tests.test_validate_helpers import (
     converted,
     dit_shards,

@@ -1,1 +1,1 @@
-"""Checks behind `longcat-convert validate`; `longcat_convert.validate.validate_tree` runs them in order."""
+"""Checks behind `longcat-convert validate`; `longcat_convert.validation.run.validate_tree` runs them in order."""

@@ -2,7 +2,7 @@
 
 upstream format (raw, diffusers): lora/<name>.safetensors with `lora___lorahyphen___<module>` keys.
 fastvideo format: lora/<subfolder>/<name>.safetensors with `<fastvideo module>.lora_A/.lora_B/.lora_alpha`.
-The key grammar and its defects are `longcat_convert.lora`'s; here they become findings, with what FastVideo's
+The key grammar and its defects are `longcat_convert.core.lora_format`'s; here they become findings, with what FastVideo's
 int(lora_alpha)/rank makes of each alpha. Unlike the loaders, every defect is collected: nothing is skipped
 silently.
 """
@@ -15,11 +15,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import keymap
-from ..io import SafetensorsHeader
-from ..io.pickles import is_pickle_name, pickle_message
-from ..lora import LoraModule, ParsedLora, fastvideo_represents, fused_targets, parse, target_problems
-from .tree import Context
+from ..core import keymap
+from ..core.io import SafetensorsHeader
+from ..core.io.pickles import is_pickle_name, pickle_message
+from ..core.lora_format import (
+    LoraModule,
+    ParsedLora,
+    fastvideo_represents,
+    fused_targets,
+    parse,
+    target_problems,
+)
+from .context import Context
 from .weights import DtypeExpectations, check_dtypes, read_header_or_report
 
 BLOCK_INDEX = re.compile(r"\.\d+\.")

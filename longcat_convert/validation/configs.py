@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import keymap
-from ..jsonschemas import SchemaProblem, load_schema, schema_findings
-from ..layout_detect import FASTVIDEO_PIPELINE_CLASSES
-from .tree import Context, read_json
+from ..core import keymap
+from ..core.jsonschemas import SchemaProblem, load_schema, schema_findings
+from ..core.layout_detect import FASTVIDEO_PIPELINE_CLASSES
+from .context import Context, read_json
 
 RUNTIME_FIELDS = ("enable_flashattn3", "enable_flashattn2", "enable_xformers", "enable_bsa", "bsa_params", "cp_split_hw")
 META_FIELDS = ("_class_name", "_diffusers_version", "_name_or_path")

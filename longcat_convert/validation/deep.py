@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import progress
-from ..dtypes import FLOATING, TORCH_DTYPE
-from ..io import SafetensorsHeader, TensorInfo
-from ..io.reader import advise
+from ..core import progress
+from ..core.dtypes import FLOATING, TORCH_DTYPE
+from ..core.io import SafetensorsHeader, TensorInfo
+from ..core.io.reader import advise
+from ..core.torch_threads import torch_threads
 from ..journal import file_sha256
-from ..torch_threads import torch_threads
+from .context import Context
 from .manifest import Manifest
-from .tree import Context
 
 CHUNK_BYTES = 16 * 1024 * 1024
 BUFFERS = 4  # chunk buffers in flight (memory: BUFFERS × CHUNK_BYTES)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..jsonschemas import load_schema, schema_findings
-from .tree import Context, read_json
+from ..core.jsonschemas import load_schema, schema_findings
+from .context import Context, read_json
 
 MANIFEST_NAME = "conversion.json"
 SHOWN_SCHEMA_PROBLEMS = 5

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from ..dtypes import friendly
-from ..lora import part_name
-from ..report import human_bytes
+from ..core.dtypes import friendly
+from ..core.lora_format import part_name
+from ..core.text_format import human_bytes
 from .findings import KINDS
 
 COMPONENT_ORDER = ("tree", "model_index", "dit", "lora", "text_encoder", "tokenizer", "vae", "scheduler", "manifest")

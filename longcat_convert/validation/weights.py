@@ -9,10 +9,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..dtypes import FLOATING, friendly
-from ..io import SafetensorsHeader, TensorInfo
-from ..shard_folder import FolderRules, Problem, ShardFolder, read_header_or_problem, scan_shard_folder
-from .tree import Context
+from ..core.dtypes import FLOATING, friendly
+from ..core.io import SafetensorsHeader, TensorInfo
+from ..core.shard_folder import FolderRules, Problem, ShardFolder, read_header_or_problem, scan_shard_folder
+from .context import Context
 
 
 def scan_weight_folder(ctx: Context, component: str, folder: Path, rules: FolderRules) -> ShardFolder:

@@ -8,7 +8,7 @@ for tiny test models; explicit sizes must still be divisible by the task's scale
 
 from __future__ import annotations
 
-from longcat_convert.errors import LongcatError
+from longcat_convert.core.errors import LongcatError
 
 STAGE1_SCALE = 16  # VAE 8 × patch 2
 REFINE_SCALE = 64  # × 4, the block-sparse-attention granularity

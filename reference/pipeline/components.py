@@ -15,15 +15,15 @@ from typing import Any
 
 import torch
 
-from longcat_convert import progress
-from longcat_convert.dtypes import torch_dtype
-from longcat_convert.errors import LongcatError
-from longcat_convert.quiet import quiet_libraries
+from longcat_convert.core import progress
+from longcat_convert.core.dtypes import torch_dtype
+from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.quiet import quiet_libraries
 
 from ..bsa import BsaParams
 from ..dit import LongcatDiT
 from ..loading import LoraFile, Tree, apply_loras, load_dit, open_tree, read_lora
-from ..lora import clear_loras
+from ..lora_layers import clear_loras
 from .schedule import SchedulerConfig
 
 DISTILL_LORA = "cfg_step_lora"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from longcat_convert.io import read_header
+from longcat_convert.core.io import read_header
 
 from ..config import DiTConfig
 from ..loading import Tree

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from longcat_convert.errors import LongcatError
+from longcat_convert.core.errors import LongcatError
 
 EPS = 1e-8
 

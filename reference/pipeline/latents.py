@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from longcat_convert import progress
-from longcat_convert.errors import LongcatError
+from longcat_convert.core import progress
+from longcat_convert.core.errors import LongcatError
 
 from .components import Pipeline
 from .rng import randn

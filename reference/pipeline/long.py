@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from longcat_convert import progress
-from longcat_convert.errors import LongcatError
+from longcat_convert.core import progress
+from longcat_convert.core.errors import LongcatError
 
 from ..bsa import BsaParams
 from .components import Pipeline

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
-from longcat_convert.errors import LongcatError
+from longcat_convert.core.errors import LongcatError
 
 from .latents import to_pil
 

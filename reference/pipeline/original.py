@@ -18,7 +18,7 @@ Always (these are about driving, not about the hardware): the DiT is loaded with
 first refinement call, which is what our `RandomStreams.default` stream stands for.
 
 This module never imports upstream at import time, and `scripts/check_tasks_upstream.py` loads it by
-file path in the upstream venv, so keep its module-level imports to torch, numpy and `longcat_convert.errors`
+file path in the upstream venv, so keep its module-level imports to torch, numpy and `longcat_convert.core.errors`
 (the task runner imports what it needs of ours when it runs, in our package).
 """
 
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from longcat_convert.errors import LongcatError
+from longcat_convert.core.errors import LongcatError
 
 if TYPE_CHECKING:
     from .preflight import Media, RunPlan

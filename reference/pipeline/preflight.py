@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from longcat_convert.errors import LongcatError
-from longcat_convert.report import human_bytes
+from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.text_format import human_bytes
 
 from ..bsa import BsaParams
 from ..loading import Tree, open_tree

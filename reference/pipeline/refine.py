@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from longcat_convert.errors import LongcatError
+from longcat_convert.core.errors import LongcatError
 
 from ..bsa import BsaParams
 from .buckets import REFINE_SCALE, target_size

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longcat_convert.errors import LongcatError
+from longcat_convert.core.errors import LongcatError
 
 
 @dataclass

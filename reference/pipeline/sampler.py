@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from longcat_convert import progress
-from longcat_convert.errors import LongcatError
+from longcat_convert.core import progress
+from longcat_convert.core.errors import LongcatError
 
 from ..dit import KVCache
 from .components import Pipeline

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from longcat_convert.errors import LongcatError
-from longcat_convert.io import read_json_object
+from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.io import read_json_object
 
 NUM_TRAIN_TIMESTEPS = 1000
 DISTILL_STEPS = 50  # the teacher schedule the distilled list is sampled from

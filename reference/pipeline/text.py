@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import ftfy
 import torch
 
-from longcat_convert import progress
-from longcat_convert.errors import LongcatError
+from longcat_convert.core import progress
+from longcat_convert.core.errors import LongcatError
 
 from .components import Pipeline
 from .guidance import uses_cfg

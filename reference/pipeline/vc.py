@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from longcat_convert.errors import LongcatError
+from longcat_convert.core.errors import LongcatError
 
 from .buckets import STAGE1_SCALE, target_size
 from .components import DISTILL_LORA, Pipeline

@@ -13,18 +13,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, keymap
-from .dtypes import POLICY_NAMES
-from .errors import LongcatError
-from .io import DirectFiles, FileReader
-from .layout_detect import check_root, detect_layout
-from .validation.adapters import check_lora_folder
-from .validation.components import check_dit, check_text_encoder, check_vae, drop_expectations
-from .validation.configs import check_cross_rules, check_model_index, check_scheduler_config, check_tokenizer
-from .validation.findings import Findings
-from .validation.manifest import check_manifest_headers, load_manifest
-from .validation.tree import Context, check_tree_safety, report_stray_pickles
-from .validation.weights import DtypeExpectations
+from .. import __version__
+from ..core import keymap
+from ..core.dtypes import POLICY_NAMES
+from ..core.errors import LongcatError
+from ..core.io import DirectFiles, FileReader
+from ..core.layout_detect import check_root, detect_layout
+from .adapters import check_lora_folder
+from .configs import check_cross_rules, check_model_index, check_scheduler_config, check_tokenizer
+from .context import Context, check_tree_safety, report_stray_pickles
+from .findings import Findings
+from .folders import check_dit, check_text_encoder, check_vae, drop_expectations
+from .manifest import check_manifest_headers, load_manifest
+from .weights import DtypeExpectations
 
 REPORT_SCHEMA_VERSION = 1
 SHARED_COMPONENTS = tuple(keymap.load_map_document()["shared_components"])
@@ -120,7 +121,7 @@ def _check_shared_components(ctx: Context, options: ValidateOptions, policy: Dty
 
 
 def _deep_scan(ctx: Context, manifest, dit):
-    from .validation.deep import deep_scan  # imports torch; header-only runs never need it
+    from .deep import deep_scan
 
     return deep_scan(ctx, manifest, drop_expectations(ctx, dit))
 

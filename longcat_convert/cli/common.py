@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .dtypes import DTYPE_NAMES
+from ..core.dtypes import DTYPE_NAMES
 
 DTYPE_ORDER = ("keep", *DTYPE_NAMES)  # every --dtype lists its choices in this order
 

@@ -21,7 +21,7 @@ import torch
 from . import keymap
 from .dtypes import TORCH_DTYPE
 from .io import SafetensorsHeader, read_tensor
-from .lora import LoraModule, ParsedLora, fastvideo_scale
+from .lora_format import LoraModule, ParsedLora, fastvideo_scale
 
 # reads one tensor of a file whose header is given: read_tensor by path, or SourceFiles.tensor from a held file
 TensorReader = Callable[[SafetensorsHeader, str], torch.Tensor]

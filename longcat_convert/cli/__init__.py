@@ -7,19 +7,19 @@ import sys
 
 import click
 
-from . import __version__
-from .errors import LongcatError
+from .. import __version__
+from ..core.errors import LongcatError
 
 # name -> (module, attribute, one-line help). Modules are imported only when their command runs, so a
 # header-only command does not pay for torch, transformers or diffusers.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "tiny": ("cli_tiny", "tiny_command", "Write a complete raw LongCat-Video tree at DST, tiny but shaped like the published one."),
-    "inspect": ("cli_inspect", "inspect_command", "Describe a tree: layout, components, DiT size and dtypes, shards, LoRAs."),
-    "convert": ("cli_convert", "convert_command", "Convert a tree into another layout (streaming, verified, atomic)."),
-    "validate": ("cli_validate", "validate_command", "Check a tree against the schemas and the key map; exit 0/1/2."),
-    "parity": ("cli_parity", "parity_command", "Compare a converted tree with its source: weights, forward or tasks."),
-    "run": ("cli_run", "run_command", "Run a LongCat task (t2v, i2v, vc, refine, long) from a tree of any layout."),
-    "demo": ("cli_demo", "demo_command", "Tiny trees -> convert -> validate -> parity at every level; one table."),
+    "tiny": ("tiny", "tiny_command", "Write a complete raw LongCat-Video tree at DST, tiny but shaped like the published one."),
+    "inspect": ("inspect", "inspect_command", "Describe a tree: layout, components, DiT size and dtypes, shards, LoRAs."),
+    "convert": ("convert", "convert_command", "Convert a tree into another layout (streaming, verified, atomic)."),
+    "validate": ("validate", "validate_command", "Check a tree against the schemas and the key map; exit 0/1/2."),
+    "parity": ("parity", "parity_command", "Compare a converted tree with its source: weights, forward or tasks."),
+    "run": ("run", "run_command", "Run a LongCat task (t2v, i2v, vc, refine, long) from a tree of any layout."),
+    "demo": ("demo", "demo_command", "Tiny trees -> convert -> validate -> parity at every level; one table."),
 }
 
 

@@ -6,8 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from .atomic import name_max, write_file_atomically
-from .errors import LongcatError
+from ..atomic import name_max, write_file_atomically
+from ..core.errors import LongcatError
 
 
 def check_report_path(path: Path, not_inside: dict[str, Path] | None = None) -> Path:

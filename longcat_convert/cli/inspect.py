@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from .cli_common import json_option
-from .dtypes import friendly
-from .inspect_tree import describe_path
-from .report import human_bytes
+from ..core.dtypes import friendly
+from ..core.text_format import human_bytes
+from ..inspect_tree import describe_path
+from .common import json_option
 
 
 def _lines(summary: dict) -> list[str]:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from .cli_common import dtype_option
-from .tiny import LORA_TARGET_SETS, build_tiny_tree
+from ..tiny import LORA_TARGET_SETS, build_tiny_tree
+from .common import dtype_option
 
 
 @click.command("tiny")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import click
 
-from . import progress
-from .cli_common import dtype_option, echo_json, json_option, quiet_option, report_option
+from ..core import progress
+from ..validation.render import render_summary
+from ..validation.run import ValidateOptions, validate_tree
+from .common import dtype_option, echo_json, json_option, quiet_option, report_option
 from .report_file import check_report_path, write_report
-from .validate import ValidateOptions, validate_tree
-from .validation.render import render_summary
 
 
 @click.command("validate")

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import click
 
-from . import progress
-from .cli_common import dtype_option, echo_json, json_option, quiet_option, report_option
-from .convert import ConvertRequest, convert, prepare
-from .hub import looks_like_repo_id
-from .plan import ConversionPlan
-from .report import census_lines, human_bytes
+from ..convert import ConvertRequest, convert, prepare
+from ..core import progress
+from ..core.text_format import census_lines, human_bytes
+from ..hub import looks_like_repo_id
+from ..plan import ConversionPlan
+from .common import dtype_option, echo_json, json_option, quiet_option, report_option
 from .report_file import check_report_path, write_report
 
 

@@ -12,9 +12,9 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import LongcatError
-from ..io import DirectFiles, FileReader, JsonFileError, SafetensorsHeader, read_json_object
-from ..io.pickles import STRAY_PICKLE, is_pickle_name
+from ..core.errors import LongcatError
+from ..core.io import DirectFiles, FileReader, JsonFileError, SafetensorsHeader, read_json_object
+from ..core.io.pickles import STRAY_PICKLE, is_pickle_name
 from .findings import Findings
 
 

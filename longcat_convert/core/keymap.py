@@ -21,9 +21,9 @@ NAMINGS = ("upstream", "fastvideo")
 
 @cache
 def load_map_document() -> dict:
-    text = resources.files("longcat_convert.maps").joinpath("longcat_video.json").read_text(encoding="utf-8")
-    document = parse_json(text, "longcat_convert/maps/longcat_video.json")
-    jsonschemas.check("keymap", document, "longcat_convert/maps/longcat_video.json")
+    text = resources.files("longcat_convert.core.maps").joinpath("longcat_video.json").read_text(encoding="utf-8")
+    document = parse_json(text, "longcat_convert/core/maps/longcat_video.json")
+    jsonschemas.check("keymap", document, "longcat_convert/core/maps/longcat_video.json")
     return document
 
 

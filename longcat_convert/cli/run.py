@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING
 import click
 import numpy as np
 
-from . import __version__, progress
-from .cli_common import dtype_option, quiet_option
-from .errors import LongcatError
+from .. import __version__
+from ..core import progress
+from ..core.errors import LongcatError
+from .common import dtype_option, quiet_option
 
 if TYPE_CHECKING:
     from longcat_reference.pipeline.dispatch import TaskRun
@@ -154,7 +155,7 @@ def _execute(plan: RunPlan, media: Media, save_steps: bool) -> TaskRun:
 
 def _reproducible(info: dict, plan: RunPlan, tree: Path) -> dict:
     """The task's own info plus everything that reproduces the output."""
-    from .journal import file_sha256
+    from ..journal import file_sha256
 
     request = plan.request
     manifest = plan.tree.root / "conversion.json"

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from longcat_convert import progress
-from longcat_convert.errors import LongcatError
-from longcat_convert.torch_threads import torch_threads
+from longcat_convert.core import progress
+from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.torch_threads import torch_threads
 
 from ..loading import Tree, open_tree, upstream_lora_ranks
 from ..metrics import compare_outputs

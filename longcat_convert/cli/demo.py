@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from . import progress
-from .cli_common import quiet_option
-from .demo import Demo
+from ..core import progress
+from ..demo import Demo
+from .common import quiet_option
 
 
 @click.command("demo")

@@ -6,12 +6,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import keymap
-from ..errors import LongcatError
-from ..jsonschemas import schema_findings
-from ..shard_folder import FolderRules, ShardFolder
+from ..core import keymap
+from ..core.errors import LongcatError
+from ..core.jsonschemas import schema_findings
+from ..core.shard_folder import FolderRules, ShardFolder
 from .configs import check_dit_config, check_text_encoder_config, check_vae_config, dit_schema_name
-from .tree import Context, read_json_quietly
+from .context import Context, read_json_quietly
 from .weights import DtypeExpectations, check_dtypes, compare_keys, scan_weight_folder, weights_summary
 
 TEXT_ENCODER_BLOCK = re.compile(r"^encoder\.block\.(\d+)\.")

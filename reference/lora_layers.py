@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from longcat_convert.errors import LongcatError
-from longcat_convert.io import read_header, read_tensor
-from longcat_convert.lora import ParsedLora, fastvideo_scale, parse
+from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.io import read_header, read_tensor
+from longcat_convert.core.lora_format import ParsedLora, fastvideo_scale, parse
 
 from .dit import LongcatDiT
 

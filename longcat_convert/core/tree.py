@@ -19,7 +19,7 @@ from .errors import LongcatError
 from .io import SafetensorsHeader, ShardIndex, SourceFiles, TensorInfo, read_json_object
 from .io.pickles import is_pickle_name
 from .layout_detect import detect_layout
-from .lora import ParsedLora, parse
+from .lora_format import ParsedLora, parse
 from .shard_folder import FolderRules, Problem, raise_first_error, scan_shard_folder
 
 if TYPE_CHECKING:

@@ -23,25 +23,17 @@ from pathlib import Path
 
 import torch
 
-from longcat_convert import jsonschemas, keymap, progress
-from longcat_convert.dtypes import POLICY_NAMES, SAFETENSORS_NAME, DtypePolicy, torch_dtype
-from longcat_convert.errors import LongcatError
-from longcat_convert.io import read_header, read_json_object
-from longcat_convert.lora import split_fastvideo, split_upstream, upstream_key
-from longcat_convert.lora_delta import AdapterDeltas, Term, compare_deltas
+from longcat_convert.core import jsonschemas, keymap, progress
+from longcat_convert.core.dtypes import POLICY_NAMES, SAFETENSORS_NAME, DtypePolicy, torch_dtype
+from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.io import read_header, read_json_object
+from longcat_convert.core.lora_delta import AdapterDeltas, Term, compare_deltas
+from longcat_convert.core.lora_format import split_fastvideo, split_upstream, upstream_key
 
 from .config import DiTConfig
 from .dit import LongcatDiT
-from .loading import (
-    Tree,
-    apply_loras,
-    expand_checked,
-    load_dit,
-    lora_paths,
-    open_tree,
-    read_lora,
-)
-from .lora import clear_loras, read_adapter
+from .loading import Tree, apply_loras, expand_checked, load_dit, lora_paths, open_tree, read_lora
+from .lora_layers import clear_loras, read_adapter
 from .metrics import compare_outputs, json_number
 
 LIST_LIMIT = 20

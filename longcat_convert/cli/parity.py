@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from . import progress
-from .cli_common import dtype_option, echo_json, json_option, quiet_option, report_option
-from .errors import LongcatError
-from .jsonschemas import schema_errors
+from ..core import progress
+from ..core.errors import LongcatError
+from ..core.jsonschemas import schema_errors
+from .common import dtype_option, echo_json, json_option, quiet_option, report_option
 from .report_file import check_report_path, write_report
 
 
@@ -89,7 +89,7 @@ def parity_command(raw: Path, converted: Path, level: str, dtype: str | None, th
 def _run_level(raw: Path, converted: Path, level: str, dtype: str | None, threshold: float | None,
                cases: tuple[str, ...], tasks: tuple[str, ...], steps: int,
                original_src: Path | None) -> tuple[dict, list[str]]:
-    from longcat_reference.parity import forward_parity, weights_parity
+    from longcat_reference.dit_parity import forward_parity, weights_parity
 
     if level == "weights":
         report = weights_parity(raw, converted, dtype=dtype)
@@ -103,7 +103,7 @@ def _run_level(raw: Path, converted: Path, level: str, dtype: str | None, thresh
                                 thresholds={dtype: threshold} if threshold is not None else None)
         lines = [f"forward ({report['dtype']}, threshold rel L2 <= {report['threshold']:.0e}):"]
     else:
-        from longcat_reference.pipeline.parity import TASKS, task_parity
+        from longcat_reference.pipeline.task_parity import TASKS, task_parity
 
         dtype = dtype or "float32"
         report = task_parity(raw, converted, tasks=list(tasks) or TASKS, steps=steps, dtype=dtype,
