@@ -12,17 +12,17 @@ from pathlib import PurePosixPath
 
 from .core import keymap
 from .core.dtypes import ITEMSIZE, DtypePolicy, exactly_representable
-from .core.errors import LongcatError
+from .core.errors import LongcatError, raise_first_error
 from .core.io import index_name, parse_json, shard_name
 from .core.io.reader import CHUNK_BYTES
 from .core.lora_format import (
+    REEXPORT,
     LoraModule,
     TargetPart,
     fastvideo_key,
     fastvideo_represents,
     fastvideo_scale,
     fused_targets,
-    raise_first,
     target_problems,
     upstream_key,
 )
@@ -461,7 +461,7 @@ def _plan_adapter(adapter: Adapter, source_layout: str, expanded: keymap.Expande
     target_file = _adapter_target_file(adapter, source_layout, options.target_layout)
     metadata = {"format": "pt"}
     notes: list[str] = []
-    raise_first(target_problems(adapter.lora, expanded), adapter.header.path)
+    raise_first_error(target_problems(adapter.lora, expanded), adapter.header.path, default_fix=REEXPORT)
     if adapter.format == target["lora_format"]:
         alphas = adapter.lora.alpha_keys  # never cast
         outputs = [OutputTensor(k, i.shape, i.dtype if k in alphas else options.policy.resolve(k, i.dtype),

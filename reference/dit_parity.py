@@ -25,10 +25,11 @@ import torch
 
 from longcat_convert.core import jsonschemas, keymap, progress
 from longcat_convert.core.dtypes import POLICY_NAMES, SAFETENSORS_NAME, DtypePolicy, torch_dtype
-from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.errors import LongcatError, raise_first_error
 from longcat_convert.core.io import read_header, read_json_object
 from longcat_convert.core.lora_delta import AdapterDeltas, Term, compare_deltas
 from longcat_convert.core.lora_format import split_fastvideo, split_upstream, upstream_key
+from longcat_convert.core.shard_folder import FIXES
 
 from .config import DiTConfig
 from .dit import LongcatDiT
@@ -143,9 +144,10 @@ class _TensorTally:
 
 
 def _compare_tensors(raw: Tree, converted: Tree, source_map: keymap.ExpandedMap, dtypes: _ExpectedDtypes) -> dict:
-    unreadable = next((p for p in converted.dit.problems if p.severity == "error"), None)
-    if unreadable is not None:
-        return {"passed": False, "error": unreadable.error().one_line()}
+    try:
+        raise_first_error(converted.dit.problems, fixes=FIXES)
+    except LongcatError as unreadable:
+        return {"passed": False, "error": unreadable.one_line()}
     source, target = raw.dit.key_files, converted.dit.key_files
     expected = {key for rule in source_map.params for key in rule.keys(converted.naming)}
     missing = sorted(expected - set(target))

@@ -15,7 +15,7 @@ import torch
 from longcat_convert.core import keymap
 from longcat_convert.core.errors import LongcatError
 from longcat_convert.core.layout_detect import detect_layout
-from longcat_convert.core.tree import Tree, check_dit, read_tree
+from longcat_convert.core.tree import Tree, read_tree, require_usable_dit
 
 from .dit import LongcatDiT
 from .lora_layers import (
@@ -86,7 +86,7 @@ def _names(names: list[str]) -> str:
 
 def expand_checked(tree: Tree) -> keymap.ExpandedMap:
     """The key map for the tree's DiT config, once the tree is proven readable and the config to fit its files."""
-    check_dit(tree.dit, tree.config_path, tree.naming)
+    require_usable_dit(tree.dit, tree.config_path, tree.naming)
     return keymap.expand(tree.dit.config, tree.naming, str(tree.config_path))
 
 

@@ -20,11 +20,10 @@ from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 
 from . import keymap
 from .dtypes import scalar_from_bytes
-from .errors import LongcatError
+from .errors import Problem, raise_first_error
 from .io import ByteRange, SafetensorsHeader, read_bytes, tensor_range
 
 # Alpha scalars must decode to one exact number: these dtypes do (float8 alphas are refused).
@@ -190,16 +189,7 @@ def fused_targets(out_features: int, n_blocks: int, k_targets: int, rank_per_blo
 
 # --------------------------------------------------------------------------------------------- parsing
 
-
-@dataclass(frozen=True)
-class Problem:
-    """One defect of an adapter file. `kind` is validation's finding kind; `message` reads after the file name."""
-
-    kind: str
-    message: str
-    key: str | None = None
-    severity: str = "error"
-    fix: str = "re-export the adapter"
+REEXPORT = "re-export the adapter"  # the fix of an adapter's defect, unless its problem names another
 
 
 @dataclass
@@ -237,14 +227,8 @@ class ParsedLora:
 
     def check(self, ignore: Collection[str] = ()) -> ParsedLora:
         """This adapter, or its first error (of a kind not in `ignore`) as a one-line LongcatError."""
-        raise_first(self.problems, self.header.path, ignore)
+        raise_first_error(self.problems, self.header.path, ignore=ignore, default_fix=REEXPORT)
         return self
-
-
-def raise_first(problems: list[Problem], path: str | Path, ignore: Collection[str] = ()) -> None:
-    first = next((p for p in problems if p.severity == "error" and p.kind not in ignore), None)
-    if first is not None:
-        raise LongcatError(first.message, path, first.fix)
 
 
 def parse(header: SafetensorsHeader, read: Callable[[ByteRange], bytes] = read_bytes) -> ParsedLora:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import keymap
-from .errors import HeaderError, LongcatError
+from .errors import HeaderError, LongcatError, Problem
 from .io import FileReader, SafetensorsHeader, ShardIndex, TensorInfo, read_json
 from .io.index import index_from_document, index_name
 from .io.pickles import is_pickle_name, pickle_message, sniff_pickle
@@ -48,25 +48,6 @@ class FolderRules:
         return cls(keymap.load_map_document()["shard_prefix"], names_matter=naming == "upstream")
 
 
-@dataclass(frozen=True)
-class Problem:
-    severity: str  # "error" or "warning"
-    kind: str  # one of validation's finding kinds
-    message: str  # says what is wrong with `path`
-    path: Path  # the file or folder at fault
-    key: str | None = None
-    fix: str | None = None  # what to do, when the kind's usual fix does not fit
-
-    def error(self) -> LongcatError:
-        return LongcatError(self.message, self.path, self.fix or FIXES.get(self.kind))
-
-
-def raise_first_error(problems: list[Problem]) -> None:
-    first = next((p for p in problems if p.severity == "error"), None)
-    if first is not None:
-        raise first.error()
-
-
 @dataclass
 class ShardFolder:
     folder: Path
@@ -76,7 +57,7 @@ class ShardFolder:
     problems: list[Problem] = field(default_factory=list)
 
     def add(self, kind: str, message: str, path: Path, key: str | None = None, severity: str = "error") -> None:
-        self.problems.append(Problem(severity, kind, message, path, key))
+        self.problems.append(Problem(kind, message, key, severity, path))
 
 
 def scan_shard_folder(folder: Path, rules: FolderRules, files: FileReader) -> ShardFolder:
@@ -110,11 +91,11 @@ def read_header_or_problem(path: Path, files: FileReader, problems: list[Problem
         return files.header(path)
     except HeaderError as exc:
         if path.stat().st_size == 0:
-            problems.append(Problem("error", "unreadable_file", "is empty (0 bytes), not a safetensors file", path))
+            problems.append(Problem("unreadable_file", "is empty (0 bytes), not a safetensors file", path=path))
         elif sniff_pickle(path):
-            problems.append(Problem("error", "pickle_file", pickle_message(path), path))
+            problems.append(Problem("pickle_file", pickle_message(path), path=path))
         else:
-            problems.append(Problem("error", "unreadable_file", exc.message, path, fix=exc.fix))
+            problems.append(Problem("unreadable_file", exc.message, path=path, fix=exc.fix))
         return None
 
 

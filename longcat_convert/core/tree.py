@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import keymap
-from .errors import LongcatError
+from .errors import LongcatError, Problem, raise_first_error
 from .io import SafetensorsHeader, ShardIndex, SourceFiles, TensorInfo, read_json_object
 from .io.pickles import is_pickle_name
 from .layout_detect import detect_layout
 from .lora_format import ParsedLora, parse
-from .shard_folder import FolderRules, Problem, raise_first_error, scan_shard_folder
+from .shard_folder import FIXES, FolderRules, scan_shard_folder
 
 if TYPE_CHECKING:
     import torch
@@ -130,13 +130,13 @@ def read_dit(root: Path, folder: str, naming: str, sources: SourceFiles) -> DitF
     return DitFiles(folder, config, headers, scan.index, key_files, scan.problems)
 
 
-def check_dit(dit: DitFiles, config_path: Path, naming: str) -> None:
+def require_usable_dit(dit: DitFiles, config_path: Path, naming: str) -> None:
     """Raise if the config is not one of `naming`'s DiT, on the shard folder's first error, or if the config
     describes far more than the weight files hold."""
     if not keymap.config_describes(dit.config, naming):
         raise LongcatError(f"the DiT config does not describe {keymap.class_name(naming)}", config_path,
                            "use the config that came with these weights")
-    raise_first_error(dit.problems)
+    raise_first_error(dit.problems, fixes=FIXES)
     held = [dit.info(key) for key in dit.key_files]
     keymap.check_fits(dit.config, naming, str(config_path), len(held), sum(i.numel for i in held))
 
@@ -214,7 +214,7 @@ def read_tree(root: str | Path, layout_name: str | None = None, follow_symlinks:
               sources: SourceFiles | None = None, strict: bool = True) -> Tree:
     """sources: the held files to read through (a conversion's, which validation has read through already).
     strict=False: the DiT folder's problems are kept in `tree.dit.problems` for the caller to report, and
-    `check_dit` is the caller's to run before the tree is used as a model."""
+    `require_usable_dit` is the caller's to run before the tree is used as a model."""
     root = Path(os.path.abspath(root))
     layout_name = detect_layout(root, layout_name).name
     spec = keymap.layout(layout_name)
@@ -222,7 +222,7 @@ def read_tree(root: str | Path, layout_name: str | None = None, follow_symlinks:
     files, skipped = list_files(root, follow_symlinks)
     dit = read_dit(root, spec["dit_dir"], spec["naming"], sources)
     if strict:
-        check_dit(dit, root / spec["dit_dir"] / "config.json", spec["naming"])
+        require_usable_dit(dit, root / spec["dit_dir"] / "config.json", spec["naming"])
     adapters = read_adapters(root, layout_name, files, sources)
     model_index_path = root / "model_index.json"
     model_index = None

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..core import keymap
 from ..core.jsonschemas import SchemaProblem, load_schema, schema_findings
 from ..core.layout_detect import FASTVIDEO_PIPELINE_CLASSES
-from .context import Context, read_json
+from .context import Context, read_json_reporting
 
 RUNTIME_FIELDS = ("enable_flashattn3", "enable_flashattn2", "enable_xformers", "enable_bsa", "bsa_params", "cp_split_hw")
 META_FIELDS = ("_class_name", "_diffusers_version", "_name_or_path")
@@ -27,7 +27,7 @@ def dit_schema_name(naming: str) -> str:
 def _read_checked(ctx: Context, component: str, path: Path, schema: str,
                   runtime_fields: tuple[str, ...] = ()) -> tuple[dict, list[SchemaProblem]] | None:
     """Read a JSON config and report its schema problems as findings; None when it cannot be read."""
-    document = read_json(ctx, component, path)
+    document = read_json_reporting(ctx, component, path)
     if document is None:
         return None
     problems = schema_findings(schema, document)
@@ -244,14 +244,14 @@ def _check_component_folders(ctx: Context, rel: str, document: dict, expected: d
 
 def check_tokenizer(ctx: Context, folder: Path, deep: bool = False) -> None:
     """The tokenizer files AutoTokenizer needs, checked without loading them (`deep` parses tokenizer.json)."""
-    read_json(ctx, "tokenizer", folder / "tokenizer_config.json")
+    read_json_reporting(ctx, "tokenizer", folder / "tokenizer_config.json")
     fast, slow = folder / "tokenizer.json", folder / "spiece.model"
     if not fast.is_file() and not slow.is_file():
         ctx.findings.error("tokenizer", "missing_file", "has neither tokenizer.json nor spiece.model", ctx.rel(folder))
     if fast.is_file() and not _looks_like_json_object(fast):
         ctx.findings.error("tokenizer", "unreadable_file", "is empty or truncated (not a JSON object)", ctx.rel(fast))
     elif fast.is_file() and deep:
-        read_json(ctx, "tokenizer", fast)
+        read_json_reporting(ctx, "tokenizer", fast)
     if slow.is_file() and slow.stat().st_size == 0:
         ctx.findings.error("tokenizer", "unreadable_file", "is empty (0 bytes)", ctx.rel(slow))
     files = sorted(p.name for p in folder.iterdir() if p.is_file())

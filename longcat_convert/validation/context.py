@@ -91,7 +91,7 @@ def _rel(root: Path, path: Path) -> str:
     return Path(os.path.abspath(path)).relative_to(root).as_posix()
 
 
-def read_json(ctx: Context, component: str, path: Path, *, required: bool = True) -> dict | None:
+def read_json_reporting(ctx: Context, component: str, path: Path, *, required: bool = True) -> dict | None:
     """A JSON object from `path`, or None after reporting why it cannot be used."""
     try:
         return read_json_object(path, read=ctx.files.read_file)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.jsonschemas import load_schema, schema_findings
-from .context import Context, read_json
+from .context import Context, read_json_reporting
 
 MANIFEST_NAME = "conversion.json"
 SHOWN_SCHEMA_PROBLEMS = 5
@@ -68,7 +68,7 @@ def load_manifest(ctx: Context) -> Manifest | None:
     if not path.is_file():
         return None
     rel = ctx.rel(path)
-    document = read_json(ctx, "manifest", path)
+    document = read_json_reporting(ctx, "manifest", path)
     if document is None:
         return None
     _check_schema(ctx, rel, document)

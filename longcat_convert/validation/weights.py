@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.dtypes import FLOATING, friendly
+from ..core.errors import Problem
 from ..core.io import SafetensorsHeader, TensorInfo
-from ..core.shard_folder import FolderRules, Problem, ShardFolder, read_header_or_problem, scan_shard_folder
+from ..core.shard_folder import FolderRules, ShardFolder, read_header_or_problem, scan_shard_folder
 from .context import Context
 
 
