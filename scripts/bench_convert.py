@@ -52,7 +52,7 @@ from longcat_convert.core import keymap
 from longcat_convert.core.dtypes import dtype_names
 from longcat_convert.core.io import TensorEntry, encode_header, index_name, shard_name, write_index
 from longcat_convert.sharding import group_into_shards
-from longcat_convert.tiny import TinySpec, dit_config
+from longcat_convert.tiny_tree import TinySpec, dit_config
 
 CLI = str(Path(sys.executable).with_name("longcat-convert"))
 TIME = "/usr/bin/time"

@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     tree = args.tree
     if tree is None:
-        from longcat_convert.tiny import build_tiny_tree
+        from longcat_convert.tiny_tree import build_tiny_tree
 
         tree = build_tiny_tree(args.work / "tiny", overwrite=True)
     if not (tree / "dit").is_dir():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from longcat_convert.core.torch_threads import torch_threads
-from longcat_convert.tiny import build_tiny_tree
+from longcat_convert.tiny_tree import build_tiny_tree
 
 
 def _build(factory: pytest.TempPathFactory, name: str, **kwargs) -> Path:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from longcat_convert import execute as execute_module
 from longcat_convert import plan
-from longcat_convert.convert import ConvertRequest, convert
+from longcat_convert.conversion import ConvertRequest, convert
 from longcat_convert.core import lora_format as lora
 from longcat_convert.core.errors import LongcatError
 from longcat_convert.core.jsonschemas import schema_errors

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from longcat_convert.convert import ConvertRequest, convert
+from longcat_convert.conversion import ConvertRequest, convert
 from longcat_convert.core.io import read_header
 from longcat_convert.validation.run import ValidateOptions, validate_tree
 

@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longcat_convert import atomic, execute
-from longcat_convert import convert as convert_module
+from longcat_convert import conversion as convert_module
 from longcat_convert.atomic import AtomicDirectory, DestinationLock, lock_file, sibling_stem
 from longcat_convert.core.errors import LongcatError
 from tests.helpers import run_cli

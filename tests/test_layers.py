@@ -83,7 +83,7 @@ def test_no_module_imports_a_layer_above_its_own() -> None:
 @pytest.mark.parametrize("module, expected", [
     ("longcat_convert.core.tree", 0), ("longcat_convert.core.io.reader", 0), ("longcat_reference.dit", 1),
     ("longcat_reference.pipeline.t2v", 1), ("longcat_convert.plan", 2), ("longcat_convert.validation.run", 2),
-    ("longcat_convert.cli.run", 3), ("longcat_convert.cli", 3), ("torch", None)])
+    ("longcat_convert.cli.run_task", 3), ("longcat_convert.cli", 3), ("torch", None)])
 def test_layers_are_assigned_by_package(module: str, expected: int | None) -> None:
     assert layer(module) == expected
 

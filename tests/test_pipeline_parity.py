@@ -20,7 +20,7 @@ from longcat_reference.pipeline.task_parity import (
 )
 from safetensors.torch import load_file, save_file
 
-from longcat_convert.convert import ConvertRequest, convert
+from longcat_convert.conversion import ConvertRequest, convert
 from longcat_convert.core.errors import LongcatError
 from longcat_convert.core.jsonschemas import schema_errors
 

@@ -17,7 +17,7 @@ from longcat_reference.loading import apply_loras, load_dit, open_tree, read_lor
 from longcat_reference.lora_layers import clear_loras
 from safetensors.torch import load_file, save_file
 
-from longcat_convert.convert import ConvertRequest, convert
+from longcat_convert.conversion import ConvertRequest, convert
 from longcat_convert.core import jsonschemas, keymap
 from longcat_convert.core.errors import LongcatError
 from longcat_convert.core.lora_format import encode_module as encode_module_name

@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from longcat_convert import convert as convert_module
+from longcat_convert import conversion as convert_module
 from longcat_convert import execute as execute_module
-from longcat_convert.convert import ConvertRequest, convert
+from longcat_convert.conversion import ConvertRequest, convert
 from longcat_convert.core.errors import LongcatError
 from longcat_convert.core.io import SourceFiles, read_header, tensor_range
 from tests.helpers import run_cli

@@ -148,7 +148,7 @@ def test_mixed_dtypes_can_be_allowed(valid_trees: dict, tmp_path: Path) -> None:
 def test_manifest_dtypes_make_a_deliberate_mix_valid(tiny_raw: Path, tmp_path: Path) -> None:
     tree = converted(tiny_raw, tmp_path / "fv", "fastvideo")
     shutil.rmtree(tree)
-    from longcat_convert.convert import ConvertRequest, convert
+    from longcat_convert.conversion import ConvertRequest, convert
 
     convert(ConvertRequest(src=tiny_raw, dst=tree, to="fastvideo", dtype="bfloat16", keep_fp32=("*adaln*",), quiet=True))
     report = validate_tree(tree)
@@ -362,7 +362,7 @@ def test_summary_renders_every_component(valid_trees: dict) -> None:
 
 def test_dtype_option_covers_dit_and_lora_only(tiny_raw: Path, tmp_path: Path) -> None:
     """A bf16 conversion copies the fp32 text encoder and VAE as they are; --dtype bfloat16 accepts that."""
-    from longcat_convert.convert import ConvertRequest, convert
+    from longcat_convert.conversion import ConvertRequest, convert
 
     tree = tmp_path / "fv"
     convert(ConvertRequest(src=tiny_raw, dst=tree, to="fastvideo", dtype="bfloat16", quiet=True))

@@ -17,11 +17,11 @@ import torch
 from click.testing import Result
 from safetensors.torch import load_file, save_file
 
-from longcat_convert.convert import ConvertRequest, convert
+from longcat_convert.conversion import ConvertRequest, convert
 from longcat_convert.core import keymap
 from longcat_convert.core.io import TensorEntry, encode_header
 from longcat_convert.core.lora_format import encode_module
-from longcat_convert.tiny import lora_targets
+from longcat_convert.tiny_tree import lora_targets
 from longcat_convert.validation.run import validate_tree
 from tests.helpers import run_cli
 

@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "convert": ("convert", "convert_command", "Convert a tree into another layout (streaming, verified, atomic)."),
     "validate": ("validate", "validate_command", "Check a tree against the schemas and the key map; exit 0/1/2."),
     "parity": ("parity", "parity_command", "Compare a converted tree with its source: weights, forward or tasks."),
-    "run": ("run", "run_command", "Run a LongCat task (t2v, i2v, vc, refine, long) from a tree of any layout."),
+    "run": ("run_task", "run_command", "Run a LongCat task (t2v, i2v, vc, refine, long) from a tree of any layout."),
     "demo": ("demo", "demo_command", "Tiny trees -> convert -> validate -> parity at every level; one table."),
 }
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..convert import ConvertRequest, convert, prepare
+from ..conversion import ConvertRequest, convert, prepare
 from ..core import progress
 from ..core.text_format import census_lines, human_bytes
 from ..hub import looks_like_repo_id

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..core import progress
-from ..demo import Demo
+from ..demo_steps import Demo
 from .common import quiet_option
 
 

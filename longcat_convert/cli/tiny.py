@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..tiny import LORA_TARGET_SETS, build_tiny_tree
+from ..tiny_tree import LORA_TARGET_SETS, build_tiny_tree
 from .common import dtype_option
 
 

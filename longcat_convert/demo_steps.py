@@ -7,11 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .convert import ConvertRequest, convert
+from .conversion import ConvertRequest, convert
 from .core import progress
 from .core.errors import LongcatError
 from .core.io import read_bytes, read_header, tensor_range
-from .tiny import build_tiny_tree
+from .tiny_tree import build_tiny_tree
 
 
 class StepFailed(Exception):
