@@ -62,8 +62,9 @@ def weights_parity(raw_tree: str | Path, converted_tree: str | Path, lora_rtol: 
     cases = [{"name": "config", **_compare_configs(raw, converted)}, {"name": "dit", **dit}]
     cases += [{"name": f"lora:{name}", **entry}
               for name, entry in _compare_loras(raw, converted, source_map, lora_rtol, expected).items()]
-    return {"level": "weights", "raw": _tree_info(raw), "converted": _tree_info(converted),
-            "dtype_policy": expected.to_json(), "cases": cases, "passed": all(case["passed"] for case in cases)}
+    return jsonschemas.checked_report("parity-report", {
+        "level": "weights", "raw": _tree_info(raw), "converted": _tree_info(converted),
+        "dtype_policy": expected.to_json(), "cases": cases, "passed": all(case["passed"] for case in cases)})
 
 
 @dataclass(frozen=True)
@@ -361,9 +362,9 @@ def forward_parity(raw_tree: str | Path, converted_tree: str | Path, cases: Iter
     threshold = limits[dtype_name]
     results = [{"name": name, **_case_result(outputs[name], reference[name], threshold), "tolerance": threshold,
                 "dtype": dtype_name} for name in names]
-    return {"level": "forward", "raw": _tree_info(raw), "converted": _tree_info(converted), "dtype": dtype_name,
-            "threshold": threshold, "seed": seed, "cases": results,
-            "passed": all(result["passed"] for result in results)}
+    return jsonschemas.checked_report("parity-report", {
+        "level": "forward", "raw": _tree_info(raw), "converted": _tree_info(converted), "dtype": dtype_name,
+        "threshold": threshold, "seed": seed, "cases": results, "passed": all(result["passed"] for result in results)})
 
 
 def _load_dit(tree: Tree, dtype: torch.dtype, device: str | torch.device) -> LongcatDiT:

@@ -40,6 +40,15 @@ def check(name: str, document, path: str | Path) -> None:
         raise LongcatError(f"does not match the {name} schema: {errors[0]}{more}", path)
 
 
+def checked_report(name: str, report: dict) -> dict:
+    """`report` itself, once it matches schema `name` (a report that does not is our bug, never the input's)."""
+    errors = schema_errors(name, report)
+    if errors:
+        raise LongcatError(f"internal: the report does not match the {name} schema: {errors[0]}",
+                           fix="please report this as a bug")
+    return report
+
+
 def _where(error: ValidationError) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "(document)"
 

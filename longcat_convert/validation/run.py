@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..core import keymap
+from ..core import jsonschemas, keymap
 from ..core.dtypes import POLICY_NAMES
 from ..core.errors import LongcatError
 from ..core.io import DirectFiles, FileReader
@@ -100,7 +100,7 @@ def validate_tree(root: str | Path, options: ValidateOptions = ValidateOptions()
         "findings": [finding.to_json() for finding in findings.items],
         "elapsed_seconds": round(time.perf_counter() - started, 4),
     }
-    return report
+    return jsonschemas.checked_report("validation-report", report)
 
 
 def _check_shared_components(ctx: Context, options: ValidateOptions, policy: DtypeExpectations, layout_name: str,

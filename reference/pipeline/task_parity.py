@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from longcat_convert.core import progress
+from longcat_convert.core import jsonschemas, progress
 from longcat_convert.core.errors import LongcatError
 from longcat_convert.core.torch_threads import torch_threads
 
@@ -219,7 +219,8 @@ def task_parity(raw_tree: str | Path, converted_tree: str | Path, tasks: Iterabl
     raw_info = _tree_info(raw_tree)
     if checkout is not None:
         raw_info["engine"] = f"upstream LongCat-Video pipeline from {checkout}"
-    return {"level": "task", "raw": raw_info, "converted": _tree_info(converted_tree), "dtype": dtype_name,
-            "device": str(device), "seed": seed, "steps": steps, "tolerance": tolerance,
-            "sizes": sizes.__dict__, "seconds": round(time.perf_counter() - started, 2), "cases": cases,
-            "passed": all(case["passed"] for case in cases)}
+    return jsonschemas.checked_report("parity-report", {
+        "level": "task", "raw": raw_info, "converted": _tree_info(converted_tree), "dtype": dtype_name,
+        "device": str(device), "seed": seed, "steps": steps, "tolerance": tolerance, "sizes": sizes.__dict__,
+        "seconds": round(time.perf_counter() - started, 2), "cases": cases,
+        "passed": all(case["passed"] for case in cases)})
