@@ -9,7 +9,9 @@ file with its reason (pickles, which are never opened, and the source repository
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -110,18 +112,6 @@ class Tree:
         return self.sources.tensor(self.dit.header(key), key, rows)
 
 
-def _inside(root: Path, path: Path, follow_symlinks: bool) -> None:
-    if follow_symlinks or not path.is_symlink():
-        return
-    try:
-        target = path.resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise LongcatError("is a broken or looping symlink", path, "remove it or fix its target") from None
-    if not target.is_relative_to(root.resolve()):
-        raise LongcatError(f"is a symlink to {target}, outside the tree", path,
-                           "pass --follow-symlinks if you trust it, or copy the file in")
-
-
 def read_dit(root: Path, folder: str, naming: str, sources: SourceFiles) -> DitFiles:
     config = read_json_object(root / folder / "config.json", read=sources.read_file)
     scan = scan_shard_folder(root / folder, FolderRules.dit(naming), sources)
@@ -159,37 +149,77 @@ def read_adapters(root: Path, layout_name: str, files: list[str], sources: Sourc
     return adapters
 
 
-def list_files(root: Path, follow_symlinks: bool = False) -> tuple[list[str], list[Skipped]]:
-    """Every regular file below `root` (relative POSIX paths, sorted), and the top-level entries skipped.
+@dataclass(frozen=True)
+class Listing:
+    files: list[str]  # every regular file below the root (relative POSIX paths, sorted), bookkeeping left out
+    skipped: list[Skipped]  # the top-level bookkeeping entries left out (.git/, …)
+    problems: list[Problem]  # dangling symlinks and FIFOs, sockets or devices: listed, never opened
 
-    Symlinked folders inside the tree are followed; one pointing outside it is refused unless
-    `follow_symlinks`; loops are refused. FIFOs, sockets and devices are refused."""
+
+def list_files(root: Path, follow_symlinks: bool = False) -> Listing:
+    """Every file below `root`, the one walk of a tree that `validate`, `convert` and the reference runner share.
+
+    Symlinked folders are followed. One line (LongcatError), before anything is read, for a symlink loop, a
+    symlink to an ancestor folder, and, unless `follow_symlinks`, a symlink leaving the tree."""
+    real_root = root.resolve()
     files: list[str] = []
     skipped: list[Skipped] = []
+    problems: list[Problem] = []
     visited: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def refuse(error: OSError) -> None:
+        raise LongcatError(f"cannot be listed ({error.strerror or error})", error.filename)
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=refuse):
         here = Path(dirpath)
         real = os.path.realpath(here)
         if real in visited:
             raise LongcatError("is part of a symlink loop; refused", here, "replace the links by real folders")
         visited.add(real)
         relative_dir = here.relative_to(root)
-        for name in sorted(dirnames + filenames):
-            if not relative_dir.parts and name in SKIPPED_TOP_LEVEL:
-                skipped.append(Skipped(name + ("/" if name in dirnames else ""), SKIPPED_TOP_LEVEL[name]))
         if not relative_dir.parts:
+            skipped += [Skipped(name + ("/" if name in dirnames else ""), SKIPPED_TOP_LEVEL[name])
+                        for name in sorted(dirnames + filenames) if name in SKIPPED_TOP_LEVEL]
             dirnames[:] = [d for d in dirnames if d not in SKIPPED_TOP_LEVEL]
             filenames = [f for f in filenames if f not in SKIPPED_TOP_LEVEL]
         dirnames.sort()
         for name in dirnames:
-            _inside(root, here / name, follow_symlinks)
+            _check_link(real_root, here / name, follow_symlinks)
         for name in sorted(filenames):
-            path = here / name
-            _inside(root, path, follow_symlinks)
-            if not path.is_file():
-                raise LongcatError("is not a regular file (a FIFO, socket, device or broken link)", path, "remove it")
-            files.append((relative_dir / name).as_posix())
-    return files, skipped
+            problem = _check_link(real_root, here / name, follow_symlinks) or _special_file(here / name)
+            if problem is not None:
+                problems.append(problem)
+            else:
+                files.append((relative_dir / name).as_posix())
+    return Listing(files, skipped, problems)
+
+
+def _check_link(real_root: Path, path: Path, follow_symlinks: bool) -> Problem | None:
+    """A dangling symlink's problem; raises for loops, links to an ancestor and (unless followed) escapes."""
+    if not path.is_symlink():
+        return None
+    try:
+        target = path.resolve(strict=True)
+    except FileNotFoundError:
+        return Problem("dangling_symlink", f"is a symlink to {os.readlink(path)!r}, which does not exist", path=path,
+                       fix="remove it or fix its target")
+    except (RuntimeError, OSError) as exc:  # RuntimeError: how Python < 3.13 reports a loop
+        if isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP:
+            raise LongcatError("is part of a symlink loop; refused", path, "replace the links by real files") from None
+        raise LongcatError(f"symlink cannot be resolved ({exc.strerror})", path) from None
+    if not target.is_relative_to(real_root) and not follow_symlinks:
+        raise LongcatError(f"is a symlink to {target}, outside the tree; refused", path,
+                           "copy the file into the tree, or pass --follow-symlinks if you trust the target")
+    if target.is_dir() and path.parent.resolve().is_relative_to(target):
+        raise LongcatError(f"is a symlink to its ancestor folder {target}: a cycle; refused", path, "remove the link")
+    return None
+
+
+def _special_file(path: Path) -> Problem | None:
+    if stat.S_ISREG(path.stat().st_mode):
+        return None
+    return Problem("special_file", "is not a regular file (FIFO, socket or device); it is never opened", path=path,
+                   fix="remove it")
 
 
 def _other_files(root: Path, files: list[str], dit: DitFiles, adapters: list[Adapter],
@@ -219,7 +249,9 @@ def read_tree(root: str | Path, layout_name: str | None = None, follow_symlinks:
     layout_name = detect_layout(root, layout_name).name
     spec = keymap.layout(layout_name)
     sources = sources or SourceFiles()
-    files, skipped = list_files(root, follow_symlinks)
+    listing = list_files(root, follow_symlinks)
+    raise_first_error(listing.problems)
+    files, skipped = listing.files, list(listing.skipped)
     dit = read_dit(root, spec["dit_dir"], spec["naming"], sources)
     if strict:
         require_usable_dit(dit, root / spec["dit_dir"] / "config.json", spec["naming"])

@@ -6,15 +6,13 @@ and symlinks leaving the tree are refused up front (LongcatError, exit 2).
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.errors import LongcatError
 from ..core.io import DirectFiles, FileReader, JsonFileError, SafetensorsHeader, read_json_object
 from ..core.io.pickles import STRAY_PICKLE, is_pickle_name
+from ..core.tree import list_files
 from .findings import Findings
 
 
@@ -36,26 +34,13 @@ class Context:
             return str(path)
 
 
-def check_tree_safety(root: Path, findings: Findings, allow_outside_symlinks: bool = False) -> list[str]:
-    """Walk the tree without following links; refuse loops and escapes, report dangling and special files.
-    Returns the pickle files seen (relative paths), which are never opened."""
-
-    def refuse(error: OSError) -> None:
-        raise LongcatError(f"cannot be listed ({error.strerror or error})", error.filename)
-
-    pickles = []
-    for folder, dirs, files in os.walk(root, onerror=refuse, followlinks=False):
-        for name in sorted(dirs) + sorted(files):
-            path = Path(folder) / name
-            mode = os.lstat(path).st_mode
-            if name in files and is_pickle_name(name):
-                pickles.append(_rel(root, path))
-            if stat.S_ISLNK(mode):
-                _check_symlink(root, path, findings, allow_outside_symlinks)
-            elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                findings.error("tree", "special_file", "is not a regular file (FIFO, socket or device); "
-                               "it is never opened", _rel(root, path))
-    return pickles
+def check_tree_safety(ctx: Context, follow_symlinks: bool = False) -> list[str]:
+    """The one walk of the tree (`core.tree.list_files`): loops and escapes refused (LongcatError, exit 2),
+    dangling symlinks and special files reported. Returns the pickle files seen (relative paths), never opened."""
+    listing = list_files(ctx.root, follow_symlinks)
+    for problem in listing.problems:
+        ctx.findings.error("tree", problem.kind, problem.message, ctx.rel(Path(problem.path)))
+    return [file for file in listing.files if is_pickle_name(file)]
 
 
 def report_stray_pickles(ctx: Context, pickles: list[str]) -> None:
@@ -64,31 +49,6 @@ def report_stray_pickles(ctx: Context, pickles: list[str]) -> None:
     for rel in pickles:
         if rel not in judged:
             ctx.findings.warning("tree", "pickle_file", STRAY_PICKLE, rel)
-
-
-def _check_symlink(root: Path, path: Path, findings: Findings, allow_outside: bool) -> None:
-    rel = _rel(root, path)
-    try:
-        target = path.resolve(strict=True)
-    except FileNotFoundError:
-        findings.error("tree", "dangling_symlink", f"is a symlink to {os.readlink(path)!r}, which does not exist", rel)
-        return
-    except RuntimeError:  # Python < 3.13 reports loops this way
-        raise LongcatError("is part of a symlink loop; refused", path, "replace the links by real files") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise LongcatError("is part of a symlink loop; refused", path, "replace the links by real files") from None
-        raise LongcatError(f"symlink cannot be resolved ({exc.strerror})", path) from None
-    if not target.is_relative_to(root) and not allow_outside:
-        raise LongcatError(f"is a symlink to {target}, outside the tree; refused", path,
-                           "copy the file into the tree, or pass --follow-symlinks if you trust the target")
-    if target.is_dir() and path.parent.resolve().is_relative_to(target):
-        raise LongcatError(f"is a symlink to its ancestor folder {target}: a cycle; refused", path,
-                           "remove the link")
-
-
-def _rel(root: Path, path: Path) -> str:
-    return Path(os.path.abspath(path)).relative_to(root).as_posix()
 
 
 def read_json_reporting(ctx: Context, component: str, path: Path, *, required: bool = True) -> dict | None:

@@ -62,14 +62,14 @@ def validate_tree(root: str | Path, options: ValidateOptions = ValidateOptions()
     check_root(root)
     resolved = root.resolve()
     findings = Findings()
-    pickles = check_tree_safety(resolved, findings, options.follow_symlinks)
-    detected = detect_layout(resolved, options.layout)
-    layout = keymap.layout(detected.name)
     ctx = Context(resolved, findings, dit_only=not any((resolved / name).exists() for name in SHARED_COMPONENTS),
                   files=files or DirectFiles())
+    pickles = check_tree_safety(ctx, options.follow_symlinks)  # before any file is opened
+    detected = detect_layout(resolved, options.layout)
+    layout = keymap.layout(detected.name)
     manifest = load_manifest(ctx)
     policy = DtypeExpectations(POLICY_NAMES[options.dtype] if options.dtype else None, options.allow_mixed_dtypes,
-                         manifest.dtypes_by_file() if manifest else {})
+                               manifest.dtypes_by_file() if manifest else {})
 
     _check_model_index(ctx, layout)
     dit = check_dit(ctx, layout, policy)
