@@ -1,4 +1,5 @@
-"""Block-sparse attention as an exact dense, block-masked reference (weights.md §5.2).
+"""Block-sparse attention as an exact dense, block-masked reference
+(reference/README.md, "Block-sparse attention").
 
 Tokens come in t-major (t, h, w) order. Each grid is cut into 3D chunks; a query chunk keeps a set of
 key chunks chosen from the dot products of chunk-mean vectors, and each query attends with an exact

@@ -1,12 +1,14 @@
 """LoRA adapters in both on-disk formats.
 
-Upstream format (weights.md §1): per target Linear `lora___lorahyphen___<path>` with `lora_down.weight`
-[n·r, in], `lora_up.weight` [out, r] or `lora_up.blocks.<j>.weight` [out/n, r], and `alpha_scale`.
+Upstream format (reference/README.md, "Upstream LoRA format and runtime"): per target Linear
+`lora___lorahyphen___<path>` with `lora_down.weight` [n·r, in], `lora_up.weight` [out, r] or
+`lora_up.blocks.<j>.weight` [out/n, r], and `alpha_scale`.
 It is applied at run time, never merged: y = W x + b + cast(up(down(x)))·multiplier·alpha_scale, with
 the adapter cast to the model dtype and fp32 islands computing the branch in fp32.
 
-FastVideo format: per target `<module>.lora_A` [r, in], `.lora_B` [out, r], `.lora_alpha` (0-d), merged as
-W += (B·A)·(int(alpha)/r)·strength in the weight's dtype (scale 1 when int(alpha) is 0).
+FastVideo format (reference/README.md, "FastVideo LoRA format"): per target `<module>.lora_A` [r, in],
+`.lora_B` [out, r], `.lora_alpha` (0-d), merged as W += (B·A)·(int(alpha)/r)·strength in the weight's
+dtype (scale 1 when int(alpha) is 0).
 """
 
 from __future__ import annotations

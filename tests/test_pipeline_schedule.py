@@ -1,4 +1,5 @@
-"""Schedules, timestep rounding, the Euler step and CFG-Zero*, against numbers written in pipeline.md."""
+"""Schedules, timestep rounding, the Euler step and CFG-Zero*, against the numbers restated in
+reference/pipeline/README.md ("Schedules and the Euler step", "Classifier-free guidance (CFG-Zero*)")."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from longcat_reference.pipeline.schedule import Schedule
 
 from longcat_convert.core.errors import LongcatError
 
-# pipeline.md §2.6, "Resulting schedules with shift 12" (two decimals as printed there)
+# reference/pipeline/README.md, "Resulting schedules with shift 12" (two decimals as printed there)
 SPEC_50 = [1000, 998.27, 996.47, 994.60, 992.66, 990.63, 988.52, 986.32, 984.02, 981.62, 979.11, 976.48, 973.72,
            970.83, 967.79, 964.59, 961.22, 957.67, 953.92, 949.95, 945.74, 941.27, 936.52, 931.46, 926.06, 920.28,
            914.08, 907.40, 900.21, 892.43, 883.99, 874.79, 864.74, 853.72, 841.56, 828.09, 813.07, 796.24, 777.24,
@@ -29,7 +30,7 @@ SPEC_DISTILLED_16 = [1000, 994.71, 988.76, 982.04, 974.36, 965.52, 955.22, 943.0
                      808.29, 750.00, 661.42, 510.64]
 SPEC_DISTILLED_RAW_16 = [1.00, .94, .88, .82, .76, .70, .64, .58, .50, .44, .38, .32, .26, .20, .14, .08]
 SPEC_REFINE = [500, 443.02, 343.47, 207.77, 11.87]
-TWO_DECIMALS = 0.006  # the spec rounds to two decimals (914.0747 is printed 914.08)
+TWO_DECIMALS = 0.006  # the README prints two decimals (914.0747 is printed 914.08)
 
 
 def _close(values: torch.Tensor, expected: list[float], tol: float = TWO_DECIMALS) -> bool:
@@ -65,6 +66,7 @@ def test_refine_t_thresh_gives_5_steps():
 
 
 def test_shift_one_matches_the_spec_counts():
+    """The shift-1 counts at the end of the README's "Resulting schedules with shift 12"."""
     one = SchedulerConfig(shift=1.0)
     assert len(base_schedule(50, config=one)) == 50
     assert _close(base_schedule(16, True, one).timesteps[[0, -1]], [1000, 80])
@@ -92,6 +94,7 @@ def test_distilled_schedules_longer_than_50_are_rejected():
 
 
 def test_bf16_model_timesteps_as_in_the_spec():
+    """The README's "Timesteps the DiT receives"."""
     rounded = model_timesteps(torch.tensor([998.27, 994.60, 11.87, 513.0, 1000.0]), torch.bfloat16).float()
     assert rounded.tolist() == [1000.0, 996.0, 11.875, 512.0, 1000.0]
     snapped = model_timesteps(base_schedule(50).timesteps, torch.bfloat16).float()

@@ -25,6 +25,7 @@ from longcat_convert.tiny_components import WAN_LATENTS_MEAN, WAN_LATENTS_STD
 
 
 def test_buckets_match_the_spec_examples():
+    """The examples in reference/pipeline/README.md, "Resolution buckets and frame counts"."""
     assert bucket_size(480, 832, "480p", 16) == (480, 832)
     assert bucket_size(480, 832, "720p", 64) == (704, 1280)
     assert bucket_size(1024, 1024, "480p", 16) == (608, 640)  # tie: first key in table order
@@ -52,6 +53,7 @@ def test_explicit_sizes_must_divide_by_the_scale():
     (93, 13, 4, 0, 0, 24),  # spatial_refine_only vc
 ])
 def test_refinement_padding_worked_cases(frames, cond, cond_latents, front, back, latents):
+    """The worked cases in reference/pipeline/README.md, "Refinement (480p to 720p)"."""
     padding = Padding.compute(frames, cond)
     assert (padding.num_cond_latents, padding.front, padding.back) == (cond_latents, front, back)
     assert latent_frames(front + frames + back) == latents

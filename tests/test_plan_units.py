@@ -17,7 +17,8 @@ PUBLISHED = dict(hidden_size=4096, depth=48, num_heads=32, caption_channels=4096
 
 def test_full_size_map_matches_the_published_checkpoint() -> None:
     expanded = keymap.expand(PUBLISHED)
-    # weights.md §3.1 / §4.3: 1022 raw tensors, 1310 FastVideo tensors, 13,581,071,424 parameters
+    # reference/README.md, "DiT key sets and sizes": 1022 raw tensors, 1310 FastVideo tensors,
+    # 13,581,071,424 parameters
     assert len(expanded.expected_shapes("upstream")) == 1022
     assert len(expanded.expected_shapes("fastvideo")) == 1310
     assert expanded.num_params == 13_581_071_424

@@ -89,7 +89,8 @@ def test_bsa_with_no_block_selected_is_exactly_zero():
 
 
 def _brute_force_bsa(q, k, v, grid_q, grid_k, chunk_q, chunk_k, keep) -> torch.Tensor:
-    """Loop-by-loop restatement of weights.md §5.2 (top-k or cdf selection) for a cross-check."""
+    """Loop-by-loop restatement of reference/README.md, "Block-sparse attention" (top-k or cdf selection),
+    for a cross-check."""
 
     def blocks(grid, chunk):
         n = (grid[1] // chunk[1], grid[2] // chunk[2])

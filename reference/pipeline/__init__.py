@@ -1,4 +1,5 @@
-"""LongCat-Video inference tasks on the reference DiT, faithful to shared/specs/pipeline.md.
+"""LongCat-Video inference tasks on the reference DiT, faithful to upstream's pipeline
+(the facts relied on are restated in reference/pipeline/README.md).
 
     pipe = load_pipeline("weights/LongCat-Video", dtype="bfloat16", device="cuda")
     rng = RandomStreams.from_seed(42, pipe.device)

@@ -1,4 +1,5 @@
-"""Resolution buckets (pipeline.md §2.3): the published tables and upstream's nearest-ratio choice.
+"""Resolution buckets: the published tables and upstream's nearest-ratio choice
+(reference/pipeline/README.md, "Resolution buckets and frame counts").
 
 Keys are height/width ratios, values (height, width). The table depends on the resolution and on the
 spatial scale factor (16 for stage 1, 64 for refinement, times the context-parallel split).

@@ -1,4 +1,5 @@
-"""Classifier-free guidance with the "optimized scale" of CFG-Zero* (pipeline.md §2.8).
+"""Classifier-free guidance with the "optimized scale" of CFG-Zero*
+(reference/pipeline/README.md, "Classifier-free guidance (CFG-Zero*)").
 
 The model batch is [uncond, cond]. Per sample, over every element of the model output:
     s* = <c, u> / (||u||² + 1e-8),   v = u·s* + g·(c − u·s*)   (= g·c + (1 − g)·s*·u)

@@ -1,4 +1,5 @@
-"""Image-to-video (pipeline.md §4.1): the image's posterior sample is latent frame 0, kept clean (t = 0)."""
+"""Image-to-video: the image's posterior sample is latent frame 0, kept clean (t = 0)
+(reference/pipeline/README.md, "Image-to-video")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Pixels <-> normalized latents (pipeline.md §2.2, §2.4, §2.5, §2.11).
+"""Pixels <-> normalized latents
+(reference/pipeline/README.md, "Pixels, the VAE and latent normalization").
 
 * preprocessing: PIL Lanczos stretch to (width, height) (no crop, `reducing_gap=None`), /255, 2x−1,
   frames stacked as [1, 3, T, H, W];

@@ -1,6 +1,6 @@
-"""Long video as upstream's long-video demo builds it (pipeline.md §6): t2v, then `segments` video
-continuations each conditioned on the previous segment's last frames, then (optionally) refinement of
-overlapping windows, each conditioned on the previous refined window.
+"""Long video as upstream's long-video demo builds it (reference/pipeline/README.md, "Long video"):
+t2v, then `segments` video continuations each conditioned on the previous segment's last frames,
+then (optionally) refinement of overlapping windows, each conditioned on the previous refined window.
 
 One `RandomStreams` runs through every call, as the demo's single generator (and the never-reseeded
 global RNG of the refinement) does. Between calls frames go through the demo's uint8 round trip

@@ -115,7 +115,8 @@ def bsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_q: tup
                   grid_k: tuple[int, int, int], sparsity: float, cdf_threshold: float | None = None,
                   chunk_3d_shape_q: Iterable[int] = (4, 4, 4), chunk_3d_shape_k: Iterable[int] = (4, 4, 4),
                   **_: Any) -> torch.Tensor:
-    """Block-sparse attention in plain torch (pipeline.md §10): block means, top-k blocks, exact softmax."""
+    """Block-sparse attention in plain torch: block means, top-k blocks, exact softmax
+    (reference/README.md, "Block-sparse attention")."""
     if cdf_threshold is not None:
         raise LongcatError("the CPU block-sparse-attention shim implements the top-k selection only "
                            "(cdf_threshold must be None)")

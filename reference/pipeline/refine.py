@@ -1,4 +1,5 @@
-"""480p -> 720p refinement (pipeline.md §7): refinement LoRA, block-sparse attention, `t_thresh` start.
+"""480p -> 720p refinement (reference/pipeline/README.md, "Refinement (480p to 720p)"):
+refinement LoRA, block-sparse attention, `t_thresh` start.
 
 Geometry: the stage-1 frames are stretched to the 720p/64 bucket (bilinear, align_corners) and, unless
 `spatial_refine_only`, resampled to 2N frames (trilinear, align_corners), all in the DiT dtype; then the

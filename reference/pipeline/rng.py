@@ -1,4 +1,5 @@
-"""The two random streams of the upstream pipeline (pipeline.md §8).
+"""The two random streams of the upstream pipeline
+(reference/pipeline/README.md, "Random streams").
 
 `user` is the generator the demos create once (`torch.Generator(device).manual_seed(seed)`) and pass to
 every call: initial noise, then the VAE posterior samples of conditioning frames, in that order.

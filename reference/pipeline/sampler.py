@@ -1,4 +1,5 @@
-"""The denoising loop every task shares (pipeline.md §2.6–§2.9) and the result type."""
+"""The denoising loop every task shares (reference/pipeline/README.md, "The denoising loop"), and the
+result type."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Sigma / timestep schedules and the Euler step (pipeline.md §2.6, §2.7, §9).
+"""Sigma / timestep schedules and the Euler step
+(reference/pipeline/README.md, "Schedules and the Euler step").
 
 Our own arithmetic, reproducing upstream's `get_timesteps_sigmas` + `FlowMatchEulerDiscreteScheduler`
 (static shift, explicit sigma list, terminal 0) and the `enhance_hf` / `t_thresh` table overrides, in
@@ -76,7 +77,8 @@ class Schedule:
 
 
 def raw_sigmas(steps: int, distilled: bool = False) -> torch.Tensor:
-    """Step A of §2.6: linspace(1, 0.001, n), or n entries sampled from the 50-step distillation grid."""
+    """The raw sigma list (README, "Raw sigma lists"): linspace(1, 0.001, n), or n entries sampled from
+    the 50-step distillation grid."""
     if steps <= 0:
         raise LongcatError(f"the number of steps must be positive, got {steps}")
     if not distilled:
@@ -101,7 +103,7 @@ def from_timesteps(timesteps: torch.Tensor, num_train_timesteps: int = NUM_TRAIN
 
 
 def base_schedule(steps: int, distilled: bool = False, config: SchedulerConfig | None = None) -> Schedule:
-    """Steps A and B: the raw list through the scheduler's static shift; t = 1000·σ; terminal σ = 0."""
+    """The raw list through the scheduler's static shift; t = 1000·σ; terminal σ = 0."""
     config = config or SchedulerConfig()
     sigmas = shifted(raw_sigmas(steps, distilled), config.shift)
     return Schedule(sigmas * config.num_train_timesteps, torch.cat([sigmas, torch.zeros(1)]))

@@ -1,4 +1,5 @@
-"""Text-to-video, normal and distilled (pipeline.md §3, §4.2)."""
+"""Text-to-video, normal and distilled
+(reference/pipeline/README.md, "Text-to-video and the distilled mode")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Prompt cleaning and umT5 text encoding (pipeline.md §2.1).
+"""Prompt cleaning and umT5 text encoding
+(reference/pipeline/README.md, "Prompt cleaning and text encoding").
 
 Upstream cleans with ftfy (a dependency here too), HTML-unescapes twice, and collapses whitespace;
 tokenizes to exactly `max_sequence_length` tokens (pad, truncate, `</s>` appended) and encodes with the

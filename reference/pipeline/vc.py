@@ -1,4 +1,5 @@
-"""Video continuation (pipeline.md §5), with the KV cache on or off, and `enhance_hf`.
+"""Video continuation, with the KV cache on or off, and `enhance_hf`
+(reference/pipeline/README.md, "Video continuation").
 
 The state lives in the DiT dtype: noise is drawn in it and the conditioning latents are normalized in
 it. With the KV cache the loop runs on the noise frames only (fp32 after the first step) and the cond
