@@ -190,25 +190,17 @@ class PlanOptions:
 
 
 def _check_dit_keys(tree: Tree, expanded: keymap.ExpandedMap) -> list[DropCheck]:
+    """The droppable norm keys present, once the DiT's keys and shapes are exactly those its config implies."""
     naming = tree.naming
-    expected = expanded.expected_shapes(naming)
     on_disk = tree.dit.key_files
-    where = tree.root / tree.dit.folder
     drops = [DropCheck(on_disk[k], k, expanded.drops[k].require, expanded.drops[k].reason)
              for k in on_disk if naming == "upstream" and k in expanded.drops]
-    unknown = sorted(k for k in on_disk if k not in expected and not any(d.key == k for d in drops))
-    if unknown:
-        raise LongcatError(f"{len(unknown)} DiT tensor(s) have no rule in the key map, e.g. {unknown[0]!r}", where,
-                           "this is not a LongCat-Video DiT of the expected architecture, or the config's depth is wrong")
-    missing = [k for k in expected if k not in on_disk]
-    if missing:
-        raise LongcatError(f"{len(missing)} DiT tensor(s) are missing, e.g. {missing[0]!r}", where,
-                           "the checkpoint is incomplete or the config does not match it")
-    for key, shape in expected.items():
-        actual = tree.dit.info(key).shape
-        if actual != shape:
-            raise LongcatError(f"tensor {key!r} has shape {list(actual)}, the config implies {list(shape)}",
-                               tree.root / on_disk[key], "the config does not match the weights")
+    found = {key: tree.dit.info(key).shape for key in on_disk}
+    mismatch = keymap.compare_key_sets(found, expanded.expected_shapes(naming), {drop.key for drop in drops})
+    if mismatch:
+        raise LongcatError(f"the DiT's tensors do not match the key set its config implies: {mismatch.describe()}",
+                           tree.root / tree.dit.folder, "the config does not match the weights, or this is not a "
+                           "LongCat-Video DiT of the expected architecture")
     return drops
 
 

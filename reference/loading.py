@@ -60,28 +60,9 @@ def open_tree(root: str | Path, strict: bool = True) -> Tree:
 def check_key_set(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str | Path,
                   what: str = "DiT weights") -> None:
     """Raise one LongcatError line if `found` is not exactly `expected` (names and shapes)."""
-    message = describe_key_mismatch(found, expected)
-    if message:
-        raise LongcatError(f"{what} do not match the expected key set: {message}", where)
-
-
-def describe_key_mismatch(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str:
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    shapes = sorted(k for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing {_names(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected {_names(unexpected)}")
-    if shapes:
-        shown = ", ".join(f"{k} {list(found[k])} != {list(expected[k])}" for k in shapes[:SHOW])
-        parts.append(f"{len(shapes)} with wrong shape ({shown}{', ...' if len(shapes) > SHOW else ''})")
-    return "; ".join(parts)
-
-
-def _names(names: list[str]) -> str:
-    return "(" + ", ".join(names[:SHOW]) + (", ..." if len(names) > SHOW else "") + ")"
+    mismatch = keymap.compare_key_sets(found, expected)
+    if mismatch:
+        raise LongcatError(f"{what} do not match the expected key set: {mismatch.describe(SHOW)}", where)
 
 
 def expand_checked(tree: Tree) -> keymap.ExpandedMap:

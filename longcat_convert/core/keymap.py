@@ -268,3 +268,42 @@ def layout(name: str) -> dict:
         return layouts()[name]
     except KeyError:
         raise LongcatError(f"unknown layout {name!r}; choose one of {', '.join(layouts())}") from None
+
+
+@dataclass(frozen=True)
+class KeyMismatch:
+    """How a set of tensors differs from the one a config implies (each list sorted by key)."""
+
+    missing: list[str]
+    unexpected: list[str]
+    misshaped: list[str]
+    found: dict[str, tuple[int, ...]]
+    expected: dict[str, tuple[int, ...]]
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.misshaped)
+
+    def describe(self, shown: int = 5) -> str:
+        """One line: counts and the first few names of each kind."""
+        def names(keys: list[str]) -> str:
+            return "(" + ", ".join(keys[:shown]) + (", ..." if len(keys) > shown else "") + ")"
+
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing {names(self.missing)}")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected {names(self.unexpected)}")
+        if self.misshaped:
+            listed = ", ".join(f"{k} {list(self.found[k])} != {list(self.expected[k])}" for k in self.misshaped[:shown])
+            parts.append(f"{len(self.misshaped)} with wrong shape ({listed}{', ...' if len(self.misshaped) > shown else ''})")
+        return "; ".join(parts)
+
+
+def compare_key_sets(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+                     ignore: set[str] | frozenset[str] = frozenset()) -> KeyMismatch:
+    """The keys of `expected` absent from `found`, those of `found` not expected (except `ignore`d ones), and
+    those present in both with another shape."""
+    return KeyMismatch(sorted(k for k in expected if k not in found),
+                       sorted(k for k in found if k not in expected and k not in ignore),
+                       sorted(k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])),
+                       found, expected)

@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core import keymap
 from ..core.dtypes import FLOATING, friendly
 from ..core.errors import Problem
 from ..core.io import SafetensorsHeader, TensorInfo
@@ -51,11 +52,10 @@ def compare_keys(ctx: Context, component: str, weights: ShardFolder, expected: d
     """Missing, unexpected and mis-shaped keys against the expected key set from the config and key map."""
     folder_rel = ctx.rel(weights.folder)
     located = weights.located
-    for key, shape in expected.items():
-        if key not in located:
-            ctx.findings.error(component, "missing_key", f"{key} {list(shape)} is missing", folder_rel, key)
-    unexpected = [key for key in located if key not in expected]
-    for key in unexpected:
+    mismatch = keymap.compare_key_sets({key: info.shape for key, (_, info) in located.items()}, expected)
+    for key in mismatch.missing:
+        ctx.findings.error(component, "missing_key", f"{key} {list(expected[key])} is missing", folder_rel, key)
+    for key in mismatch.unexpected:
         name, info = located[key]
         rel = ctx.rel(weights.folder / name)
         if key in droppable:
@@ -67,16 +67,15 @@ def compare_keys(ctx: Context, component: str, weights: ShardFolder, expected: d
                                f"parameter of the model described by {config_rel}", rel, key)
     if other_naming is not None:
         naming, other_keys = other_naming
-        foreign = sum(1 for key in unexpected if key in other_keys)
-        if foreign and foreign >= len(unexpected) // 2:
+        foreign = sum(1 for key in mismatch.unexpected if key in other_keys)
+        if foreign and foreign >= len(mismatch.unexpected) // 2:
             ctx.findings.error(component, "wrong_naming", f"{foreign} of {len(located)} keys use the {naming} "
                                "key naming: the weights do not match this layout (convert them, or pass the "
                                "right --layout)", folder_rel)
-    for key, shape in expected.items():
-        if key in located and located[key][1].shape != shape:
-            name, info = located[key]
-            ctx.findings.error(component, "shape_mismatch", f"{key} has shape {list(info.shape)}, expected "
-                               f"{list(shape)} from {config_rel}", ctx.rel(weights.folder / name), key)
+    for key in mismatch.misshaped:
+        name, info = located[key]
+        ctx.findings.error(component, "shape_mismatch", f"{key} has shape {list(info.shape)}, expected "
+                           f"{list(expected[key])} from {config_rel}", ctx.rel(weights.folder / name), key)
 
 
 @dataclass(frozen=True)
