@@ -63,7 +63,7 @@ def weights_parity(raw_tree: str | Path, converted_tree: str | Path, lora_rtol: 
     cases += [{"name": f"lora:{name}", **entry}
               for name, entry in _compare_loras(raw, converted, source_map, lora_rtol, expected).items()]
     return jsonschemas.checked_report("parity-report", {
-        "level": "weights", "raw": _tree_info(raw), "converted": _tree_info(converted),
+        "level": "weights", "raw": raw.describe(), "converted": converted.describe(),
         "dtype_policy": expected.to_json(), "cases": cases, "passed": all(case["passed"] for case in cases)})
 
 
@@ -115,10 +115,6 @@ def _open_pair(raw_tree: str | Path, converted_tree: str | Path) -> tuple[Tree, 
         raise LongcatError(f"the raw side is a {raw.layout} tree; it must use upstream names (raw or diffusers)",
                            raw.root)
     return raw, open_tree(converted_tree, strict=False)  # its defects are reported, not raised
-
-
-def _tree_info(tree: Tree) -> dict:
-    return {"path": str(tree.root), "layout": tree.layout, "naming": tree.naming}
 
 
 def _compare_configs(raw: Tree, converted: Tree) -> dict:
@@ -363,7 +359,7 @@ def forward_parity(raw_tree: str | Path, converted_tree: str | Path, cases: Iter
     results = [{"name": name, **_case_result(outputs[name], reference[name], threshold), "tolerance": threshold,
                 "dtype": dtype_name} for name in names]
     return jsonschemas.checked_report("parity-report", {
-        "level": "forward", "raw": _tree_info(raw), "converted": _tree_info(converted), "dtype": dtype_name,
+        "level": "forward", "raw": raw.describe(), "converted": converted.describe(), "dtype": dtype_name,
         "threshold": threshold, "seed": seed, "cases": results, "passed": all(result["passed"] for result in results)})
 
 

@@ -8,7 +8,7 @@ validation's expected key set and LoRA module mapping.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
@@ -85,18 +85,6 @@ class ExpandedMap:
     params: list[ParamRule]
     linears: dict[str, LinearModule]
     drops: dict[str, DropRule]
-    _by_key: dict[str, dict[str, tuple[ParamRule, int]]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for naming in NAMINGS:
-            table: dict[str, tuple[ParamRule, int]] = {}
-            for rule in self.params:
-                for part, key in enumerate(rule.keys(naming)):
-                    table[key] = (rule, part)
-            self._by_key[naming] = table
-
-    def lookup(self, naming: str, key: str) -> tuple[ParamRule, int] | None:
-        return self._by_key[naming].get(key)
 
     def expected_shapes(self, naming: str) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}

@@ -107,6 +107,10 @@ class Tree:
     def lora_format(self) -> str:
         return keymap.layout(self.layout)["lora_format"]
 
+    def describe(self) -> dict:
+        """Where the tree is and what it is, for reports."""
+        return {"path": str(self.root), "layout": self.layout, "naming": self.naming}
+
     def tensor(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """A DiT tensor (or rows of it along dim 0), read from the held file its header came from."""
         return self.sources.tensor(self.dit.header(key), key, rows)

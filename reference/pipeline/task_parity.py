@@ -147,7 +147,7 @@ def _tree_info(root: str | Path) -> dict:
         tree = open_tree(root)
     except LongcatError:
         return {"path": str(root)}
-    return {"path": str(tree.root), "layout": tree.layout, "naming": tree.naming}
+    return tree.describe()
 
 
 def _run_all(load: Callable[[], Pipeline], jobs: dict[str, Job]) -> dict[str, list[TaskResult] | str]:
