@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 
 from . import jsonschemas
@@ -188,9 +188,15 @@ def check_fits(config: dict, naming: str, where: str, tensors_held: int, paramet
 
 
 def expand(config: dict, naming: str = "upstream", where: str = "config.json") -> ExpandedMap:
-    """The concrete rules for a DiT described by `config` (whose field names follow `naming`)."""
+    """The concrete rules for a DiT described by `config` (whose field names follow `naming`). Computed once per
+    distinct architecture: `validate` and the planner of one conversion share the expansion (do not mutate it)."""
+    return _expand(tuple(sorted(config_symbols(config, naming, where).items())), where)
+
+
+@lru_cache(maxsize=8)
+def _expand(symbol_items: tuple[tuple[str, int], ...], where: str) -> ExpandedMap:
     document = load_map_document()
-    symbols = config_symbols(config, naming, where)
+    symbols = dict(symbol_items)
     params: list[ParamRule] = []
     linears: dict[str, LinearModule] = {}
     for entry, index in _block_major(document["modules"], symbols["L"]):
