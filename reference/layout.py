@@ -10,12 +10,16 @@ expose exactly the key sets the converter and validator expect.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from longcat_convert.core import keymap
+
+if TYPE_CHECKING:
+    from .lora_layers import RuntimeLora
 
 
 class Weights(Protocol):
@@ -24,6 +28,37 @@ class Weights(Protocol):
     def tensor(self, role: str, param: str) -> torch.Tensor: ...
 
     def linear(self, role: str, x: torch.Tensor, fp32: bool = False) -> torch.Tensor: ...
+
+
+class SlotWeights:
+    """`Weights` over `slots`: a role's fused tensor and Linear, with the LoRA hooks.
+
+    `runtime_loras` maps a role to adapters added to that Linear's output at run time (upstream semantics);
+    `merged_weights` maps a state-dict key to an effective weight that replaces the stored one (FastVideo's
+    merge). Where a stored key lives is the subclass's `get_parameter` (the whole model, or one streamed block).
+    """
+
+    slots: dict[str, Slot]
+    runtime_loras: dict[str, list[RuntimeLora]]
+    merged_weights: dict[str, torch.Tensor]
+
+    def tensor(self, role: str, param: str) -> torch.Tensor:
+        """The role's tensor in upstream (fused) form, with any merged LoRA weight in place."""
+        parts = [self.merged_weights[key] if key in self.merged_weights else self.get_parameter(key)
+                 for key in self.slots[role].keys(param)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def linear(self, role: str, x: torch.Tensor, fp32: bool = False) -> torch.Tensor:
+        """y = x·Wᵀ + b (+ runtime LoRA branches). `fp32` runs it as an fp32 island on any weight dtype."""
+        weight = self.tensor(role, "weight")
+        bias = self.tensor(role, "bias") if "bias" in self.slots[role].shapes else None
+        if fp32:
+            out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        else:
+            out = F.linear(x, weight, bias)
+        for adapter in self.runtime_loras.get(role, ()):
+            out = out + adapter(x, fp32)
+        return out
 
 
 @dataclass
