@@ -142,7 +142,7 @@ class Demo:
         return f"{dit['checked']} tensors equal; {loras} LoRAs' deltas equal"
 
     def _parity_forward(self, raw: Path, converted: Path, dtype: str) -> str:
-        from longcat_reference.dit_parity import forward_parity
+        from longcat_reference.forward_parity import forward_parity
 
         report = forward_parity(raw, converted, dtype=dtype)
         worst = max(case.get("rel_l2", float("inf")) for case in report["cases"])

@@ -3,7 +3,8 @@ converted checkpoints (weights- and forward-level parity) against the raw upstre
 
 from .bsa import BsaParams, block_sparse_attention
 from .dit import KVCache, LongcatDiT
-from .dit_parity import forward_parity, weights_parity
+from .dit_parity import weights_parity
+from .forward_parity import forward_parity
 from .loading import LoraFile, Tree, apply_loras, load_dit, lora_paths, open_tree, read_lora
 from .lora_layers import (
     FastvideoLoraTarget,

@@ -1,4 +1,5 @@
-"""Parity between a raw (upstream-named) tree and a converted tree, at two levels.
+"""Weights-level parity between a raw (upstream-named) tree and a converted tree (forward level:
+forward_parity.py).
 
 weights: every converted DiT tensor must have the dtype the conversion's dtype policy gives it and equal,
 bit for bit, the rows of its source tensor that the key map assigns to it (cast to that dtype, where the
@@ -8,34 +9,28 @@ factors so it stays cheap for the full model). The policy is the converted tree'
 `dtype_policy`; a tree without one keeps every source dtype unless the caller names the dtype it was
 cast to. A dtype the policy did not produce is a failure even when the values survive the cast.
 
-forward: the same seeded inputs go through the upstream-layout model on the raw weights and the
-target-layout model on the converted weights (plain, conditioned, KV-cache and one case per LoRA).
-
-Both return plain JSON-able dicts with a top-level `passed`. Problems with the raw side or the
+It returns a plain JSON-able dict with a top-level `passed`. Problems with the raw side or the
 arguments raise LongcatError; problems found in the converted tree are reported, not raised.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from longcat_convert.core import jsonschemas, keymap, progress
-from longcat_convert.core.dtypes import POLICY_NAMES, SAFETENSORS_NAME, DtypePolicy, torch_dtype
+from longcat_convert.core import jsonschemas, keymap
+from longcat_convert.core.dtypes import POLICY_NAMES, SAFETENSORS_NAME, DtypePolicy
 from longcat_convert.core.errors import LongcatError, raise_first_error
 from longcat_convert.core.io import read_header, read_json_object
 from longcat_convert.core.lora_delta import AdapterDeltas, Term, compare_deltas
 from longcat_convert.core.lora_format import split_fastvideo, split_upstream, upstream_key
 from longcat_convert.core.shard_folder import FIXES
 
-from .config import DiTConfig
-from .dit import LongcatDiT
-from .loading import Tree, apply_loras, expand_checked, load_dit, lora_paths, open_tree, read_lora
-from .lora_layers import clear_loras, read_adapter
-from .metrics import compare_outputs, json_number
+from .loading import Tree, expand_checked, lora_paths, open_tree
+from .lora_layers import read_adapter
+from .metrics import json_number
 
 LIST_LIMIT = 20
 DEFAULT_THRESHOLDS = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
@@ -53,7 +48,7 @@ def weights_parity(raw_tree: str | Path, converted_tree: str | Path, lora_rtol: 
 
     dtype: for a converted tree without conversion.json, the dtype (float32, bfloat16, float16) its floating
     tensors were cast to; without it every tensor must keep its source dtype."""
-    raw, converted = _open_pair(raw_tree, converted_tree)
+    raw, converted = open_pair(raw_tree, converted_tree)
     expected = _expected_dtypes(converted, dtype)
     source_map = expand_checked(raw)
     dit = _compare_tensors(raw, converted, source_map, expected)
@@ -109,7 +104,7 @@ def _manifest_policy(path: Path) -> DtypePolicy:
     return DtypePolicy.from_description(document["dtype_policy"], str(path))
 
 
-def _open_pair(raw_tree: str | Path, converted_tree: str | Path) -> tuple[Tree, Tree]:
+def open_pair(raw_tree: str | Path, converted_tree: str | Path) -> tuple[Tree, Tree]:
     raw = open_tree(raw_tree)
     if raw.naming != "upstream":
         raise LongcatError(f"the raw side is a {raw.layout} tree; it must use upstream names (raw or diffusers)",
@@ -305,124 +300,3 @@ def _compare_lora(source: AdapterDeltas, target: AdapterDeltas, lora_rtol: float
 def _lora_tolerance(terms: list[Term]) -> float:
     names = {SAFETENSORS_NAME.get(t.dtype, "F32") for term in terms for t in (term.up, term.down)}
     return max(LORA_RTOL.get(name, 1e-6) for name in names)
-
-
-# ==== forward level =================================================================================
-
-@dataclass(frozen=True)
-class ForwardInputs:
-    latents: torch.Tensor  # [2, C_in, 4, 2·p_h, 3·p_w]
-    timestep: torch.Tensor  # [2]
-    frame_timestep: torch.Tensor  # [2, 4], frame 0 conditioning (t = 0)
-    cache_timestep: torch.Tensor  # [2]
-    text: torch.Tensor  # [2, 1, 8, C_cap]
-    mask: torch.Tensor  # [2, 8], padded tails
-    num_cond_latents: int = 1
-    cache_latents: int = 2
-
-
-def make_inputs(config: DiTConfig, seed: int = 0) -> ForwardInputs:
-    generator = torch.Generator().manual_seed(seed)
-    _, ph, pw = config.patch_size
-    latents = torch.randn(2, config.in_channels, 4, 2 * ph, 3 * pw, generator=generator)
-    text = torch.randn(2, 1, 8, config.caption_channels, generator=generator)
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask[0, 5:] = 0
-    mask[1, 7:] = 0
-    frame_timestep = torch.tensor([[0.0, 450.0, 450.0, 450.0], [0.0, 820.0, 820.0, 820.0]])
-    return ForwardInputs(latents, torch.tensor([700.0, 300.0]), frame_timestep, torch.tensor([300.0, 600.0]),
-                         text, mask)
-
-
-def forward_parity(raw_tree: str | Path, converted_tree: str | Path, cases: Iterable[str] | None = None,
-                   dtype: str | torch.dtype = "float32", thresholds: dict[str, float] | None = None, seed: int = 0,
-                   device: str | torch.device = "cpu") -> dict:
-    """cases: any of plain, cond, kvcache, lora (= every LoRA of the raw tree), lora:<name>; default all."""
-    raw, converted = _open_pair(raw_tree, converted_tree)
-    torch_dtype, dtype_name = _resolve_dtype(dtype)
-    limits = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
-    if dtype_name not in limits:
-        raise LongcatError(f"no threshold for dtype {dtype_name}; pass thresholds={{'{dtype_name}': ...}}")
-    names = _case_names(cases, sorted(lora_paths(raw)))
-    inputs = make_inputs(DiTConfig.from_dict(raw.dit.config, "upstream", str(raw.config_path)), seed)
-    with progress.scope("raw tree"):
-        reference = _run_cases(_load_dit(raw, torch_dtype, device), raw, names, inputs)
-    failures = [name for name, out in reference.items() if isinstance(out, str)]
-    if failures:
-        raise LongcatError(f"the raw tree cannot run case {failures[0]}: {reference[failures[0]]}", raw.root)
-    try:
-        with progress.scope("converted tree"):
-            outputs = _run_cases(_load_dit(converted, torch_dtype, device), converted, names, inputs)
-    except LongcatError as exc:
-        outputs = dict.fromkeys(names, f"cannot load the converted DiT: {exc.one_line()}")
-    threshold = limits[dtype_name]
-    results = [{"name": name, **_case_result(outputs[name], reference[name], threshold), "tolerance": threshold,
-                "dtype": dtype_name} for name in names]
-    return jsonschemas.checked_report("parity-report", {
-        "level": "forward", "raw": raw.describe(), "converted": converted.describe(), "dtype": dtype_name,
-        "threshold": threshold, "seed": seed, "cases": results, "passed": all(result["passed"] for result in results)})
-
-
-def _load_dit(tree: Tree, dtype: torch.dtype, device: str | torch.device) -> LongcatDiT:
-    with progress.stage("loading the DiT"):
-        return load_dit(tree, dtype, device)
-
-
-def _resolve_dtype(dtype: str | torch.dtype) -> tuple[torch.dtype, str]:
-    resolved = torch_dtype(dtype, tuple(DEFAULT_THRESHOLDS))
-    return resolved, str(resolved).removeprefix("torch.")
-
-
-def _case_names(cases: Iterable[str] | None, loras: list[str]) -> list[str]:
-    requested = list(cases) if cases is not None else [*BASE_CASES, "lora"]
-    names: list[str] = []
-    for case in requested:
-        if case == "lora":
-            expanded = [f"lora:{name}" for name in loras]
-        elif case in BASE_CASES:
-            expanded = [case]
-        elif case.startswith("lora:") and case[5:] in loras:
-            expanded = [case]
-        else:
-            raise LongcatError(f"unknown forward case {case!r}; use plain, cond, kvcache, lora or lora:<name> "
-                               f"(LoRAs in the raw tree: {', '.join(loras) or 'none'})")
-        names += [name for name in expanded if name not in names]
-    return names
-
-
-def _run_cases(dit: LongcatDiT, tree: Tree, names: list[str], inputs: ForwardInputs) -> dict[str, torch.Tensor | str]:
-    """Outputs per case (on CPU), or an error line for a case the tree cannot run."""
-    outputs: dict[str, torch.Tensor | str] = {}
-    with torch.no_grad():
-        for name in progress.steps(names, len(names), "forward cases"):
-            clear_loras(dit)
-            if name.startswith("lora:"):
-                try:
-                    apply_loras(dit, [read_lora(tree, name[5:])])
-                except LongcatError as exc:
-                    outputs[name] = exc.one_line()
-                    continue
-            outputs[name] = _run_case(dit, name, inputs).cpu()
-        clear_loras(dit)
-    return outputs
-
-
-def _run_case(dit: LongcatDiT, name: str, inputs: ForwardInputs) -> torch.Tensor:
-    if name == "cond":
-        return dit(inputs.latents, inputs.frame_timestep, inputs.text, inputs.mask,
-                   num_cond_latents=inputs.num_cond_latents)
-    if name == "kvcache":
-        split = inputs.cache_latents
-        cache = dit.build_kv_cache(inputs.latents[:1, :, :split])
-        return dit(inputs.latents[:, :, split:], inputs.cache_timestep, inputs.text, inputs.mask, kv_cache=cache)
-    return dit(inputs.latents, inputs.timestep, inputs.text, inputs.mask)
-
-
-def _case_result(output: torch.Tensor | str, reference: torch.Tensor, threshold: float) -> dict:
-    if isinstance(output, str):
-        return {"passed": False, "error": output}
-    if output.shape != reference.shape:
-        return {"passed": False, "error": f"output shape {list(output.shape)} != {list(reference.shape)}"}
-    metrics = compare_outputs(output, reference)
-    passed = metrics["rel_l2"] is not None and metrics["rel_l2"] <= threshold
-    return {**metrics, "passed": passed, "shape": list(output.shape)}

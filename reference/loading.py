@@ -75,17 +75,24 @@ def load_dit(source: str | Path | Tree, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu") -> LongcatDiT:
     """Build the DiT in the tree's naming and fill it from the tree's shards, tensor by tensor."""
     tree = source if isinstance(source, Tree) else open_tree(source)
-    expanded = expand_checked(tree)  # before LongcatDiT allocates what the config says
+    expanded, dropped = check_dit_keys(tree)  # before LongcatDiT allocates what the config says
     dit = LongcatDiT(tree.dit.config, tree.naming, dtype=dtype, device=device, where=str(tree.config_path))
-    dit_dir = tree.root / tree.dit.folder
-    dropped = _check_droppable(tree, expanded, dit_dir)
-    found = {name: tree.dit.info(name).shape for name in tree.dit.key_files if name not in dropped}
-    check_key_set(found, expanded.expected_shapes(tree.naming), dit_dir)
     with torch.no_grad():
         for name in tree.dit.key_files:
             if name not in dropped:
                 dit.get_parameter(name).copy_(tree.tensor(name))
     return dit
+
+
+def check_dit_keys(tree: Tree) -> tuple[keymap.ExpandedMap, set[str]]:
+    """The key map for the tree's config once its DiT key set is proven exact (headers only, plus the values of
+    droppable identity LayerNorm keys), and the keys the model has no parameter for."""
+    expanded = expand_checked(tree)
+    dit_dir = tree.root / tree.dit.folder
+    dropped = _check_droppable(tree, expanded, dit_dir)
+    found = {name: tree.dit.info(name).shape for name in tree.dit.key_files if name not in dropped}
+    check_key_set(found, expanded.expected_shapes(tree.naming), dit_dir)
+    return expanded, dropped
 
 
 def _check_droppable(tree: Tree, expanded: keymap.ExpandedMap, where: Path) -> set[str]:

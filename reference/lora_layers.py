@@ -13,6 +13,7 @@ dtype (scale 1 when int(alpha) is 0).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from longcat_convert.core.errors import LongcatError
 from longcat_convert.core.io import read_header, read_tensor
 from longcat_convert.core.lora_format import ParsedLora, fastvideo_scale, parse
 
-from .dit import LongcatDiT
+from .layout import SlotWeights
 
 
 @dataclass
@@ -64,18 +65,26 @@ class FastvideoLoraTarget:
 def read_upstream_lora(path: str | Path) -> dict[str, UpstreamLoraModule]:
     """Read an upstream-format LoRA file strictly: its first defect (an unexpected key, a missing part, inconsistent
     shapes, an unusable alpha_scale) is an error."""
-    lora = read_adapter(path, "upstream")
+    return upstream_modules(read_adapter(path, "upstream"))
+
+
+def upstream_modules(lora: ParsedLora, only: Collection[str] | None = None) -> dict[str, UpstreamLoraModule]:
+    """The tensors of an upstream-format adapter's modules (those named in `only`, or all)."""
     return {name: UpstreamLoraModule(name, _tensor(lora, m.down), [_tensor(lora, k) for k in m.ups],
                                      _tensor(lora, m.alpha).reshape(()))
-            for name, m in sorted(lora.modules.items())}
+            for name, m in sorted(lora.modules.items()) if only is None or name in only}
 
 
 def read_fastvideo_lora(path: str | Path) -> dict[str, FastvideoLoraTarget]:
     """Read a FastVideo-format LoRA file strictly; as in FastVideo, a target without lora_alpha has scale 1."""
-    lora = read_adapter(path, "fastvideo")
+    return fastvideo_targets(read_adapter(path, "fastvideo"))
+
+
+def fastvideo_targets(lora: ParsedLora, only: Collection[str] | None = None) -> dict[str, FastvideoLoraTarget]:
+    """The tensors of a FastVideo-format adapter's targets (those named in `only`, or all)."""
     return {name: FastvideoLoraTarget(name, _tensor(lora, m.down), _tensor(lora, m.up),
                                       None if m.alpha is None else _tensor(lora, m.alpha))
-            for name, m in sorted(lora.modules.items())}
+            for name, m in sorted(lora.modules.items()) if only is None or name in only}
 
 
 def read_adapter(path: str | Path, fmt: str) -> ParsedLora:
@@ -113,7 +122,7 @@ class RuntimeLora:
         return y.to(x.dtype) * self.multiplier * self.alpha_scale
 
 
-def check_upstream_targets(dit: LongcatDiT, lora: dict[str, UpstreamLoraModule], where: str | Path) -> None:
+def check_upstream_targets(dit: SlotWeights, lora: dict[str, UpstreamLoraModule], where: str | Path) -> None:
     for module, adapter in lora.items():
         slot = dit.slots.get(module)
         if slot is None or slot.kind != "linear":
@@ -124,7 +133,7 @@ def check_upstream_targets(dit: LongcatDiT, lora: dict[str, UpstreamLoraModule],
                                f"the Linear {in_features}->{out_features}", where)
 
 
-def enable_runtime_loras(dit: LongcatDiT, loras: list[dict[str, UpstreamLoraModule]], multiplier: float = 1.0,
+def enable_runtime_loras(dit: SlotWeights, loras: list[dict[str, UpstreamLoraModule]], multiplier: float = 1.0,
                          where: str | Path = "LoRA") -> None:
     """Replace the active runtime adapters with `loras` (several on one module are summed)."""
     for lora in loras:
@@ -135,7 +144,7 @@ def enable_runtime_loras(dit: LongcatDiT, loras: list[dict[str, UpstreamLoraModu
             dit.runtime_loras.setdefault(module, []).append(RuntimeLora(adapter, dit.dtype, dit.device, multiplier))
 
 
-def merge_fastvideo_lora(dit: LongcatDiT, targets: dict[str, FastvideoLoraTarget], strength: float = 1.0,
+def merge_fastvideo_lora(dit: SlotWeights, targets: dict[str, FastvideoLoraTarget], strength: float = 1.0,
                          where: str | Path = "LoRA") -> None:
     """Merge into effective weights (stacking on earlier merges), as FastVideo's LoRA layers do."""
     linears = {path for slot in dit.slots.values() if slot.kind == "linear" for path in slot.paths}
@@ -154,6 +163,6 @@ def merge_fastvideo_lora(dit: LongcatDiT, targets: dict[str, FastvideoLoraTarget
     dit.merged_weights.update(deltas)
 
 
-def clear_loras(dit: LongcatDiT) -> None:
+def clear_loras(dit: SlotWeights) -> None:
     dit.runtime_loras = {}
     dit.merged_weights = {}

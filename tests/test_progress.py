@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from longcat_reference.dit_parity import forward_parity
+from longcat_reference.forward_parity import forward_parity
 from longcat_reference.pipeline import RandomStreams, load_pipeline, text_to_video
 from longcat_reference.pipeline.task_parity import task_parity
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 from longcat_reference.bsa import BsaParams
 from longcat_reference.dit import LongcatDiT
-from longcat_reference.dit_parity import forward_parity, weights_parity
+from longcat_reference.dit_parity import weights_parity
 from longcat_reference.embeddings import caption_embedding
+from longcat_reference.forward_parity import forward_parity
 from longcat_reference.loading import apply_loras, load_dit, open_tree, read_lora
 from longcat_reference.lora_layers import clear_loras
 from safetensors.torch import load_file, save_file

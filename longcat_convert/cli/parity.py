@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from ..core import progress
 from ..core.errors import LongcatError
+from ..sharding import parse_size
 from .common import dtype_option, echo_json, json_option, quiet_option, report_option
 from .report_file import check_report_path, write_report
 
@@ -38,6 +40,19 @@ def _case_line(case: dict) -> str:
               "dtype; with a manifest, its dtype policy decides).")
 @click.option("--threshold", type=float, help="Forward and task levels: override the rel L2 threshold for --dtype.")
 @click.option("--cases", multiple=True, help="Forward level: plain, cond, kvcache, lora, lora:<name> (default all).")
+@click.option("--stream", is_flag=True,
+              help="Forward level: walk both trees block by block (one block of each in memory, whatever the depth) "
+                   "and report every block's error and the first block where they diverge. Chosen by itself when "
+                   "the whole model does not fit --max-memory.")
+@click.option("--max-memory", metavar="SIZE",
+              help="Forward level: memory budget, e.g. 4GB (default: the device's free memory now). A model larger "
+                   "than this is compared streamed.")
+@click.option("--tokens", type=int, help="Forward level: about this many latent tokens per sample (4 latent frames, a "
+              "near-square grid). Default 24: fast at full width on a CPU.")
+@click.option("--frames", type=int, help="Forward level: latent frames of the inputs (default 4, at least 3).")
+@click.option("--height", type=int, help="Forward level: latent height (a multiple of the patch; default 2 patches).")
+@click.option("--width", type=int, help="Forward level: latent width (a multiple of the patch; default 3 patches).")
+@click.option("--device", default="cpu", show_default=True, help="Forward level: cpu, cuda or cuda:N.")
 @click.option("--tasks", multiple=True,
               help="Task level: t2v, t2v-distill, i2v, vc, vc-nokv, refine, long (default all). Repeatable.")
 @click.option("--steps", default=3, show_default=True, help="Task level: sampling steps per task.")
@@ -49,7 +64,9 @@ def _case_line(case: dict) -> str:
 @json_option("the report")
 @quiet_option()
 def parity_command(raw: Path, converted: Path, level: str, dtype: str | None, threshold: float | None,
-                   cases: tuple[str, ...], tasks: tuple[str, ...], steps: int, original_src: Path | None,
+                   cases: tuple[str, ...], stream: bool, max_memory: str | None, tokens: int | None,
+                   frames: int | None, height: int | None, width: int | None, device: str,
+                   tasks: tuple[str, ...], steps: int, original_src: Path | None,
                    report_path: Path | None, as_json: bool, quiet: bool) -> None:
     """Compare CONVERTED against its source RAW (raw or diffusers layout); exit 1 on any miss.
 
@@ -58,6 +75,8 @@ def parity_command(raw: Path, converted: Path, level: str, dtype: str | None, th
       longcat-convert parity weights/LongCat-Video out/fv
       longcat-convert parity /tmp/raw /tmp/fv --level forward --dtype bfloat16 \\
           --report parity.json
+      longcat-convert parity full/raw full/fv --level forward --dtype bfloat16 \\
+          --max-memory 4GB --tokens 96      # streamed when the model is larger
       longcat-convert parity /tmp/raw /tmp/fv --level task --tasks t2v --tasks vc
       longcat-convert parity /tmp/raw /tmp/fv --level task \\
           --original-src ~/src/LongCat-Video
@@ -69,8 +88,14 @@ def parity_command(raw: Path, converted: Path, level: str, dtype: str | None, th
         raise LongcatError(f"--steps must be at least 1, got {steps}")
     if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
         raise LongcatError(f"--threshold must be a positive number, got {threshold}")
+    forward = ForwardOptions(stream, parse_size(max_memory) if max_memory else None,
+                             _grid(tokens, frames, height, width), device)
+    if level != "forward" and forward.given():
+        raise LongcatError(f"--stream, --max-memory, --tokens, --frames, --height, --width and --device work with "
+                           f"--level forward only, not --level {level}")
     with progress.reporting(progress.wanted(quiet)):
-        report, lines = _run_level(raw, converted, level, dtype, threshold, cases, tasks, steps, original_src)
+        report, lines = _run_level(raw, converted, level, dtype, threshold, cases, forward, tasks, steps,
+                                   original_src)
     lines += [_case_line(case) for case in report["cases"]]
     if report_target:
         write_report(report_target, report, report_path)
@@ -82,10 +107,64 @@ def parity_command(raw: Path, converted: Path, level: str, dtype: str | None, th
     raise SystemExit(0 if report["passed"] else 1)
 
 
+@dataclass(frozen=True)
+class ForwardOptions:
+    stream: bool
+    max_memory: int | None
+    grid: tuple[int | None, ...]  # tokens, frames, height, width as given
+    device: str
+
+    def given(self) -> bool:
+        return self.stream or self.max_memory is not None or any(v is not None for v in self.grid) or \
+            self.device != "cpu"
+
+
+def _grid(tokens: int | None, frames: int | None, height: int | None, width: int | None) -> tuple[int | None, ...]:
+    if tokens is not None and (height is not None or width is not None):
+        raise LongcatError("give either --tokens or --height/--width, not both")
+    for name, value in (("--tokens", tokens), ("--frames", frames), ("--height", height), ("--width", width)):
+        if value is not None and value <= 0:
+            raise LongcatError(f"{name} must be positive, got {value}")
+    return tokens, frames, height, width
+
+
+def _latent_grid(forward: ForwardOptions, raw: Path):
+    from longcat_reference.config import DiTConfig
+    from longcat_reference.forward_parity import LatentGrid
+    from longcat_reference.loading import open_tree
+
+    tokens, frames, height, width = forward.grid
+    if tokens is None:
+        return LatentGrid(frames or 4, height, width)
+    tree = open_tree(raw)
+    patch = DiTConfig.from_dict(tree.dit.config, tree.naming, str(tree.config_path)).patch_size
+    return LatentGrid.for_tokens(tokens, patch, frames or 4)
+
+
+def _divergence_lines(report: dict) -> list[str]:
+    stages = report.get("stages")
+    if stages is None:
+        return []
+    first = report["first_divergence"]
+    lines = [f"streamed: {len(stages)} stages compared (embedders, {len(stages) - 2} blocks, final layer); "
+             + (f"first divergence: {first}" if first else "no stage diverged")]
+    for stage in stages:
+        if not stage["passed"]:
+            case, result = max(stage["cases"].items(), key=lambda item: item[1].get("rel_l2") or math.inf)
+            value = result.get("rel_l2")
+            detail = result.get("error") or (f"rel_l2 {value:.2e}" if value is not None else "not finite")
+            lines.append(f"  {stage['stage']:<14} FAIL  worst case {case}: {detail}")
+            if len(lines) > 6:
+                lines.append("  ... (every stage is in --report / --json)")
+                break
+    return lines
+
+
 def _run_level(raw: Path, converted: Path, level: str, dtype: str | None, threshold: float | None,
-               cases: tuple[str, ...], tasks: tuple[str, ...], steps: int,
+               cases: tuple[str, ...], forward: ForwardOptions, tasks: tuple[str, ...], steps: int,
                original_src: Path | None) -> tuple[dict, list[str]]:
-    from longcat_reference.dit_parity import forward_parity, weights_parity
+    from longcat_reference.dit_parity import weights_parity
+    from longcat_reference.forward_parity import forward_parity
 
     if level == "weights":
         report = weights_parity(raw, converted, dtype=dtype)
@@ -96,8 +175,13 @@ def _run_level(raw: Path, converted: Path, level: str, dtype: str | None, thresh
     elif level == "forward":
         dtype = dtype or "float32"
         report = forward_parity(raw, converted, cases=list(cases) or None, dtype=dtype,
-                                thresholds={dtype: threshold} if threshold is not None else None)
-        lines = [f"forward ({report['dtype']}, threshold rel L2 <= {report['threshold']:.0e}):"]
+                                thresholds={dtype: threshold} if threshold is not None else None,
+                                device=forward.device, stream=forward.stream, max_memory=forward.max_memory,
+                                grid=_latent_grid(forward, raw))
+        memory = report["memory"]
+        lines = [f"forward ({report['dtype']}, {report['tokens']} latent tokens per sample, {memory['mode']}: "
+                 f"{memory['reason']})", *_divergence_lines(report),
+                 f"outputs (threshold rel L2 <= {report['threshold']:.0e}):"]
     else:
         from longcat_reference.pipeline.task_parity import TASKS, task_parity
 

@@ -18,6 +18,7 @@ import torch
 from longcat_convert.core import progress
 from longcat_convert.core.dtypes import torch_dtype
 from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.machine import resolve_device
 from longcat_convert.core.quiet import quiet_libraries
 
 from ..bsa import BsaParams
@@ -75,18 +76,6 @@ class Pipeline:
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return torch_dtype(dtype, COMPUTE_DTYPES)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise LongcatError(f"unknown device {device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LongcatError(f"device {device} requested but torch sees no CUDA device", fix="use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise LongcatError(f"device {device} requested but torch sees {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def load_pipeline(tree: str | Path | Tree, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -234,11 +233,3 @@ def _rate(operation: Callable[[], object], flops: float, device: torch.device) -
             elapsed = time.perf_counter() - started
             if elapsed >= PROBE_SECONDS:
                 return flops * repetitions / elapsed
-
-
-def physical_memory() -> int | None:
-    """Bytes of RAM on this machine, when the OS says."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None

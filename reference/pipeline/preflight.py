@@ -19,19 +19,19 @@ import torch
 from PIL import Image
 
 from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.machine import physical_memory, resolve_device
 from longcat_convert.core.text_format import human_bytes
 
 from ..bsa import BsaParams
 from ..loading import Tree, open_tree
 from .buckets import REFINE_SCALE, STAGE1_SCALE, check_size, target_size
-from .components import component_dir, resolve_device, resolve_dtype
+from .components import component_dir, resolve_dtype
 from .estimate import (
     Call,
     Cost,
     Model,
     Rates,
     measure_rates,
-    physical_memory,
     tokens_per_latent_frame,
     total_cost,
 )
