@@ -32,6 +32,7 @@ class ConvertRequest:
     quiet: bool = False
     resume: bool = False
     allow_mixed_dtypes: bool = False
+    link: str = "auto"  # how byte-identical files are placed: auto, reflink, hardlink, copy (see execute)
 
 
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
@@ -86,4 +87,4 @@ def convert(request: ConvertRequest) -> dict:
         tree, plan = _plan(request, src)
         with tree.sources:
             return execute(plan, tree, request.dst, overwrite=request.overwrite, quiet=request.quiet,
-                           resume=request.resume, claim=claim)
+                           resume=request.resume, claim=claim, link=request.link)

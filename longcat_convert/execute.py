@@ -196,6 +196,34 @@ def _counted(chunks: Iterable[bytes], progress: tqdm) -> Iterator[bytes]:
         yield chunk
 
 
+LINK_METHODS = ("auto", "reflink", "hardlink", "copy")
+
+
+def _place_file(files: SourceFiles, source: Path, target: Path, relative: str, progress: tqdm, link: str) -> dict:
+    """Reflink or hardlink `source` to `target` when `link` asks and the file system can, else copy it; either
+    way its bytes are hashed from the source for the manifest. Returns the record's sha256, bytes and how."""
+    method = "reflink" if link == "auto" else link
+    if method in ("reflink", "hardlink"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)
+        if files.share(source, target, method):
+            digest, size = _hashed(files.stream(source), progress, relative)
+            if method == "reflink":
+                os.chmod(target, files.identity(source).mode)
+            return {"sha256": digest, "bytes": size, "how": f"{method}ed"}
+    return {**_copy_file(files, source, target, relative, progress), "how": "copied"}
+
+
+def _hashed(chunks: Iterable[bytes], progress: tqdm, relative: str) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    for chunk in chunks:
+        crash_point(f"hashing {relative}")
+        digest.update(chunk)
+        size += len(chunk)
+        progress.update(len(chunk))
+    return digest.hexdigest(), size
+
+
 def _copy_file(files: SourceFiles, source: Path, target: Path, relative: str, progress: tqdm) -> dict:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.unlink(missing_ok=True)
@@ -289,7 +317,7 @@ def _kept_copy(log: Journal, copy: FileCopy, sources: Sources) -> list[dict] | N
 
 
 def _write_outputs(plan: ConversionPlan, tree: Tree, work: Path, sources: Sources, log: Journal,
-                   progress: tqdm) -> tuple[list[dict], list[dict]]:
+                   progress: tqdm, link: str) -> tuple[list[dict], list[dict]]:
     """Shards and copied files, skipping those an adopted journal proves complete and made from the same source
     bytes."""
     tensors: list[dict] = []
@@ -307,8 +335,8 @@ def _write_outputs(plan: ConversionPlan, tree: Tree, work: Path, sources: Source
     for copy in plan.copies:
         records = _kept_copy(log, copy, sources)
         if records is None:
-            copied = _copy_file(sources.files, tree.root / copy.source, work / copy.target, copy.target, progress)
-            records = [{**copied, "path": copy.target, "source": copy.source, "how": "copied"}]
+            placed = _place_file(sources.files, tree.root / copy.source, work / copy.target, copy.target, progress, link)
+            records = [{**placed, "path": copy.target, "source": copy.source}]
             log.record(copy.target, records, records[0]["sha256"])
         else:
             progress.update(records[0]["bytes"])
@@ -318,13 +346,17 @@ def _write_outputs(plan: ConversionPlan, tree: Tree, work: Path, sources: Source
 
 
 def execute(plan: ConversionPlan, tree: Tree, dst: Path, *, overwrite: bool = False, quiet: bool = False,
-            resume: bool = False, claim: DestinationClaim | None = None) -> dict:
+            resume: bool = False, claim: DestinationClaim | None = None, link: str = "auto") -> dict:
     """Write the converted tree to `dst` atomically; returns the manifest.
 
     Every source byte is read from the files the tree was read from (`tree.sources`); if any of them has
     changed when the output is complete, nothing is committed.
     resume: adopt the partial folder of an interrupted run of the same plan and keep what it proves done.
-    claim: `dst` already claimed by the caller since before planning (else it is claimed here)."""
+    claim: `dst` already claimed by the caller since before planning (else it is claimed here).
+    link: how files carried over unchanged (text encoder, VAE, tokenizer, ...) are placed: auto (a reflink where
+    the file system supports it, else a copy), reflink, hardlink (each falling back to a copy), copy."""
+    if link not in LINK_METHODS:
+        raise LongcatError(f"unknown link method {link!r}; choose one of {', '.join(LINK_METHODS)}")
     sources = Sources(tree)
     _check_drops(plan, sources)
     crash_point("planned")
@@ -334,7 +366,7 @@ def execute(plan: ConversionPlan, tree: Tree, dst: Path, *, overwrite: bool = Fa
     atomic = AtomicDirectory(dst, overwrite=overwrite, adopt=adopt, claim=claim)
     with atomic as work, _progress(plan.tensor_bytes + copy_bytes, quiet) as progress:
         log = (journal.adopt(work, fingerprint) if atomic.adopted else None) or journal.start(work, fingerprint)
-        tensors, files = _write_outputs(plan, tree, work, sources, log, progress)
+        tensors, files = _write_outputs(plan, tree, work, sources, log, progress, link)
         for relative, content in plan.json_files.items():
             files.append({**_write_text(work / relative, json.dumps(content, indent=2) + "\n"), "path": relative,
                           "how": "written"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -10,6 +11,7 @@ import click
 from ..conversion import ConvertRequest, convert, prepare
 from ..core import progress
 from ..core.text_format import census_lines, human_bytes
+from ..execute import LINK_METHODS
 from ..hub import looks_like_repo_id
 from ..plan import ConversionPlan
 from .common import dtype_option, echo_json, json_option, quiet_option, report_option
@@ -62,13 +64,20 @@ def _plan_lines(plan: ConversionPlan) -> list[str]:
 @click.option("--follow-symlinks", is_flag=True, help="Accept symlinks in SRC that point outside it.")
 @click.option("--allow-mixed-dtypes", is_flag=True,
               help="Accept a source whose components mix dtypes (as `validate --allow-mixed-dtypes` does).")
+@click.option("--link", type=click.Choice(LINK_METHODS), default="auto", show_default=True,
+              help="How files carried over byte for byte (text encoder, VAE, tokenizer, scheduler...) are placed. "
+                   "auto: a reflink (copy-on-write clone, ~0 s, either tree can later change alone) where the file "
+                   "system supports it (btrfs, XFS, ...), else a copy. reflink: the same. hardlink: a second name "
+                   "for the same file, ~0 s, only on one file system -- CAVEAT: the two trees then share those "
+                   "files, so editing one in place edits the other. copy: always copy. Whatever cannot be linked is "
+                   "copied; every file is hashed into conversion.json either way.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (outputs, shards, dtypes, memory, disk); write nothing.")
 @report_option("the manifest (with --dry-run: the plan)")
 @json_option("the manifest (with --dry-run: the plan)")
 @quiet_option("Also no summary.")
 def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[str, ...], max_shard_size: str,
                     lora_alpha_fix: str, overwrite: bool, resume: bool, follow_symlinks: bool, allow_mixed_dtypes: bool,
-                    dry_run: bool, report_path: Path | None, as_json: bool, quiet: bool) -> None:
+                    link: str, dry_run: bool, report_path: Path | None, as_json: bool, quiet: bool) -> None:
     """Convert the LongCat-Video tree SRC into a new tree DST in another layout.
 
     SRC must pass `longcat-convert validate` (the same checks run first; the first errors are shown),
@@ -100,7 +109,7 @@ def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[s
     request = ConvertRequest(src=src, dst=dst, to=to, dtype=dtype,
                              keep_fp32=keep_fp32, max_shard_size=max_shard_size, lora_alpha_fix=lora_alpha_fix,
                              overwrite=overwrite, follow_symlinks=follow_symlinks, quiet=quiet, resume=resume,
-                             allow_mixed_dtypes=allow_mixed_dtypes)
+                             allow_mixed_dtypes=allow_mixed_dtypes, link=link)
     if dry_run:
         _, plan = prepare(request)
         document = {"dry_run": True, "plan": plan.to_json()}
@@ -126,8 +135,10 @@ def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[s
 
 def _summary_lines(manifest: dict, dst: Path, elapsed: float) -> list[str]:
     tensor_bytes = sum(v["bytes"] for v in manifest["census"]["after"].values())
+    placed = Counter(entry["how"] for entry in manifest["files"] if entry["how"] != "written")
     lines = [f"converted {manifest['source']['layout']} -> {manifest['target']['layout']}: {dst}",
-             f"  {len(manifest['tensors'])} tensors, {len(manifest['files'])} other files, "
+             f"  {len(manifest['tensors'])} tensors, {len(manifest['files'])} other files "
+             f"({', '.join(f'{count} {how}' for how, count in sorted(placed.items())) or 'none carried over'}), "
              f"{human_bytes(tensor_bytes)} of tensors in {elapsed:.1f} s",
              "  dtype census (before -> after):"]
     lines += census_lines(manifest["census"]["before"], manifest["census"]["after"])

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
+from ..core import progress
+from ..core.errors import LongcatError
 from ..tiny_tree import LORA_TARGET_SETS, build_tiny_tree
-from .common import dtype_option
+from .common import dtype_option, quiet_option
 
 
 @click.command("tiny")
@@ -15,12 +17,19 @@ from .common import dtype_option
 @click.option("--seed", default=0, show_default=True, help="Seed for every random value (same seed, same bytes).")
 @dtype_option(("float32", "bfloat16"), "dtype of the DiT, LoRAs, text encoder and VAE weights.", "float32")
 @click.option("--depth", default=2, show_default=True, help="Number of DiT blocks (the published model has 48).")
-@click.option("--hidden", default=128, show_default=True, help="DiT hidden size, a multiple of 64 (published: 4096).")
+@click.option("--hidden", type=int, help="DiT hidden size, a multiple of 64 (default 128; published: 4096).")
+@click.option("--full-size", is_flag=True,
+              help="The DiT at the published shapes (hidden 4096, 32 heads, caption 4096, adaLN 512; --depth blocks) "
+                   "in 10 GB shards with an index, and both LoRAs at rank 128, random values written one tensor at a "
+                   "time; text encoder, tokenizer, VAE, scheduler stay tiny. Depth 48 is the real model: ~27 GB "
+                   "bfloat16 + 2.9 GB LoRAs (float32: twice that). Free space is checked first.")
 @click.option("--lora-targets", type=click.Choice(LORA_TARGET_SETS), default="published", show_default=True,
               help="published: the modules the released adapters target; extended: also cross_attn.proj in "
                    "the refinement adapter; all: every Linear, embedders included.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
-def tiny_command(dst: Path, seed: int, dtype: str, depth: int, hidden: int, lora_targets: str, overwrite: bool) -> None:
+@quiet_option()
+def tiny_command(dst: Path, seed: int, dtype: str, depth: int, hidden: int | None, full_size: bool, lora_targets: str,
+                 overwrite: bool, quiet: bool) -> None:
     """Write a complete raw LongCat-Video tree at DST, tiny but shaped exactly like the published one.
 
     \b
@@ -36,7 +45,13 @@ def tiny_command(dst: Path, seed: int, dtype: str, depth: int, hidden: int, lora
       longcat-convert tiny /tmp/raw            # fp32, the published LoRA targets
       longcat-convert tiny /tmp/raw16 --dtype bfloat16 --seed 3
       longcat-convert tiny /tmp/deep --depth 4 --hidden 256 --lora-targets all
+      longcat-convert tiny /big/full --full-size --depth 48 --dtype bfloat16
     """
-    path = build_tiny_tree(dst, seed=seed, dtype=dtype, depth=depth, hidden=hidden,
-                           lora_targets=lora_targets, overwrite=overwrite)
-    click.echo(f"wrote a tiny raw LongCat-Video tree to {path} (depth {depth}, hidden {hidden}, {dtype}, seed {seed})")
+    if full_size and hidden is not None:
+        raise LongcatError("--hidden and --full-size do not go together: full size means hidden 4096")
+    with progress.reporting(progress.wanted(quiet)):
+        path = build_tiny_tree(dst, seed=seed, dtype=dtype, depth=depth, hidden=hidden or 128,
+                               lora_targets=lora_targets, overwrite=overwrite, full_size=full_size)
+    what = "full-size (synthetic)" if full_size else "tiny"
+    click.echo(f"wrote a {what} raw LongCat-Video tree to {path} (depth {depth}, hidden {4096 if full_size else hidden or 128}, "
+               f"{dtype}, seed {seed})")

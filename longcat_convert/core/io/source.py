@@ -18,6 +18,8 @@ has moved on: a write after we opened it then always shows.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import time
@@ -153,6 +155,35 @@ class SourceFiles:
         if before != identity:
             raise source_changed(path, before.change_to(identity) or "its mode changed")
 
+    def share(self, path: str | Path, target: Path, method: str) -> bool:
+        """Make the new file `target` share `path`'s bytes without copying them: "reflink" clones the extents of
+        the descriptor opened here (copy-on-write: either side can change later without affecting the other);
+        "hardlink" gives that very inode a second name (checked to be the inode opened). False, with nothing
+        left at `target`, when the file system cannot; the caller then copies. The bytes are still to be hashed
+        with `stream`, which also proves the file unchanged."""
+        path = Path(path)
+        fd, identity = _open(path)
+        try:
+            known = self._held[path].identity if path in self._held else self._streamed.get(path)
+            if known is not None and known != identity:
+                raise source_changed(path, known.change_to(identity) or "its mode changed")
+            shared = _reflink(fd, target) if method == "reflink" else _hardlink(path, identity, target)
+            if shared and method == "hardlink":  # a new link moves the inode's ctime, and only that
+                identity = self._relinked(path, fd, identity)
+        finally:
+            os.close(fd)
+        self._streamed[path] = identity
+        return shared
+
+    def _relinked(self, path: Path, fd: int, before: FileIdentity) -> FileIdentity:
+        after = _settled_identity(fd, path)
+        if (after.device, after.inode, after.size, after.mtime_ns, after.mode) != (
+                before.device, before.inode, before.size, before.mtime_ns, before.mode):
+            raise source_changed(path, before.change_to(after) or "its mode changed")
+        if path in self._held:
+            self._held[path].identity = after
+        return after
+
     def identity(self, path: str | Path) -> FileIdentity:
         """The identity a file had when it was opened (held or streamed)."""
         path = Path(path)
@@ -202,6 +233,39 @@ class DirectFiles:
 
 
 FileReader = SourceFiles | DirectFiles  # what headers and small files are read through
+
+
+FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int)
+CANNOT_SHARE = {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EPERM, errno.ENOSYS, errno.EMLINK}
+
+
+def _reflink(source_fd: int, target: Path) -> bool:
+    target_fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fcntl.ioctl(target_fd, FICLONE, source_fd)
+        os.fsync(target_fd)
+        return True
+    except OSError as exc:
+        if exc.errno not in CANNOT_SHARE:
+            raise
+    finally:
+        os.close(target_fd)
+    target.unlink()
+    return False
+
+
+def _hardlink(path: Path, identity: FileIdentity, target: Path) -> bool:
+    try:
+        os.link(path, target)
+    except OSError as exc:
+        if exc.errno in CANNOT_SHARE:
+            return False
+        raise
+    linked = os.stat(target, follow_symlinks=False)
+    if (linked.st_dev, linked.st_ino) != (identity.device, identity.inode):  # the path was swapped meanwhile
+        target.unlink()
+        raise source_changed(path, "the path now names another file")
+    return True
 
 
 def _open(path: Path) -> tuple[int, FileIdentity]:
