@@ -95,7 +95,7 @@ def _dit_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator,
     return values.mul_(scale(key, shape))
 
 
-def _write_shards(folder: Path, prefix: str, planned: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
+def write_sharded(folder: Path, prefix: str, planned: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
                   make: Callable[[str, tuple[int, ...]], torch.Tensor], max_bytes: int) -> None:
     """Write `planned` (name, shape) tensors, each made by `make` only when its turn comes, in shards of at most
     `max_bytes` (plus an index when there are several): memory holds one tensor, whatever the model size."""
@@ -124,7 +124,7 @@ def write_dit(folder: Path, spec: TinySpec) -> dict:
     gen = torch.Generator().manual_seed(spec.seed)
     scale = _full_size_scale if spec.full_size else _tiny_scale
     folder.mkdir(parents=True)
-    _write_shards(folder, keymap.load_map_document()["shard_prefix"], [(r.upstream, r.shape) for r in expanded.params],
+    write_sharded(folder, keymap.load_map_document()["shard_prefix"], [(r.upstream, r.shape) for r in expanded.params],
                   torch_dtype(spec.dtype, TINY_DTYPES), lambda key, shape: _dit_tensor(key, shape, gen, scale),
                   spec.max_shard_bytes)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

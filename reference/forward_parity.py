@@ -11,6 +11,7 @@ what the device has free) unless the caller forces streaming.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +141,9 @@ def plan_memory(raw: Tree, dtype: torch.dtype, device: torch.device, names: list
     budget = max_memory if max_memory is not None else available_memory(device)
     if budget is None or budget <= 0:
         raise LongcatError("cannot tell how much memory is free", fix="pass --max-memory (e.g. 8GB)")
-    return choose_mode(int(WHOLE_MODEL_MARGIN * (whole + lora)), streamed_peak, budget, force_stream)
+    # a FastVideo-format LoRA is merged into copies of the weights it targets: up to the model once more
+    merged = whole if lora else 0
+    return choose_mode(int(WHOLE_MODEL_MARGIN * (whole + merged + lora)), streamed_peak, budget, force_stream)
 
 
 def _adapter_bytes(tree: Tree, name: str, element: int) -> int:
@@ -175,8 +178,9 @@ def forward_parity(raw_tree: str | Path, converted_tree: str | Path, cases: Iter
     report = {"level": "forward", "raw": raw.describe(), "converted": converted.describe(), "dtype": dtype_name,
               "threshold": threshold, "seed": seed, "tokens": inputs.tokens, "memory": memory.to_json()}
     if memory.streamed:
-        outputs, reference, stages = _streamed(raw, converted, names, inputs, compute_dtype, device, threshold)
+        outputs, reference, stages, timing = _streamed(raw, converted, names, inputs, compute_dtype, device, threshold)
         report["stages"] = stages
+        report["timing"] = timing
         report["first_divergence"] = next((stage["stage"] for stage in stages if not stage["passed"]), None)
     else:
         outputs, reference = _whole(raw, converted, names, inputs, compute_dtype, device)
@@ -207,29 +211,36 @@ def _raise_raw_failures(raw: Tree, reference: dict[str, torch.Tensor | str]) -> 
 
 
 def _streamed(raw: Tree, converted: Tree, names: list[str], inputs: ForwardInputs, dtype: torch.dtype,
-              device: torch.device, threshold: float) -> tuple[dict, dict, list[dict]]:
-    raw_stages = stage_outputs(StageWindow(raw, dtype, device), names, inputs)
-    converted_stages = _converted_stages(converted, names, inputs, dtype, device)
+              device: torch.device, threshold: float) -> tuple[dict, dict, list[dict], dict]:
+    """Per-case outputs of both sides, every stage's comparison, and where the time went."""
+    started = time.perf_counter()
+    raw_window = StageWindow(raw, dtype, device)
+    raw_stages = stage_outputs(raw_window, names, inputs)
+    windows = [raw_window]
+    converted_stages = _converted_stages(converted, names, inputs, dtype, device, windows)
     stages: list[dict] = []
     reference: dict = {}
     outputs: dict = {}
-    depth = DiTConfig.from_dict(raw.dit.config, "upstream", str(raw.config_path)).depth
-    for raw_stage in progress.steps(raw_stages, depth + 2, "streamed forward, stage by stage"):
+    for raw_stage in progress.steps(raw_stages, raw_window.config.depth + 2, "streamed forward, stage by stage"):
         if not stages:
             _raise_raw_failures(raw, {k: v for k, v in raw_stage.outputs.items() if isinstance(v, str)})
         other = next(converted_stages)
         stages.append(_stage_result(raw_stage, other, threshold))
         reference, outputs = raw_stage.outputs, other.outputs
-    return outputs, reference, stages
+    wall = time.perf_counter() - started
+    read = sum(window.read_seconds for window in windows)
+    return outputs, reference, stages, {"wall_seconds": wall, "read_seconds": read, "compute_seconds": wall - read}
 
 
 def _converted_stages(converted: Tree, names: list[str], inputs: ForwardInputs, dtype: torch.dtype,
-                      device: torch.device) -> Iterator[Stage]:
+                      device: torch.device, windows: list[StageWindow]) -> Iterator[Stage]:
     """The converted tree's stages; a stage that cannot be read fails every case from there on."""
     failure = None
     walk = None
     try:
-        walk = stage_outputs(StageWindow(converted, dtype, device), names, inputs)
+        window = StageWindow(converted, dtype, device)
+        windows.append(window)
+        walk = stage_outputs(window, names, inputs)
     except LongcatError as exc:
         failure = f"cannot load the converted DiT: {exc.one_line()}"
     while True:

@@ -9,6 +9,7 @@ compare them stage by stage while holding two stages' weights, whatever the dept
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,7 @@ class StageWindow(SlotWeights):
         self._dtype, self._device = dtype, torch.device(device)
         self.loaded: dict[str, torch.Tensor] = {}
         self.loaded_roles: list[str] = []
+        self.read_seconds = 0.0  # spent reading stages (the rest of a walk is compute)
         self.runtime_loras: dict[str, list[RuntimeLora]] = {}
         self.merged_weights: dict[str, torch.Tensor] = {}
 
@@ -106,12 +108,14 @@ class StageWindow(SlotWeights):
     def load(self, stage: str) -> None:
         """Free the previous stage, then read this one's tensors, converted to the compute dtype and device."""
         self.free()
+        started = time.perf_counter()
         self.loaded_roles = [role for role in self.slots if stage_of(role) == stage]
         for role in self.loaded_roles:
             slot = self.slots[role]
             for param in slot.shapes:
                 for key in slot.keys(param):
                     self.loaded[key] = self.tree.tensor(key).to(self._device, self._dtype)
+        self.read_seconds += time.perf_counter() - started
 
     def free(self) -> None:
         clear_loras(self)

@@ -52,7 +52,7 @@ def _both_modes(raw_path: Path, converted_path: Path, dtype: torch.dtype, grid: 
 
 @pytest.mark.parametrize(("raw", "converted", "dtype"), [("raw", "fv", torch.float32), ("raw16", "fv16", torch.bfloat16)])
 def test_streamed_outputs_equal_whole_model_outputs_bit_for_bit(trees, raw, converted, dtype):
-    names, (whole_out, whole_ref), (out, ref, stages) = _both_modes(trees[raw], trees[converted], dtype)
+    names, (whole_out, whole_ref), (out, ref, stages, _) = _both_modes(trees[raw], trees[converted], dtype)
     assert {"plain", "cond", "kvcache"} < set(names) and any(name.startswith("lora:") for name in names)
     for name in names:
         assert torch.equal(whole_ref[name], ref[name]), name
@@ -61,7 +61,7 @@ def test_streamed_outputs_equal_whole_model_outputs_bit_for_bit(trees, raw, conv
 
 
 def test_streamed_equals_whole_on_a_larger_grid(trees):
-    _, (whole_out, _), (out, _, _) = _both_modes(trees["raw"], trees["fv"], torch.float32, LatentGrid(5, 6, 4))
+    _, (whole_out, _), (out, _, _, _) = _both_modes(trees["raw"], trees["fv"], torch.float32, LatentGrid(5, 6, 4))
     assert all(torch.equal(whole_out[name], out[name]) for name in whole_out)
     assert out["plain"].shape[2:] == (5, 6, 4)
 

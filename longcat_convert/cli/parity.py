@@ -146,8 +146,10 @@ def _divergence_lines(report: dict) -> list[str]:
     if stages is None:
         return []
     first = report["first_divergence"]
-    lines = [f"streamed: {len(stages)} stages compared (embedders, {len(stages) - 2} blocks, final layer); "
-             + (f"first divergence: {first}" if first else "no stage diverged")]
+    timing = report["timing"]
+    lines = [f"streamed: {len(stages)} stages compared (embedders, {len(stages) - 2} blocks, final layer) in "
+             f"{timing['wall_seconds']:.1f} s (reading {timing['read_seconds']:.1f} s, compute "
+             f"{timing['compute_seconds']:.1f} s); " + (f"first divergence: {first}" if first else "no stage diverged")]
     for stage in stages:
         if not stage["passed"]:
             case, result = max(stage["cases"].items(), key=lambda item: item[1].get("rel_l2") or math.inf)
