@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import LongcatError
+
+if TYPE_CHECKING:  # core never imports torch when imported (ARCHITECTURE.md)
+    import torch
 
 MEMINFO = Path("/proc/meminfo")
 
@@ -20,9 +22,11 @@ def physical_memory() -> int | None:
         return None
 
 
-def available_memory(device: object = "cpu") -> int | None:
+def available_memory(device: str | torch.device = "cpu") -> int | None:
     """Bytes a new allocation can use now: the device's free memory for CUDA, else the kernel's MemAvailable
     (RAM that can be had without swapping, page cache included), else None when the OS does not say."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
@@ -37,6 +41,8 @@ def available_memory(device: object = "cpu") -> int | None:
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """A device torch can use here, or a one-line error."""
+    import torch
+
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
