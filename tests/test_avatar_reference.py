@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from longcat_reference.avatar import LongcatAvatarDiT, load_avatar_dit, load_avatar_int8
+from longcat_reference.avatar import (
+    AVATAR_CASES,
+    LongcatAvatarDiT,
+    avatar_forward_parity,
+    load_avatar_dit,
+    load_avatar_int8,
+    upstream_slots,
+)
 from longcat_reference.avatar.audio_attention import reference_attention_map, speaker_positions
 from longcat_reference.avatar.audio_proj import audio_tokens, later_frame_windows
 from longcat_reference.avatar.config import AvatarConfig
@@ -328,3 +335,54 @@ def test_raw_folder_round_trip_and_key_set_errors(tmp_path: Path):
     (folder / "config.json").write_text(json.dumps(dict(CONFIG, audio_prenorm=False)))
     with pytest.raises(LongcatError, match="pre_audio_crs_attn_norm"):  # a prenorm checkpoint, a config without
         load_avatar_dit(folder)
+
+
+# ---- forward parity through a name map ---------------------------------------------------------------------
+
+
+def renamed_slots(config: dict, where: str = "config.json"):
+    """A toy naming: audio_proj.* lives under audio_projection.*, every block's audio_cross_attn kv_linear is split
+    into k and v row halves (the shape a FastVideo-style map gives fused projections)."""
+    from dataclasses import replace
+
+    slots = upstream_slots(config, where)
+    for role, slot in slots.items():
+        if role.startswith("audio_proj."):
+            slots[role] = replace(slot, paths=("audio_projection." + role.split(".", 1)[1],))
+        elif role.endswith("audio_cross_attn.kv_linear"):
+            slots[role] = replace(slot, paths=(role[:-9] + "to_k", role[:-9] + "to_v"))
+    return slots
+
+
+def write_folder(folder: Path, state: dict[str, torch.Tensor]) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(CONFIG))
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")
+    return folder
+
+
+def test_forward_parity_through_a_name_map(tmp_path: Path):
+    model = random_model()
+    raw = write_folder(tmp_path / "raw", {k: v.clone() for k, v in model.state_dict().items()})
+    renamed = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("audio_proj."):
+            renamed["audio_projection." + key.split(".", 1)[1]] = value.clone()
+        elif ".audio_cross_attn.kv_linear." in key:
+            k, v = value.chunk(2)
+            renamed[key.replace("kv_linear", "to_k")], renamed[key.replace("kv_linear", "to_v")] = k.clone(), v.clone()
+        else:
+            renamed[key] = value.clone()
+    good = write_folder(tmp_path / "good", renamed)
+    report = avatar_forward_parity(raw, good, renamed_slots)
+    assert report["passed"] and [case["name"] for case in report["cases"]] == list(AVATAR_CASES)
+    assert all(case["rel_l2"] == 0.0 for case in report["cases"])
+    # k and v swapped: what a converter that splits the rows the wrong way round would write
+    for key in [k for k in renamed if ".audio_cross_attn.to_k." in k]:
+        other = key.replace("to_k", "to_v")
+        renamed[key], renamed[other] = renamed[other], renamed[key]
+    bad = write_folder(tmp_path / "bad", renamed)
+    report = avatar_forward_parity(raw, bad, renamed_slots, cases=["at2v"])
+    assert not report["passed"] and report["cases"][0]["rel_l2"] > 1e-3
+    report = avatar_forward_parity(raw, raw, renamed_slots, cases=["at2v"])  # names that the folder does not hold
+    assert not report["passed"] and "audio_projection" in report["cases"][0]["error"]
