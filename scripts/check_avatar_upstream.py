@@ -18,7 +18,10 @@ Cases per variant: at2v (CFG-sized batch of 2, padded text, nc = 0), ai2v (nc = 
 multi2 (two speakers + background masks, nc = 1), multi3 (three audio streams, four masks: background at 100),
 vc (continuation without cache: reference latent placed at ref_img_index, nc = 3, mask_frame_range masking part
 of the noise frames), vc-kv (the same with a KV cache built by upstream's cache call) and multi-vc-kv (two
-speakers, continuation with KV cache). INT8 (v1.5 variant): at2v and multi2 in fp32, at2v in bf16.
+speakers, continuation with KV cache). v1.5 variant also: at2v and multi2 with an upstream-format LoRA on every
+Linear (audio modules included; upstream's load_lora/enable_loras against our runtime LoRA); INT8: at2v and multi2
+in bf16 (the model as upstream's loader returns it) and in fp32 (after `.float()`), and at2v in fp32 with the LoRA
+on top of the quantised Linears.
 
 CPU shims for the upstream side (our own code, installed only in the --upstream process):
 * modules the DiT imports but never calls on its forward path are stubbed when missing: the Triton BSA kernel
@@ -64,6 +67,7 @@ VARIANTS = {
 INT8_VARIANT = "v1.5"
 H = W = 8  # latent size: 4 x 4 tokens per frame
 TEXT = 7
+LORA_RANK, HYPHEN = 4, "___lorahyphen___"
 REF_INDEX, MASK_RANGE = 3, 1  # continuation: ref at RoPE position 3; noise frames 0..2 of 4 do not see it
 
 
@@ -143,6 +147,51 @@ def build_variant(up: dict, name: str, config: dict, work: Path, gen: torch.Gene
     config_path.write_text(json.dumps(saved, indent=2))
     use_standin(model)
     return model
+
+
+def split_count(module_name: str) -> int:
+    """Up blocks of each LoRA target: the row blocks of fused projections and modulations, as upstream splits them."""
+    last = module_name.rsplit(".", 2)
+    if module_name.endswith("attn.qkv"):
+        return 3
+    if module_name.endswith("kv_linear"):
+        return 2
+    if module_name.startswith("final_layer.adaLN"):
+        return 2
+    if last[-2:] == ["adaLN_modulation", "1"]:
+        return 3 if "audio_adaLN" in module_name else 6
+    return 1
+
+
+def make_lora(model, path: Path, gen: torch.Generator) -> None:
+    """An upstream-format adapter on every Linear of the avatar DiT (audio modules, embedders and final layer
+    included), rank LORA_RANK, alpha_scale 0.5."""
+    from safetensors.torch import save_file
+
+    state = {}
+    for name, module in model.named_modules():
+        if module.__class__.__name__ != "Linear":
+            continue
+        encoded = "lora" + HYPHEN + name.replace(".", HYPHEN)
+        n = split_count(name)
+        state[f"{encoded}.lora_down.weight"] = torch.randn(n * LORA_RANK, module.in_features, generator=gen) * 0.05
+        if n == 1:
+            state[f"{encoded}.lora_up.weight"] = torch.randn(module.out_features, LORA_RANK, generator=gen) * 0.05
+        for block in range(n if n > 1 else 0):
+            state[f"{encoded}.lora_up.blocks.{block}.weight"] = torch.randn(module.out_features // n, LORA_RANK,
+                                                                            generator=gen) * 0.05
+        state[f"{encoded}.alpha_scale"] = torch.tensor(0.5)
+    save_file(state, str(path))
+
+
+def run_with_lora(model, path: Path, case: dict) -> torch.Tensor:
+    """Upstream's own adapter runtime: load_lora + enable_loras (the demo's call for dmd_lora), then the case."""
+    model.load_lora(str(path), "dmd", multiplier=1.0, lora_network_dim=LORA_RANK, lora_network_alpha=LORA_RANK / 2)
+    model.enable_loras(["dmd"])
+    try:
+        return run_upstream_case(model, case)
+    finally:
+        model.disable_all_loras()
 
 
 def make_int8(up: dict, model, name: str, work: Path):
@@ -235,6 +284,12 @@ def upstream_main(work: Path, src: Path) -> None:
                 results[f"{name}/{case_name}"] = dict(variant=name, kind="dit", dtype="float32", inputs=case,
                                                       output=run_upstream_case(model, case))
             if name == INT8_VARIANT:
+                lora = work / name / "lora.safetensors"
+                make_lora(model, lora, gen)
+                for case_name in ("at2v", "multi2"):
+                    results[f"{name}/lora/{case_name}"] = dict(
+                        variant=name, kind="dit", dtype="float32", lora=True, inputs=cases[case_name],
+                        output=run_with_lora(model, lora, cases[case_name]))
                 int8 = make_int8(up, model, name, work)
                 for case_name in ("at2v", "multi2"):
                     results[f"{name}/int8-bf16/{case_name}"] = dict(
@@ -245,6 +300,9 @@ def upstream_main(work: Path, src: Path) -> None:
                     results[f"{name}/int8-fp32/{case_name}"] = dict(
                         variant=name, kind="int8", dtype="float32", inputs=cases[case_name],
                         output=run_upstream_case(int8, cases[case_name]))
+                results[f"{name}/int8-fp32/lora/at2v"] = dict(
+                    variant=name, kind="int8", dtype="float32", lora=True, inputs=cases["at2v"],
+                    output=run_with_lora(int8, lora, cases["at2v"]))
     torch.save(results, work / "cases.pt")
 
 
@@ -265,6 +323,7 @@ def replay(model, case: dict, dtype: torch.dtype) -> torch.Tensor:
 
 def compare(work: Path, tol: float, bf16_tol: float) -> bool:
     from longcat_reference.avatar import load_avatar_dit, load_avatar_int8
+    from longcat_reference.lora_layers import clear_loras, enable_runtime_loras, read_upstream_lora
     from longcat_reference.metrics import compare_outputs
 
     results = torch.load(work / "cases.pt", weights_only=True)
@@ -278,7 +337,12 @@ def compare(work: Path, tol: float, bf16_tol: float) -> bool:
                 folder = work / result["variant"] / ("dit" if result["kind"] == "dit" else "int8")
                 loader = load_avatar_dit if result["kind"] == "dit" else load_avatar_int8
                 models[key] = loader(folder, dtype)
-            output = replay(models[key], result["inputs"], dtype)
+            model = models[key]
+            if result.get("lora"):
+                lora = work / result["variant"] / "lora.safetensors"
+                enable_runtime_loras(model, [read_upstream_lora(lora)], 1.0, lora)
+            output = replay(model, result["inputs"], dtype)
+            clear_loras(model)
             metrics = compare_outputs(output, result["output"])
             limit = tol if dtype == torch.float32 else bf16_tol
             ok = metrics["rel_l2"] is not None and metrics["rel_l2"] <= limit
