@@ -294,6 +294,7 @@ def test_int8_folder_computes_with_its_dequantised_weights(tmp_path: Path):
     effective = write_int8_folder(model, tmp_path / "int8")
     int8 = load_avatar_int8(tmp_path / "int8", torch.float32)
     assert "final_layer.linear" not in int8.int8_roles and "audio_proj.proj1" in int8.int8_roles
+    assert len(int8.int8_roles) == 13 * CONFIG["depth"] + 9  # every Linear but final_layer.linear
     reference = LongcatAvatarDiT(CONFIG)
     reference.load_state_dict(effective)
     x = inputs()
@@ -386,3 +387,30 @@ def test_forward_parity_through_a_name_map(tmp_path: Path):
     assert not report["passed"] and report["cases"][0]["rel_l2"] > 1e-3
     report = avatar_forward_parity(raw, raw, renamed_slots, cases=["at2v"])  # names that the folder does not hold
     assert not report["passed"] and "audio_projection" in report["cases"][0]["error"]
+
+
+# ---- published sizes ---------------------------------------------------------------------------------------------
+
+
+def published_v15_config(prenorm: bool) -> dict:
+    return dict(in_channels=16, out_channels=16, hidden_size=4096, depth=48, num_heads=32, caption_channels=4096,
+                mlp_ratio=4, adaln_tembed_dim=512, frequency_embedding_size=256, patch_size=[1, 2, 2],
+                audio_window=5, audio_block=5, audio_channel=1280, intermediate_dim=512, output_dim=768,
+                context_tokens=32, vae_scale=4, audio_prenorm=prenorm, class_range=24, class_interval=4)
+
+
+def test_published_v15_key_set_and_sizes():
+    # figures of the spec (specs/avatar.md §2, §4: upstream's own model counted on the meta device)
+    from math import prod
+
+    from longcat_reference.avatar import expected_shapes
+    from longcat_reference.avatar.int8 import quantized_roles
+
+    slots = upstream_slots(published_v15_config(False))
+    shapes = expected_shapes(slots)
+    assert len(shapes) == 1608 and sum(prod(shape) for shape in shapes.values()) == 15_852_916_800
+    assert shapes["audio_proj.proj1.weight"] == (512, 32000) and shapes["audio_proj.proj1_vf.weight"] == (512, 51200)
+    assert shapes["audio_proj.proj3.weight"] == (24576, 512)
+    assert shapes["blocks.47.audio_cross_attn.kv_linear.weight"] == (8192, 768)
+    assert len(quantized_roles(slots)) == 633
+    assert len(expected_shapes(upstream_slots(published_v15_config(True)))) == 1704
