@@ -414,3 +414,13 @@ def test_published_v15_key_set_and_sizes():
     assert shapes["blocks.47.audio_cross_attn.kv_linear.weight"] == (8192, 768)
     assert len(quantized_roles(slots)) == 633
     assert len(expected_shapes(upstream_slots(published_v15_config(True)))) == 1704
+
+
+@pytest.mark.parametrize("change", [dict(depth=100_000), dict(hidden_size=2**20, num_heads=2**10),
+                                    dict(audio_channel=2**40), dict(context_tokens=0), dict(audio_prenorm="yes")])
+def test_absurd_configs_are_refused_before_allocating(tmp_path: Path, change: dict):
+    folder = write_folder(tmp_path / "dit", {k: v.clone() for k, v in random_model().state_dict().items()})
+    (folder / "config.json").write_text(json.dumps(dict(CONFIG, **change)))
+    with pytest.raises(LongcatError) as error:
+        load_avatar_dit(folder)
+    assert "config.json" in str(error.value.path) or "dit" in str(error.value.path)

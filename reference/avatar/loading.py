@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
+from longcat_convert.core import keymap
 from longcat_convert.core.errors import LongcatError, raise_first_error
 from longcat_convert.core.io import DirectFiles, read_json_object, read_tensor
 from longcat_convert.core.shard_folder import FIXES, FolderRules, ShardFolder, scan_shard_folder
 
 from ..loading import check_key_set
 from .dit import LongcatAvatarDiT
-from .int8 import int8_shapes
+from .int8 import int8_shapes, quantized_roles
 from .params import SlotsFor, expected_shapes, upstream_slots
 
 DIT_PREFIX = "diffusion_pytorch_model"
@@ -46,12 +47,16 @@ def _load(folder: Path, prefix: str, int8: bool, dtype: torch.dtype, device: tor
     config_path = folder / CONFIG
     config = read_json_object(config_path, fix="restore the config.json that came with the weights")
     scan = _scan(folder, prefix)
-    model = LongcatAvatarDiT(config, dtype, device, str(config_path), slots_for, int8=int8, naming=naming)
-    expected = expected_shapes({r: s for r, s in model.slots.items() if r not in model.int8_roles})
-    for role in model.int8_roles:
-        expected.update(int8_shapes(model.slots[role]))
     found = {key: info.shape for key, (_, info) in scan.located.items()}
+    # bounds and key set before anything is allocated: an absurd config is refused in constant time
+    keymap.check_fits(config, naming, str(config_path), len(found), sum(i.numel for _, i in scan.located.values()))
+    slots = slots_for(config, str(config_path))
+    quantized = quantized_roles(slots) if int8 else frozenset()
+    expected = expected_shapes({role: slot for role, slot in slots.items() if role not in quantized})
+    for role in quantized:
+        expected.update(int8_shapes(slots[role]))
     check_key_set(found, expected, folder, "avatar DiT weights")
+    model = LongcatAvatarDiT(config, dtype, device, str(config_path), lambda *_: slots, int8=int8, naming=naming)
     _check_int8_dtypes(scan, model, folder)
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     buffers = dict(model.named_buffers())
