@@ -21,7 +21,8 @@ of the noise frames), vc-kv (the same with a KV cache built by upstream's cache 
 speakers, continuation with KV cache). v1.5 variant also: at2v and multi2 with an upstream-format LoRA on every
 Linear (audio modules included; upstream's load_lora/enable_loras against our runtime LoRA); INT8: at2v and multi2
 in bf16 (the model as upstream's loader returns it) and in fp32 (after `.float()`), and at2v in fp32 with the LoRA
-on top of the quantised Linears.
+on top of the quantised Linears. Also (bounded by --bf16-tol) our v1.5 model run in bf16 against upstream's fp32
+outputs: upstream's bf16 GPU semantics (CUDA-only autocast islands) cannot run on the CPU.
 
 CPU shims for the upstream side (our own code, installed only in the --upstream process):
 * modules the DiT imports but never calls on its forward path are stubbed when missing: the Triton BSA kernel
@@ -327,6 +328,9 @@ def compare(work: Path, tol: float, bf16_tol: float) -> bool:
     from longcat_reference.metrics import compare_outputs
 
     results = torch.load(work / "cases.pt", weights_only=True)
+    for name in [n for n in results if n.split("/", 1)[0] == INT8_VARIANT and n.count("/") == 1]:
+        # our bf16 model (the published dtype, GPU semantics) against upstream's fp32 output: a bound, not parity
+        results[name.replace("/", "/ours-bf16/")] = dict(results[name], dtype="bfloat16")
     models: dict = {}
     passed = True
     with torch.no_grad():
