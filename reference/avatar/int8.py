@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from longcat_convert.core.errors import LongcatError
+
 from ..layout import Slot, _container
 
 SKIP_SUBSTRING = "final_layer.linear"
@@ -28,7 +30,7 @@ def quantized_roles(slots: dict[str, Slot]) -> frozenset[str]:
 
 def int8_shapes(slot: Slot) -> dict[str, tuple[int, ...]]:
     """State-dict key -> shape of one quantised Linear's buffers."""
-    (path,) = slot.paths
+    path = _single_path(slot)
     out_features = slot.shapes["weight"][0]
     shapes = {f"{path}.weight_int8": slot.shapes["weight"], f"{path}.weight_scale": (out_features,)}
     if "bias" in slot.shapes:
@@ -37,8 +39,7 @@ def int8_shapes(slot: Slot) -> dict[str, tuple[int, ...]]:
 
 
 def attach_int8_buffers(root: nn.Module, slot: Slot, device: torch.device | str) -> None:
-    (path,) = slot.paths
-    holder = _container(root, path)
+    holder = _container(root, _single_path(slot))
     for key, shape in int8_shapes(slot).items():
         part = key.rsplit(".", 1)[1]
         holder.register_buffer(part, torch.empty(shape, dtype=INT8_DTYPES[part], device=device))
@@ -47,3 +48,10 @@ def attach_int8_buffers(root: nn.Module, slot: Slot, device: torch.device | str)
 def dequantize(weight_int8: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """τ(q) · τ(s) per row, computed in τ = `dtype`."""
     return weight_int8.to(dtype) * weight_scale.to(dtype).unsqueeze(1)
+
+
+def _single_path(slot: Slot) -> str:
+    if len(slot.paths) != 1:
+        raise LongcatError(f"{slot.role} is split into {len(slot.paths)} tensors in this naming; upstream's INT8 format "
+                           "stores one weight_int8/weight_scale per Linear")
+    return slot.paths[0]
