@@ -81,15 +81,25 @@ def dit_block(w: Weights, index: int, x: torch.Tensor, inputs: BlockInputs, cach
     else:
         attn_out, entry = self_attention_cached(w, prefix, attn_in, inputs.grid, inputs.heads, cache, inputs.bsa), None
     x = gated_add(x, gate1, attn_out, frames)
-
     if inputs.text is not None:
-        cond_tokens = 0 if cache is not None else inputs.num_cond_latents * (x.shape[1] // frames)
-        normed = layer_norm_fp32(x, w.tensor(prefix + "pre_crs_attn_norm", "weight"),
-                                 w.tensor(prefix + "pre_crs_attn_norm", "bias"))
-        x = x + cross_attention(w, prefix, normed, inputs.text, inputs.key_mask, inputs.heads, cond_tokens)
+        x = text_cross_attention_step(w, prefix, x, inputs, cached=cache is not None)
+    return ffn_step(w, prefix, x, (shift2, scale2, gate2), frames), entry
 
-    x = gated_add(x, gate2, swiglu(w, prefix, modulate(x, shift2, scale2, frames)), frames)
-    return x, entry
+
+def text_cross_attention_step(w: Weights, prefix: str, x: torch.Tensor, inputs: BlockInputs, cached: bool
+                              ) -> torch.Tensor:
+    """x + CrossAttn(LN_affine(x), text); conditioning tokens (none on the cached path) get no update."""
+    cond_tokens = 0 if cached else inputs.num_cond_latents * (x.shape[1] // inputs.grid[0])
+    normed = layer_norm_fp32(x, w.tensor(prefix + "pre_crs_attn_norm", "weight"),
+                             w.tensor(prefix + "pre_crs_attn_norm", "bias"))
+    return x + cross_attention(w, prefix, normed, inputs.text, inputs.key_mask, inputs.heads, cond_tokens)
+
+
+def ffn_step(w: Weights, prefix: str, x: torch.Tensor, modulation: tuple[torch.Tensor, ...], frames: int
+             ) -> torch.Tensor:
+    """x + gate·SwiGLU(LN(x)·(1+scale)+shift), modulation = (shift, scale, gate)."""
+    shift, scale, gate = modulation
+    return gated_add(x, gate, swiglu(w, prefix, modulate(x, shift, scale, frames)), frames)
 
 
 def final_layer(w: Weights, x: torch.Tensor, t_emb: torch.Tensor, frames: int) -> torch.Tensor:

@@ -42,14 +42,19 @@ class KVCache:
 
 class LongcatDiT(nn.Module, SlotWeights):
     def __init__(self, config: dict, naming: str = "upstream", dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", where: str = "config.json"):
-        """Parameters are allocated uninitialised: fill them with `loading.load_dit` or `load_state_dict`."""
+                 device: torch.device | str = "cpu", where: str = "config.json",
+                 slots: dict[str, Slot] | None = None):
+        """Parameters are allocated uninitialised: fill them with `loading.load_dit` or `load_state_dict`.
+
+        slots: where each role's tensors live; by default the project key map's for `naming` (a model family
+        with more modules, such as the avatar DiT, passes its own)."""
         super().__init__()
         if naming not in keymap.NAMINGS:
             raise LongcatError(f"unknown naming {naming!r}; choose one of {', '.join(keymap.NAMINGS)}")
         self.naming = naming
         self.config = DiTConfig.from_dict(config, naming, where)
-        self.slots: dict[str, Slot] = build_slots(keymap.expand(config, naming, where), naming)
+        self.slots: dict[str, Slot] = (build_slots(keymap.expand(config, naming, where), naming) if slots is None
+                                       else slots)
         attach_parameters(self, self.slots, dtype, device)
         self.runtime_loras: dict[str, list[RuntimeLora]] = {}  # see SlotWeights
         self.merged_weights: dict[str, torch.Tensor] = {}

@@ -27,16 +27,27 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
 
 def axis_angles(length: int, width: int) -> torch.Tensor:
     """[length, width] angles for positions 0..length-1, each frequency repeated for its channel pair."""
+    return position_angles(torch.arange(length, dtype=torch.float32), width)
+
+
+def position_angles(positions: torch.Tensor, width: int) -> torch.Tensor:
+    """[..., width] fp32 angles for arbitrary (possibly fractional) positions [...]."""
     inverse = 1.0 / (BASE ** (torch.arange(0, width, 2).float() / width))
-    angles = torch.arange(length, dtype=torch.float32)[:, None] * inverse[None, :]
+    angles = positions.float()[..., None] * inverse.to(positions.device)
     return angles.repeat_interleave(2, dim=-1)
 
 
 @lru_cache(maxsize=32)
 def _grid_angles(grid: Grid, head_dim: int) -> torch.Tensor:
+    return frame_grid_angles(tuple(float(t) for t in range(grid[0])), grid[1], grid[2], head_dim)
+
+
+def frame_grid_angles(frame_positions: tuple[float, ...], height: int, width: int, head_dim: int) -> torch.Tensor:
+    """[T·H·W, head_dim] fp32 angles for a grid whose latent frames sit at the given temporal positions."""
     widths = rope_split(head_dim)
-    frames, height, width = grid
-    parts = [axis_angles(n, w) for n, w in zip(grid, widths, strict=True)]
+    frames = len(frame_positions)
+    parts = [position_angles(torch.tensor(frame_positions, dtype=torch.float32), widths[0]),
+             axis_angles(height, widths[1]), axis_angles(width, widths[2])]
     return torch.cat([
         parts[0][:, None, None, :].expand(frames, height, width, -1),
         parts[1][None, :, None, :].expand(frames, height, width, -1),
