@@ -52,16 +52,21 @@ class LongcatDiT(nn.Module):
         if naming not in keymap.NAMINGS:
             raise LongcatError(f"unknown naming {naming!r}; choose one of {', '.join(keymap.NAMINGS)}")
         self.naming = naming
-        self.config = DiTConfig.from_dict(config, naming, where)
+        self.arch = DiTConfig.from_dict(config, naming, where)
         self.slots: dict[str, Slot] = build_slots(keymap.expand(config, naming, where), naming)
         attach_parameters(self, self.slots, dtype, device)
         self.runtime_loras: dict[str, list[RuntimeLora]] = {}
         self.merged_weights: dict[str, torch.Tensor] = {}
         self.bsa: BsaParams | None = None
-        if self.config.enable_bsa:
+        if self.arch.enable_bsa:
             self.enable_bsa()
 
     # ---- parameter access by role -------------------------------------------------------------------
+
+    @property
+    def config(self) -> DiTConfig:
+        """The hyper-parameters (`arch`); the diffusers model class replaces this with its config dict."""
+        return self.arch
 
     @property
     def dtype(self) -> torch.dtype:
@@ -93,7 +98,7 @@ class LongcatDiT(nn.Module):
 
     def enable_bsa(self, params: BsaParams | None = None) -> None:
         """Switch BSA on for self-attention, with `params` or the config's `bsa_params` (else the defaults)."""
-        self.bsa = params or self.config.bsa_params or BsaParams()
+        self.bsa = params or self.arch.bsa_params or BsaParams()
 
     def disable_bsa(self) -> None:
         self.bsa = None
@@ -115,14 +120,14 @@ class LongcatDiT(nn.Module):
             num_cond_latents = self._check_cache(kv_cache, grid, num_cond_latents)
         elif not 0 <= num_cond_latents <= grid[0]:
             raise LongcatError(f"num_cond_latents {num_cond_latents} is outside 0..{grid[0]}")
-        x = patch_embed(self, hidden_states.to(self.device, self.dtype), self.config.patch_size)
+        x = patch_embed(self, hidden_states.to(self.device, self.dtype), self.arch.patch_size)
         t_emb = timestep_embedding(self, self._frame_timesteps(timestep, batch, grid[0]),
-                                   self.config.frequency_embedding_size)
+                                   self.arch.frequency_embedding_size)
         text, key_mask = caption_embedding(self, self._text(encoder_hidden_states, batch),
-                                           _on(encoder_attention_mask, self.device), self.config.text_tokens_zero_pad)
-        inputs = BlockInputs(text, key_mask, t_emb, grid, self.config.num_heads,
+                                           _on(encoder_attention_mask, self.device), self.arch.text_tokens_zero_pad)
+        inputs = BlockInputs(text, key_mask, t_emb, grid, self.arch.num_heads,
                              0 if kv_cache is not None else num_cond_latents, self.bsa)
-        for index in range(self.config.depth):
+        for index in range(self.arch.depth):
             x, _ = dit_block(self, index, x, inputs, None if kv_cache is None else kv_cache.layers[index])
         return self._unpatchify(final_layer(self, x, t_emb, grid[0]), grid).float()
 
@@ -130,12 +135,12 @@ class LongcatDiT(nn.Module):
         """Run the conditioning latents alone (t = 0, no cross-attention) and keep every block's k/v."""
         grid = self._grid(cond_latents)
         batch = cond_latents.shape[0]
-        x = patch_embed(self, cond_latents.to(self.device, self.dtype), self.config.patch_size)
+        x = patch_embed(self, cond_latents.to(self.device, self.dtype), self.arch.patch_size)
         t_emb = timestep_embedding(self, torch.zeros(batch, grid[0], device=self.device),
-                                   self.config.frequency_embedding_size)
-        inputs = BlockInputs(None, None, t_emb, grid, self.config.num_heads, 0, self.bsa)
+                                   self.arch.frequency_embedding_size)
+        inputs = BlockInputs(None, None, t_emb, grid, self.arch.num_heads, 0, self.bsa)
         layers = []
-        for index in range(self.config.depth):
+        for index in range(self.arch.depth):
             x, entry = dit_block(self, index, x, inputs)
             layers.append(LayerCache(entry.keys.contiguous(), entry.values.contiguous()))
         return KVCache(grid[0], grid, tuple(layers))
@@ -143,12 +148,12 @@ class LongcatDiT(nn.Module):
     # ---- helpers ------------------------------------------------------------------------------------
 
     def _grid(self, latents: torch.Tensor) -> Grid:
-        if latents.ndim != 5 or latents.shape[1] != self.config.in_channels:
-            raise LongcatError(f"latents must be [B, {self.config.in_channels}, T, H, W], got {list(latents.shape)}")
+        if latents.ndim != 5 or latents.shape[1] != self.arch.in_channels:
+            raise LongcatError(f"latents must be [B, {self.arch.in_channels}, T, H, W], got {list(latents.shape)}")
         sizes = latents.shape[2:]
-        if any(size % step for size, step in zip(sizes, self.config.patch_size, strict=True)):
-            raise LongcatError(f"latent size {list(sizes)} is not divisible by patch {list(self.config.patch_size)}")
-        return tuple(size // step for size, step in zip(sizes, self.config.patch_size, strict=True))
+        if any(size % step for size, step in zip(sizes, self.arch.patch_size, strict=True)):
+            raise LongcatError(f"latent size {list(sizes)} is not divisible by patch {list(self.arch.patch_size)}")
+        return tuple(size // step for size, step in zip(sizes, self.arch.patch_size, strict=True))
 
     def _frame_timesteps(self, timestep: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
         timestep = torch.as_tensor(timestep, device=self.device)
@@ -162,14 +167,14 @@ class LongcatDiT(nn.Module):
     def _text(self, text: torch.Tensor, batch: int) -> torch.Tensor:
         if text.ndim == 4 and text.shape[1] == 1:
             text = text[:, 0]
-        if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != self.config.caption_channels:
-            raise LongcatError(f"encoder_hidden_states must be [{batch}, 1, L, {self.config.caption_channels}], "
+        if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != self.arch.caption_channels:
+            raise LongcatError(f"encoder_hidden_states must be [{batch}, 1, L, {self.arch.caption_channels}], "
                                f"got {list(text.shape)}")
         return text.to(self.device, self.dtype)
 
     def _check_cache(self, cache: KVCache, grid: Grid, num_cond_latents: int) -> int:
-        if len(cache.layers) != self.config.depth:
-            raise LongcatError(f"KV cache has {len(cache.layers)} layers, the model {self.config.depth}")
+        if len(cache.layers) != self.arch.depth:
+            raise LongcatError(f"KV cache has {len(cache.layers)} layers, the model {self.arch.depth}")
         if cache.grid[1:] != grid[1:]:
             raise LongcatError(f"KV cache grid {list(cache.grid)} does not match latent grid {list(grid)}")
         if num_cond_latents not in (0, cache.num_latents):
@@ -179,7 +184,7 @@ class LongcatDiT(nn.Module):
     def _unpatchify(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         """[B, N, (pt ph pw C)] -> [B, C, T·pt, H·ph, W·pw]."""
         batch = x.shape[0]
-        (pt, ph, pw), channels = self.config.patch_size, self.config.out_channels
+        (pt, ph, pw), channels = self.arch.patch_size, self.arch.out_channels
         x = x.view(batch, *grid, pt, ph, pw, channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(batch, channels, grid[0] * pt, grid[1] * ph, grid[2] * pw)
 
