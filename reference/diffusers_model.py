@@ -20,6 +20,7 @@ from longcat_convert.core import keymap
 from longcat_convert.core.errors import LongcatError
 
 from .dit import LongcatDiT
+from .loading import Tree, expand_checked, fill_dit, open_tree
 
 SHOW = 5  # names listed in a key-mismatch error before "..."
 
@@ -65,9 +66,22 @@ class LongCatVideoTransformer3DModel(ModelMixin, LongcatDiT, ConfigMixin):
                                pretrained_model_name_or_path, "convert the checkpoint with longcat-convert convert")
         return (model, info) if wants_info else model
 
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every state-dict key of this configuration with its shape, from the project's key map."""
-        return keymap.expand(dict(self.config), "upstream", "config").expected_shapes("upstream")
+    @classmethod
+    def from_tree(cls, root: str | os.PathLike | Tree, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> LongCatVideoTransformer3DModel:
+        """The DiT of a checkpoint tree of any layout: raw `dit/`, diffusers `transformer/`, or FastVideo's
+        `transformer/` (its split projections joined through the project's key map), read by the reader `convert`
+        uses and checked as strictly. `save_pretrained` then writes it in the diffusers layout's form."""
+        tree = root if isinstance(root, Tree) else open_tree(root)
+        expand_checked(tree)  # before anything is allocated for what the config says
+        config = keymap.convert_config(tree.dit.config, tree.naming, "upstream", str(tree.config_path))
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = cls.from_config(config)
+        finally:
+            torch.set_default_dtype(previous)
+        return fill_dit(model.to(device), tree)
 
 
 # diffusers records a component as (top-level package, class) when the package is not one it knows; the

@@ -220,6 +220,21 @@ def test_a_sharded_transformer_loads_through_diffusers(tiny_raw, tmp_path):
     assert sorted(state) == sorted(reference) and all(torch.equal(state[k], reference[k]) for k in state)
 
 
+def test_from_tree_reads_the_raw_and_the_fastvideo_dit(tiny_raw, tmp_path):
+    fastvideo = tmp_path / "fv"
+    convert(ConvertRequest(src=tiny_raw, dst=fastvideo, to="fastvideo", quiet=True))
+    reference = load_dit(tiny_raw).state_dict()
+    for root in (tiny_raw, fastvideo):
+        model = LongCatVideoTransformer3DModel.from_tree(root, dtype=torch.bfloat16)
+        state = model.state_dict()
+        assert model.dtype == torch.bfloat16 and torch.get_default_dtype() == torch.float32
+        assert sorted(state) == sorted(reference)
+        assert all(torch.equal(state[k], reference[k].to(torch.bfloat16)) for k in state), root
+    (fastvideo / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(LongcatError):
+        LongCatVideoTransformer3DModel.from_tree(fastvideo)
+
+
 def _findings(tree: Path, index: dict) -> list[tuple[str, str]]:
     (tree / "model_index.json").write_text(json.dumps(index))
     report = validate_tree(tree)
