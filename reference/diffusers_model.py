@@ -15,11 +15,12 @@ import os
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from longcat_convert.core import keymap
 from longcat_convert.core.errors import LongcatError
 
-from .dit import LongcatDiT
+from .dit import KVCache, LongcatDiT
 from .loading import Tree, expand_checked, fill_dit, open_tree
 
 SHOW = 5  # names listed in a key-mismatch error before "..."
@@ -51,6 +52,12 @@ class LongCatVideoTransformer3DModel(ModelMixin, LongcatDiT, ConfigMixin):
         # diffusers' from_pretrained(torch_dtype=...) builds the model under that default dtype
         LongcatDiT.__init__(self, config, "upstream", dtype=torch.get_default_dtype(),
                             where=f"{self.__class__.__name__} config")
+
+    @apply_forward_hook
+    def build_kv_cache(self, cond_latents: torch.Tensor) -> KVCache:
+        """LongcatDiT's, behind diffusers' forward hook: with model CPU offload the weights reach the execution
+        device for this call as they do for `forward` (as diffusers' VAEs do for encode/decode)."""
+        return LongcatDiT.build_kv_cache(self, cond_latents)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, **kwargs):

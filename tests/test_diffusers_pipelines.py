@@ -22,7 +22,7 @@ from longcat_reference import (
     load_dit,
 )
 from longcat_reference.metrics import compare_outputs
-from longcat_reference.pipeline import load_pipeline
+from longcat_reference.pipeline import RandomStreams, load_pipeline, text_to_video
 from longcat_reference.pipeline.dispatch import bsa_setting, run_task
 from longcat_reference.pipeline.preflight import cond_frames, long_steps, plan_run, refine_steps
 from longcat_reference.pipeline.task_parity import TASKS, TaskSizes, synthetic_inputs, task_request
@@ -129,6 +129,19 @@ def _t2v(pipe, **kwargs):
     call = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2, "max_sequence_length": 16,
             "generator": _generator()}
     return pipe("a red ball", **{**call, **kwargs})
+
+
+def test_bfloat16_pipeline_equals_a_bfloat16_run(tree):
+    """diffusers loads every component in bf16 (transformers would keep umT5's `wo` in fp32 for float16 only);
+    the result is what load_pipeline(tree, "bfloat16") computes."""
+    half = LongCatVideoPipeline.from_pretrained(tree, dtype=torch.bfloat16)
+    half.set_progress_bar_config(disable=True)
+    assert {p.dtype for p in half.text_encoder.parameters()} == {torch.bfloat16} == {half.transformer.dtype}
+    rng = RandomStreams.from_seed(SEED)
+    want = text_to_video(load_pipeline(tree, "bfloat16"), "a red ball", rng, height=32, width=32, num_frames=5,
+                         steps=2, max_sequence_length=16)
+    got = _t2v(half, output_type="latent").frames
+    assert torch.equal(got, want.latents)
 
 
 def test_output_types_follow_diffusers_conventions(pipe):
