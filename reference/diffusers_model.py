@@ -33,7 +33,6 @@ class LongCatVideoTransformer3DModel(ModelMixin, LongcatDiT, ConfigMixin):
     # module's children), while `config` is diffusers' dict, not LongcatDiT's hyper-parameters (`arch`)
     config = ConfigMixin.config
     config_name = "config.json"
-    _no_split_modules = ["blocks"]
 
     @register_to_config
     def __init__(self, in_channels: int = 16, out_channels: int = 16, hidden_size: int = 4096, depth: int = 48,
