@@ -334,6 +334,14 @@ def test_model_cpu_offload_computes_the_same(tree, pipe):
         assert tuple(got.shape) == tuple(want.shape) and torch.isfinite(got).all()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="these loading options need accelerate")
+def test_low_cpu_mem_usage_and_a_device_map_load_the_same_weights(tree):
+    reference = load_dit(tree).state_dict()
+    for options in ({"low_cpu_mem_usage": True}, {"device_map": "cpu"}):
+        state = LongCatVideoTransformer3DModel.from_pretrained(tree, subfolder="transformer", **options).state_dict()
+        assert all(torch.equal(state[k], reference[k]) for k in reference), options
+
+
 @pytest.mark.skipif(importlib.util.find_spec("imageio") is None and importlib.util.find_spec("cv2") is None,
                     reason="diffusers' export_to_video needs imageio or opencv")
 def test_export_to_video_takes_the_output(pipe, tmp_path):
