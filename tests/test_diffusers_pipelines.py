@@ -22,7 +22,7 @@ from longcat_reference import (
     load_dit,
 )
 from longcat_reference.metrics import compare_outputs
-from longcat_reference.pipeline import RandomStreams, load_pipeline, text_to_video
+from longcat_reference.pipeline import RandomStreams, load_pipeline, text_to_video, to_pil
 from longcat_reference.pipeline.dispatch import bsa_setting, run_task
 from longcat_reference.pipeline.preflight import cond_frames, long_steps, plan_run, refine_steps
 from longcat_reference.pipeline.task_parity import TASKS, TaskSizes, synthetic_inputs, task_request
@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from longcat_convert.conversion import ConvertRequest, convert
 from longcat_convert.core.errors import LongcatError
 from longcat_convert.validation.run import validate_tree
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -110,6 +111,27 @@ def test_every_task_equals_run_on_the_same_tree(task, tree, pipe, runner):
         assert np.array_equal(frames, want["frames"])
     else:
         _close(got, want["frames"])
+
+
+def test_the_run_command_and_the_pipelines_agree(tree, pipe, tmp_path):
+    """`longcat-convert run --distill` and `run --task refine` (of that output) against the pipelines."""
+    common = ("--seed", str(SEED), "--max-sequence-length", "16", "--dtype", "float32", "-q")
+    distilled = tmp_path / "distilled.npz"
+    done = run_cli("run", tree, "--task", "t2v", "--distill", "--prompt", "a red ball", "--height", "32",
+                   "--width", "48", "--num-frames", "9", "--steps", "3", *common, "-o", distilled)
+    assert done.exit_code == 0, done.output
+    want = np.load(distilled)
+    got = _t2v(pipe, width=48, num_frames=9, num_inference_steps=3, distill=True, output_type="pt").frames
+    _close(got.permute(0, 1, 3, 4, 2)[0].numpy(), want["frames"])
+    refined = tmp_path / "refined.npz"
+    done = run_cli("run", tree, "--task", "refine", "--video", distilled, "--height", "64", "--width", "128",
+                   "--steps", "2", *common, "-o", refined)
+    assert done.exit_code == 0, done.output
+    stage1 = to_pil(want["frames"])  # what `run` reads from the .npz: the demos' uint8 conversion
+    got = LongCatVideoRefinePipeline.from_pipe(pipe)(stage1, height=64, width=128, num_inference_steps=2,
+                                                     generator=_generator(), max_sequence_length=16,
+                                                     output_type="latent").frames
+    _close(got, np.load(refined)["latents"])
 
 
 def test_latent_output_is_runs_final_latents(tree, pipe, runner):
