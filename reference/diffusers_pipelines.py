@@ -133,7 +133,9 @@ class _LongCatVideoBase(DiffusionPipeline):
             folder = Path(save_directory) / LORA_DIR
             folder.mkdir(exist_ok=True)
             for name, path in sorted(self._lora_paths.items()):
-                shutil.copyfile(path, folder / f"{name}.safetensors")
+                target = folder / f"{name}.safetensors"
+                if not (target.exists() and target.samefile(path)):  # saving over the tree it came from
+                    shutil.copyfile(path, target)
 
     def _lora(self, name: str) -> LoraFile:
         if name not in self._lora_files:
@@ -149,6 +151,10 @@ class _LongCatVideoBase(DiffusionPipeline):
 
     def _runner(self, loras: Sequence[str], callback, tensor_inputs: list[str]) -> Pipeline:
         """The runner's view of these components for one call; step_end drives the progress bar and callback."""
+        if not isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
+            raise LongcatError(f"the LongCat-Video pipelines sample with upstream's flow-matching Euler schedule, "
+                               f"not {type(self.scheduler).__name__}",
+                               fix="keep the FlowMatchEulerDiscreteScheduler of the tree's scheduler/ folder")
         scheduler = SchedulerConfig.from_dict(dict(self.scheduler.config), "scheduler config")
         view = Pipeline(None, self.transformer, self.tokenizer, self.text_encoder, self.vae, scheduler,
                         self._execution_device, {name: self._lora(name) for name in loras})

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline, ModelMixin
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ModelMixin
 from longcat_reference import (
     LongCatVideoImageToVideoPipeline,
     LongCatVideoPipeline,
@@ -202,6 +202,18 @@ def test_callback_on_step_end_sees_every_step_and_can_replace_the_latents(pipe):
         _t2v(pipe, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["prompt_embeds"])
 
 
+def test_another_scheduler_is_refused_not_ignored(pipe):
+    from diffusers import UniPCMultistepScheduler
+
+    other = LongCatVideoPipeline.from_pipe(pipe, scheduler=UniPCMultistepScheduler())
+    with pytest.raises(LongcatError, match="not UniPCMultistepScheduler"):
+        _t2v(other)
+    shifted = LongCatVideoPipeline.from_pipe(pipe, scheduler=FlowMatchEulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, use_dynamic_shifting=True))
+    with pytest.raises(LongcatError, match="use_dynamic_shifting"):
+        _t2v(shifted)
+
+
 def test_progress_bar_config_and_device_move(pipe, capsys):
     pipe.set_progress_bar_config(desc="denoise-bar")
     try:
@@ -310,6 +322,8 @@ def test_save_pretrained_round_trip_validates_and_reloads_identically(tree, pipe
         assert sorted(mine) == sorted(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine), component
     assert dict(again.scheduler.config) == dict(pipe.scheduler.config)
     assert again.lora_names == pipe.lora_names
+    again.save_pretrained(saved)  # over the tree it was loaded from: the LoRA files stay as they were
+    assert (saved / "lora" / "cfg_step_lora.safetensors").read_bytes() == (tree / "lora" / "cfg_step_lora.safetensors").read_bytes()
     assert np.array_equal(_t2v(again, distill=True).frames, _t2v(pipe, distill=True).frames)
 
 
