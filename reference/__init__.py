@@ -17,7 +17,28 @@ from .lora_layers import (
 )
 from .metrics import compare_outputs
 
+# The diffusers classes import diffusers' model and pipeline machinery: loaded on first use only.
+_DIFFUSERS = {"LongCatVideoTransformer3DModel": "diffusers_model", "LongCatVideoPipeline": "diffusers_pipelines",
+              "LongCatVideoImageToVideoPipeline": "diffusers_pipelines",
+              "LongCatVideoVideoContinuationPipeline": "diffusers_pipelines",
+              "LongCatVideoRefinePipeline": "diffusers_pipelines", "LongCatVideoPipelineOutput": "diffusers_pipelines",
+              "LongCatVideoLongOutput": "diffusers_pipelines"}
+
+
+def __getattr__(name: str):
+    if name == "ModelMixin":  # diffusers' loader finds a component's load method through its library's base classes
+        from diffusers.models.modeling_utils import ModelMixin
+
+        return ModelMixin
+    if name in _DIFFUSERS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_DIFFUSERS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    *_DIFFUSERS,
     "BsaParams", "FastvideoLoraTarget", "KVCache", "LongcatDiT", "LoraFile", "Tree", "UpstreamLoraModule",
     "apply_loras", "block_sparse_attention", "clear_loras", "compare_outputs", "enable_runtime_loras",
     "forward_parity", "load_dit", "lora_paths", "merge_fastvideo_lora", "open_tree", "read_fastvideo_lora",

@@ -52,17 +52,22 @@ class LongcatDiT(nn.Module, SlotWeights):
         if naming not in keymap.NAMINGS:
             raise LongcatError(f"unknown naming {naming!r}; choose one of {', '.join(keymap.NAMINGS)}")
         self.naming = naming
-        self.config = DiTConfig.from_dict(config, naming, where)
+        self.arch = DiTConfig.from_dict(config, naming, where)
         self.slots: dict[str, Slot] = (build_slots(keymap.expand(config, naming, where), naming) if slots is None
                                        else slots)
         attach_parameters(self, self.slots, dtype, device)
         self.runtime_loras: dict[str, list[RuntimeLora]] = {}  # see SlotWeights
         self.merged_weights: dict[str, torch.Tensor] = {}
         self.bsa: BsaParams | None = None
-        if self.config.enable_bsa:
+        if self.arch.enable_bsa:
             self.enable_bsa()
 
     # ---- parameter access by role -------------------------------------------------------------------
+
+    @property
+    def config(self) -> DiTConfig:
+        """The hyper-parameters (`arch`); the diffusers model class replaces this with its config dict."""
+        return self.arch
 
     @property
     def dtype(self) -> torch.dtype:
@@ -76,7 +81,7 @@ class LongcatDiT(nn.Module, SlotWeights):
 
     def enable_bsa(self, params: BsaParams | None = None) -> None:
         """Switch BSA on for self-attention, with `params` or the config's `bsa_params` (else the defaults)."""
-        self.bsa = params or self.config.bsa_params or BsaParams()
+        self.bsa = params or self.arch.bsa_params or BsaParams()
 
     def disable_bsa(self) -> None:
         self.bsa = None
@@ -94,7 +99,7 @@ class LongcatDiT(nn.Module, SlotWeights):
         """
         x, inputs = embed(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                           num_cond_latents, kv_cache)
-        for index in range(self.config.depth):
+        for index in range(self.arch.depth):
             x, _ = dit_block(self, index, x, inputs, None if kv_cache is None else kv_cache.layers[index])
         return head(self, x, inputs)
 
@@ -102,7 +107,7 @@ class LongcatDiT(nn.Module, SlotWeights):
         """Run the conditioning latents alone (t = 0, no cross-attention) and keep every block's k/v."""
         x, inputs = embed_for_cache(self, cond_latents)
         layers = []
-        for index in range(self.config.depth):
+        for index in range(self.arch.depth):
             x, entry = dit_block(self, index, x, inputs)
             layers.append(cache_entry(entry))
         return KVCache(inputs.grid[0], inputs.grid, tuple(layers))

@@ -137,7 +137,7 @@ def plan_memory(raw: Tree, dtype: torch.dtype, device: torch.device, names: list
     # streamed: a stage of each tree in the compute dtype, a FastVideo LoRA's merged copy of one stage, and each
     # side's slice of the adapters
     stage = streamed_peak_bytes(window, element)
-    streamed_peak = 3 * stage + 2 * lora // max(1, window.config.depth)
+    streamed_peak = 3 * stage + 2 * lora // max(1, window.arch.depth)
     budget = max_memory if max_memory is not None else available_memory(device)
     if budget is None or budget <= 0:
         raise LongcatError("cannot tell how much memory is free", fix="pass --max-memory (e.g. 8GB)")
@@ -221,7 +221,7 @@ def _streamed(raw: Tree, converted: Tree, names: list[str], inputs: ForwardInput
     stages: list[dict] = []
     reference: dict = {}
     outputs: dict = {}
-    for raw_stage in progress.steps(raw_stages, raw_window.config.depth + 2, "streamed forward, stage by stage"):
+    for raw_stage in progress.steps(raw_stages, raw_window.arch.depth + 2, "streamed forward, stage by stage"):
         if not stages:
             _raise_raw_failures(raw, {k: v for k, v in raw_stage.outputs.items() if isinstance(v, str)})
         other = next(converted_stages)

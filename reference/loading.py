@@ -75,12 +75,27 @@ def load_dit(source: str | Path | Tree, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu") -> LongcatDiT:
     """Build the DiT in the tree's naming and fill it from the tree's shards, tensor by tensor."""
     tree = source if isinstance(source, Tree) else open_tree(source)
-    expanded, dropped = check_dit_keys(tree)  # before LongcatDiT allocates what the config says
+    check_dit_keys(tree)  # before LongcatDiT allocates what the config says
     dit = LongcatDiT(tree.dit.config, tree.naming, dtype=dtype, device=device, where=str(tree.config_path))
+    return fill_dit(dit, tree)
+
+
+def fill_dit(dit: LongcatDiT, tree: Tree) -> LongcatDiT:
+    """Fill `dit` (built for the tree's config, in either naming) from the tree's shards, tensor by tensor, after
+    checking the tree's key set strictly. Across namings the key map says which source tensors make each target:
+    FastVideo's row-split projections are joined into upstream's fused ones, or upstream's split."""
+    expanded, dropped = check_dit_keys(tree)
     with torch.no_grad():
-        for name in tree.dit.key_files:
-            if name not in dropped:
-                dit.get_parameter(name).copy_(tree.tensor(name))
+        if dit.naming == tree.naming:
+            for name in tree.dit.key_files:
+                if name not in dropped:
+                    dit.get_parameter(name).copy_(tree.tensor(name))
+            return dit
+        for rule in expanded.params:
+            sources, targets = rule.keys(tree.naming), rule.keys(dit.naming)
+            fused = torch.cat([tree.tensor(name) for name in sources]) if len(sources) > 1 else tree.tensor(sources[0])
+            for name, part in zip(targets, fused.chunk(len(targets)), strict=True):
+                dit.get_parameter(name).copy_(part)
     return dit
 
 

@@ -110,6 +110,9 @@ class RuntimeLora:
         self.multiplier = multiplier
 
     def __call__(self, x: torch.Tensor, fp32: bool) -> torch.Tensor:
+        if self.down.device != x.device:  # the DiT was moved after the adapters were enabled (CPU offload)
+            self.down, self.ups = self.down.to(x.device), [up.to(x.device) for up in self.ups]
+            self.alpha_scale = self.alpha_scale.to(x.device)
         u = x.to(self.down.dtype)
         down, ups = self.down, self.ups
         if fp32:  # inside an fp32 island the branch is computed in fp32 from the adapter-dtype input

@@ -26,7 +26,7 @@ Grid = tuple[int, int, int]
 
 
 class StageModel(Protocol):
-    config: DiTConfig
+    arch: DiTConfig
     bsa: BsaParams | None
 
     @property
@@ -44,7 +44,7 @@ def embed(model: StageModel, hidden_states: torch.Tensor, timestep: torch.Tensor
           encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None,
           num_cond_latents: int = 0, kv_cache: KVCache | None = None) -> tuple[torch.Tensor, BlockInputs]:
     """Latent tokens [B, N, hidden] and what every block shares (see `LongcatDiT.forward` for the arguments)."""
-    config = model.config
+    config = model.arch
     grid = latent_grid(config, hidden_states)
     batch = hidden_states.shape[0]
     if kv_cache is not None:
@@ -62,7 +62,7 @@ def embed(model: StageModel, hidden_states: torch.Tensor, timestep: torch.Tensor
 
 def embed_for_cache(model: StageModel, cond_latents: torch.Tensor) -> tuple[torch.Tensor, BlockInputs]:
     """Tokens of the conditioning latents alone, at t = 0 and without cross-attention, for a KV cache."""
-    config = model.config
+    config = model.arch
     grid = latent_grid(config, cond_latents)
     batch = cond_latents.shape[0]
     x = patch_embed(model, cond_latents.to(model.device, model.dtype), config.patch_size)
@@ -79,7 +79,7 @@ def cache_entry(entry: LayerCache | None) -> LayerCache:
 
 def head(model: StageModel, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
     """Final layer and unpatchify: fp32 [B, C_out, T, H, W]."""
-    return unpatchify(model.config, final_layer(model, x, inputs.t_emb, inputs.grid[0]), inputs.grid).float()
+    return unpatchify(model.arch, final_layer(model, x, inputs.t_emb, inputs.grid[0]), inputs.grid).float()
 
 
 def latent_grid(config: DiTConfig, latents: torch.Tensor) -> Grid:
@@ -104,8 +104,8 @@ def frame_timesteps(model: StageModel, timestep: torch.Tensor, batch: int, frame
 def caption(model: StageModel, text: torch.Tensor, batch: int) -> torch.Tensor:
     if text.ndim == 4 and text.shape[1] == 1:
         text = text[:, 0]
-    if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != model.config.caption_channels:
-        raise LongcatError(f"encoder_hidden_states must be [{batch}, 1, L, {model.config.caption_channels}], "
+    if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != model.arch.caption_channels:
+        raise LongcatError(f"encoder_hidden_states must be [{batch}, 1, L, {model.arch.caption_channels}], "
                            f"got {list(text.shape)}")
     return text.to(model.device, model.dtype)
 

@@ -82,9 +82,9 @@ class StageWindow(SlotWeights):
         expanded, self.dropped = check_dit_keys(tree)
         self.tree = tree
         self.naming = tree.naming
-        self.config = DiTConfig.from_dict(tree.dit.config, tree.naming, str(tree.config_path))
+        self.arch = DiTConfig.from_dict(tree.dit.config, tree.naming, str(tree.config_path))
         self.slots = build_slots(expanded, tree.naming)
-        self.bsa: BsaParams | None = (self.config.bsa_params or BsaParams()) if self.config.enable_bsa else None
+        self.bsa: BsaParams | None = (self.arch.bsa_params or BsaParams()) if self.arch.enable_bsa else None
         self._dtype, self._device = dtype, torch.device(device)
         self.loaded: dict[str, torch.Tensor] = {}
         self.loaded_roles: list[str] = []
@@ -220,7 +220,7 @@ def stage_outputs(window: StageWindow, names: list[str], inputs) -> Iterator[Sta
             window.activate(adapter if isinstance(adapter, StreamAdapter) else None)
             states[case] = start_case(window, case, inputs, adapter if isinstance(adapter, StreamAdapter) else None)
         yield Stage(EMBED, {**errors, **{case: states[case].x for case in live}})
-        for index in range(window.config.depth):
+        for index in range(window.arch.depth):
             window.load(f"block {index}")
             for case in live:
                 window.activate(states[case].adapter)
@@ -237,7 +237,7 @@ def stage_outputs(window: StageWindow, names: list[str], inputs) -> Iterator[Sta
 
 def streamed_peak_bytes(window: StageWindow, element_size: int) -> int:
     """Weights of the largest stage (its tensors once read, and once in the compute dtype)."""
-    return max(window.stage_bytes(stage, element_size) for stage in stage_names(window.config.depth))
+    return max(window.stage_bytes(stage, element_size) for stage in stage_names(window.arch.depth))
 
 
 def whole_model_bytes(config: dict, naming: str, element_size: int, where: str = "config.json") -> int:

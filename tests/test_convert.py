@@ -117,7 +117,9 @@ def test_diffusers_layout_keeps_upstream_names(tiny_raw: Path, tmp_path: Path) -
         with safe_open(str(shard), "pt") as handle:
             assert handle.metadata() == {"format": "pt"}
     model_index = json.loads((tmp_path / "d" / "model_index.json").read_text())
-    assert model_index["transformer"] == ["longcat_video", "LongCatVideoTransformer3DModel"]
+    # importable with this package alone (diffusers' loader imports the library named here)
+    assert model_index["transformer"] == ["longcat_reference", "LongCatVideoTransformer3DModel"]
+    assert model_index["tokenizer"] == ["transformers", "T5TokenizerFast"]
     config = json.loads((tmp_path / "d" / "transformer" / "config.json").read_text())
     assert config == json.loads((tiny_raw / "dit" / "config.json").read_text())
 

@@ -56,3 +56,23 @@ def _check_demo_table(output: str) -> None:
     assert len({row.index(" s  ") for row in rows}) == 1, "the table's columns do not line up"
     summary = output.strip().splitlines()[-1]
     assert summary.startswith("demo: 26/26 steps passed") and "removed on exit" in summary, summary
+
+
+def diffusers_snippet() -> list[str]:
+    """The indented block of README's 'Use with diffusers' section (a shell command and a Python heredoc)."""
+    section = README.read_text(encoding="utf-8").split("\n## Use with diffusers\n", 1)[1]
+    section = re.split(r"\n#+ ", section, maxsplit=1)[0]
+    block = section.split("\n\n")[1]
+    return [line[4:] for line in block.splitlines() if line.startswith("    ")]
+
+
+def test_the_diffusers_snippet_runs_as_written(tmp_path: Path) -> None:
+    lines = diffusers_snippet()
+    assert 3 <= len(lines) <= 10 and lines[-1] == "EOF", lines
+    script = "\n".join(lines).replace("/tmp/", f"{tmp_path}/") + "\n"
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    assert re.search(r"^\(1, 9, 64, 64, 3\) float32 0\.\d+$", done.stdout, re.MULTILINE), done.stdout

@@ -88,7 +88,7 @@ def _from_transformer(root: Path) -> DetectedLayout:
     pipeline = _class_name(root / "model_index.json")
     if pipeline in FASTVIDEO_PIPELINE_CLASSES:
         return DetectedLayout("fastvideo", f"model_index.json names {pipeline}")
-    if pipeline == keymap.load_map_document()["model_index"]["diffusers"]["_class_name"]:
+    if pipeline in keymap.load_map_document()["model_index"]["diffusers"]["pipeline_classes"]:
         return DetectedLayout("diffusers", f"model_index.json names {pipeline}")
     what = f"_class_name {class_name!r}" if class_name else "no readable _class_name"
     raise LongcatError(f"cannot tell the layout: transformer/config.json has {what}, expected "

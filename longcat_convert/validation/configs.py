@@ -211,7 +211,8 @@ def check_model_index(ctx: Context, path: Path, form: str) -> dict | None:
     rel = ctx.rel(path)
     flagged = {p.field for p in problems}
     expected = keymap.load_map_document()["model_index"][form]
-    allowed = FASTVIDEO_PIPELINE_CLASSES if form == "fastvideo" else (expected["_class_name"],)
+    allowed = FASTVIDEO_PIPELINE_CLASSES if form == "fastvideo" else tuple(expected.get("pipeline_classes",
+                                                                                        [expected["_class_name"]]))
     if "_class_name" not in flagged and document.get("_class_name") not in allowed:
         ctx.findings.error("model_index", "model_index", f"_class_name is {document.get('_class_name')!r}, "
                            f"expected {' or '.join(allowed)} for the {form} layout", rel)
@@ -223,6 +224,12 @@ def check_model_index(ctx: Context, path: Path, form: str) -> dict | None:
             continue
         if name not in document:
             ctx.findings.error("model_index", "model_index", f"has no {name} entry", rel)
+        elif list(document[name]) in expected.get("also_accepted", {}).get(name, []):
+            continue
+        elif list(document[name]) in expected.get("legacy_components", {}).get(name, []):
+            ctx.findings.warning("model_index", "model_index", f"{name} is {document[name]!r}, which an older "
+                                 f"longcat-convert wrote: diffusers imports it only with that library installed; "
+                                 f"{pair!r} loads with this package (reconvert, or edit the entry)", rel)
         elif list(document[name]) != pair:
             ctx.findings.error("model_index", "model_index", f"{name} is {document[name]!r}, expected {pair!r}", rel)
     _check_component_folders(ctx, rel, document, expected["components"])

@@ -70,14 +70,14 @@ class LongcatAvatarDiT(LongcatDiT):
         the continuation's reference latent (latent frame 0), None when not given. kv_cache: from
         `build_kv_cache`; `hidden_states` then holds only the noise frames.
         """
-        grid = latent_grid(self.config, hidden_states)
+        grid = latent_grid(self.arch, hidden_states)
         x, inputs = embed(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                           num_cond_latents, kv_cache)
         audio = self._audio_inputs(audio_embs, grid, hidden_states.shape[0], num_ref_latents, ref_target_masks,
                                    cached=kv_cache is not None,
                                    num_cond_latents=num_cond_latents if kv_cache is None else kv_cache.num_latents)
         reference = Reference(num_ref_latents, ref_img_index, mask_frame_range)
-        for index in range(self.config.depth):
+        for index in range(self.arch.depth):
             layer = None if kv_cache is None else kv_cache.layers[index]
             x, _ = avatar_block(self, index, x, inputs, audio, reference, layer)
         return head(self, x, inputs)
@@ -90,7 +90,7 @@ class LongcatAvatarDiT(LongcatDiT):
         inputs = replace(inputs, num_cond_latents=inputs.grid[0])  # upstream's cache call: every frame conditioning
         reference = Reference(num_ref_latents, ref_img_index)
         layers = []
-        for index in range(self.config.depth):
+        for index in range(self.arch.depth):
             x, entry = avatar_block(self, index, x, inputs, None, reference)
             layers.append(cache_entry(entry))
         return KVCache(inputs.grid[0], inputs.grid, tuple(layers))

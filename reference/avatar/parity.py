@@ -39,7 +39,7 @@ def load_avatar_folder(folder: str | Path, dtype: torch.dtype, device: torch.dev
 
 def make_avatar_inputs(model: LongcatAvatarDiT, seed: int = 0) -> dict[str, dict]:
     """Seeded inputs of every case, shaped by the model's config (2 x 3 tokens per latent frame)."""
-    config, avatar = model.config, model.avatar
+    config, avatar = model.arch, model.avatar
     gen = torch.Generator().manual_seed(seed)
     _, ph, pw = config.patch_size
     features = (avatar.audio_window, avatar.audio_block, avatar.audio_channel)
@@ -132,7 +132,7 @@ def _check_same_architecture(converted: LongcatAvatarDiT, inputs: dict[str, dict
     """The seeded inputs were shaped by the raw config: a converted config of another shape cannot run them."""
     audio = inputs["at2v"]["audio_embs"].shape[2:]
     want = (converted.avatar.audio_window, converted.avatar.audio_block, converted.avatar.audio_channel)
-    if tuple(audio) != want or inputs["at2v"]["hidden_states"].shape[1] != converted.config.in_channels:
+    if tuple(audio) != want or inputs["at2v"]["hidden_states"].shape[1] != converted.arch.in_channels:
         raise LongcatError(f"config describes another architecture (audio {list(want)}, in_channels "
-                           f"{converted.config.in_channels}) than the raw one", Path(where) / "config.json")
+                           f"{converted.arch.in_channels}) than the raw one", Path(where) / "config.json")
 

@@ -8,7 +8,7 @@ encoder through transformers (`AutoTokenizer`, `UMT5EncoderModel`), the VAE thro
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,14 @@ REFINE_LORA = "refinement_lora"
 COMPUTE_DTYPES = ("float32", "bfloat16")  # what the pipeline runs in
 
 
+# Called after every Euler step with (step index, steps in the loop, timestep, loop state); a tensor it
+# returns replaces the state (the diffusers pipelines' callback_on_step_end and progress bar).
+StepEnd = Callable[[int, int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
 @dataclass
 class Pipeline:
-    tree: Tree
+    tree: Tree | None  # None: components given directly (the diffusers pipelines); LoRAs only from _loras
     dit: LongcatDiT
     tokenizer: Any  # a transformers tokenizer
     text_encoder: torch.nn.Module
@@ -42,6 +47,7 @@ class Pipeline:
     scheduler: SchedulerConfig
     device: torch.device
     _loras: dict[str, LoraFile] = field(default_factory=dict)
+    step_end: StepEnd | None = None
 
     @property
     def dit_dtype(self) -> torch.dtype:
@@ -53,6 +59,9 @@ class Pipeline:
 
     def lora(self, name: str) -> LoraFile:
         if name not in self._loras:
+            if self.tree is None:
+                raise LongcatError(f"no LoRA named {name!r} is loaded; loaded: {', '.join(self._loras) or 'none'}",
+                                   fix=f"load it with pipe.load_longcat_lora(path, {name!r})")
             self._loras[name] = read_lora(self.tree, name)
         return self._loras[name]
 
@@ -125,9 +134,9 @@ def _load(loader, folder: Path, **kwargs):
 
 
 def _check_shapes(tree: Tree, dit: LongcatDiT, text_encoder: torch.nn.Module, vae: torch.nn.Module) -> None:
-    if text_encoder.config.d_model != dit.config.caption_channels:
+    if text_encoder.config.d_model != dit.arch.caption_channels:
         raise LongcatError(f"text encoder d_model {text_encoder.config.d_model} != DiT caption_channels "
-                           f"{dit.config.caption_channels}", tree.root / "text_encoder")
-    if vae.config.z_dim != dit.config.in_channels:
-        raise LongcatError(f"VAE z_dim {vae.config.z_dim} != DiT in_channels {dit.config.in_channels}",
+                           f"{dit.arch.caption_channels}", tree.root / "text_encoder")
+    if vae.config.z_dim != dit.arch.in_channels:
+        raise LongcatError(f"VAE z_dim {vae.config.z_dim} != DiT in_channels {dit.arch.in_channels}",
                            tree.root / "vae")

@@ -29,7 +29,7 @@ def image_to_video(pipe: Pipeline, image: Image.Image, prompt: str, rng: RandomS
     with pipe.adapters([DISTILL_LORA] if distill else []):
         text = text_batch(pipe, prompt, negative_prompt, guidance, max_sequence_length)
         schedule = base_schedule(steps, distill, pipe.scheduler)
-        shape = (1, pipe.dit.config.in_channels, latent_frames(num_frames), height // SPATIAL_FACTOR,
+        shape = (1, pipe.dit.arch.in_channels, latent_frames(num_frames), height // SPATIAL_FACTOR,
                  width // SPATIAL_FACTOR)
         # draw order as upstream: the whole clip's noise first, then the image's posterior sample
         latents = randn(shape, rng.user, torch.float32, pipe.device)

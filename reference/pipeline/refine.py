@@ -151,7 +151,7 @@ def _cond_pixels(pipe: Pipeline, image: Image.Image | None, video: Sequence[Imag
 
 def _bsa_params(pipe: Pipeline, bsa: BsaParams | bool) -> BsaParams | None:
     if bsa is True:
-        return pipe.dit.config.bsa_params or BsaParams()
+        return pipe.dit.arch.bsa_params or BsaParams()
     return bsa or None
 
 

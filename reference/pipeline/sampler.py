@@ -75,6 +75,9 @@ def denoise(pipe: Pipeline, latents: torch.Tensor, schedule: Schedule, text: Tex
             latents[:, :, num_cond:] = schedule.step(index, output[:, :, num_cond:], latents[:, :, num_cond:])
         else:
             latents = schedule.step(index, output, latents)
+        if pipe.step_end is not None:
+            replaced = pipe.step_end(index, len(schedule), t, latents)
+            latents = latents if replaced is None else replaced
         state = full_state(index, latents) if full_state else latents
         steps.append(state.detach().float().cpu().clone())
     return latents, steps

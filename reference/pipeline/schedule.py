@@ -37,15 +37,20 @@ class SchedulerConfig:
     def from_file(cls, path: str | Path) -> SchedulerConfig:
         """Read `scheduler_config.json`; options that would change the schedule unsupported here are errors."""
         path = Path(path)
-        config = read_json_object(path)
+        return cls.from_dict(read_json_object(path), path)
+
+    @classmethod
+    def from_dict(cls, config: dict, where: str | Path) -> SchedulerConfig:
+        """The schedule-relevant part of a scheduler config (a file's, or a loaded scheduler's `config`)."""
         for name, default in _UNSUPPORTED.items():
             if config.get(name, default) not in (default, False, None):
                 raise LongcatError(f"scheduler option {name}={config[name]!r} is not supported (LongCat uses "
-                                   f"{default!r})", path)
+                                   f"{default!r})", where)
         shift = config.get("shift", 1.0)
         steps = config.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS)
-        if not isinstance(shift, (int, float)) or shift <= 0 or not isinstance(steps, int) or steps <= 0:
-            raise LongcatError(f"bad scheduler shift {shift!r} or num_train_timesteps {steps!r}", path)
+        if (isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0 or shift == float("inf")
+                or isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
+            raise LongcatError(f"bad scheduler shift {shift!r} or num_train_timesteps {steps!r}", where)
         return cls(float(shift), steps)
 
 

@@ -31,7 +31,7 @@ def text_to_video(pipe: Pipeline, prompt: str, rng: RandomStreams, *, negative_p
     with pipe.adapters([DISTILL_LORA] if distill else []):
         text = text_batch(pipe, prompt, negative_prompt, guidance, max_sequence_length)
         schedule = base_schedule(steps, distill, pipe.scheduler)
-        shape = (1, pipe.dit.config.in_channels, latent_frames(num_frames), height // SPATIAL_FACTOR,
+        shape = (1, pipe.dit.arch.in_channels, latent_frames(num_frames), height // SPATIAL_FACTOR,
                  width // SPATIAL_FACTOR)
         latents = randn(shape, rng.user, torch.float32, pipe.device)
         latents, history = denoise(pipe, latents, schedule, text, guidance)

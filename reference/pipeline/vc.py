@@ -63,7 +63,7 @@ def video_continuation(pipe: Pipeline, video: Sequence[Image.Image], prompt: str
         schedule = base_schedule(steps, distill, pipe.scheduler)
         if hf:
             schedule = enhance_hf(schedule, pipe.scheduler)
-        shape = (1, pipe.dit.config.in_channels, latent_frames(num_frames), height // SPATIAL_FACTOR,
+        shape = (1, pipe.dit.arch.in_channels, latent_frames(num_frames), height // SPATIAL_FACTOR,
                  width // SPATIAL_FACTOR)
         latents = randn(shape, rng.user, dtype, pipe.device)
         cond = encode_sample(pipe, pixels[:, :, -num_cond_frames:], rng.user).to(dtype)
