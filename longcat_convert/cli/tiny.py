@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..tiny_avatar import AVATAR_VARIANTS, build_tiny_avatar
 from ..tiny_tree import LORA_TARGET_SETS, build_tiny_tree
 from .common import dtype_option
 
@@ -19,8 +20,14 @@ from .common import dtype_option
 @click.option("--lora-targets", type=click.Choice(LORA_TARGET_SETS), default="published", show_default=True,
               help="published: the modules the released adapters target; extended: also cross_attn.proj in "
                    "the refinement adapter; all: every Linear, embedders included.")
+@click.option("--variant", type=click.Choice(("base", *AVATAR_VARIANTS)), default="base", show_default=True,
+              help="base: LongCat-Video; avatar-v1.0 / avatar-v1.5: a LongCat-Video-Avatar tree with the base tree "
+                   "beside it (DST/LongCat-Video-Avatar[-1.5] and DST/LongCat-Video).")
+@click.option("--audio-prenorm", is_flag=True,
+              help="Avatar variants: set audio_prenorm (adds pre_audio_crs_attn_norm to every block).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
-def tiny_command(dst: Path, seed: int, dtype: str, depth: int, hidden: int, lora_targets: str, overwrite: bool) -> None:
+def tiny_command(dst: Path, seed: int, dtype: str, depth: int, hidden: int, lora_targets: str, variant: str,
+                 audio_prenorm: bool, overwrite: bool) -> None:
     """Write a complete raw LongCat-Video tree at DST, tiny but shaped exactly like the published one.
 
     \b
@@ -32,11 +39,29 @@ def tiny_command(dst: Path, seed: int, dtype: str, depth: int, hidden: int, lora
     DST/scheduler/     FlowMatchEulerDiscreteScheduler with shift 12
 
     \b
+    With --variant avatar-v1.0 or avatar-v1.5, DST holds two trees side by side,
+    as upstream's avatar demos expect them:
+    DST/LongCat-Video/                 the base tree above
+    DST/LongCat-Video-Avatar/          avatar_single/, avatar_multi/, chinese-wav2vec2-base/
+    DST/LongCat-Video-Avatar-1.5/      base_model/, base_model_int8/, lora/dmd_lora.safetensors,
+                                       scheduler/ (shift 7), whisper-large-v3/
+    (no vocal_separator/: there is no tiny ONNX separator)
+
+    \b
     Examples:
       longcat-convert tiny /tmp/raw            # fp32, the published LoRA targets
       longcat-convert tiny /tmp/raw16 --dtype bfloat16 --seed 3
       longcat-convert tiny /tmp/deep --depth 4 --hidden 256 --lora-targets all
+      longcat-convert tiny /tmp/av15 --variant avatar-v1.5   # avatar tree: /tmp/av15/LongCat-Video-Avatar-1.5
     """
+    if variant != "base":
+        path = build_tiny_avatar(dst, variant, seed=seed, dtype=dtype, depth=depth, hidden=hidden,
+                                 lora_targets=lora_targets, audio_prenorm=audio_prenorm, overwrite=overwrite)
+        click.echo(f"wrote a tiny {variant} tree to {path} and its base tree to {path.parent / 'LongCat-Video'} "
+                   f"(depth {depth}, hidden {hidden}, {dtype}, seed {seed})")
+        return
+    if audio_prenorm:
+        raise click.UsageError("--audio-prenorm applies to the avatar variants only")
     path = build_tiny_tree(dst, seed=seed, dtype=dtype, depth=depth, hidden=hidden,
                            lora_targets=lora_targets, overwrite=overwrite)
     click.echo(f"wrote a tiny raw LongCat-Video tree to {path} (depth {depth}, hidden {hidden}, {dtype}, seed {seed})")
