@@ -20,6 +20,7 @@ from ..core.errors import LongcatError
 from ..core.io import DirectFiles, FileReader
 from ..core.layout_detect import check_root, detect_layout
 from .adapters import check_lora_folder
+from .avatar import VARIANT_DIT_FOLDERS, avatar_variant, check_avatar_tree
 from .configs import check_cross_rules, check_model_index, check_scheduler_config, check_tokenizer
 from .context import Context, check_tree_safety, report_stray_pickles
 from .findings import Findings
@@ -65,6 +66,9 @@ def validate_tree(root: str | Path, options: ValidateOptions = ValidateOptions()
     ctx = Context(resolved, findings, dit_only=not any((resolved / name).exists() for name in SHARED_COMPONENTS),
                   files=files or DirectFiles())
     pickles = check_tree_safety(ctx, options.follow_symlinks)  # before any file is opened
+    variant = avatar_variant(resolved) if options.layout is None else None
+    if variant is not None:
+        return _validate_avatar(ctx, variant, options, pickles, started)
     detected = detect_layout(resolved, options.layout)
     layout = keymap.layout(detected.name)
     manifest = load_manifest(ctx)
@@ -85,22 +89,42 @@ def validate_tree(root: str | Path, options: ValidateOptions = ValidateOptions()
     report_stray_pickles(ctx, pickles)
     deep = _deep_scan(ctx, manifest, dit) if options.deep else None
 
+    layout_facts = {"name": detected.name, "reason": detected.reason, "forced": detected.forced}
+    return _report(ctx, options, layout_facts, manifest.to_json(ctx) if manifest else None, deep, started)
+
+
+def _report(ctx: Context, options: ValidateOptions, layout: dict, manifest: dict | None, deep,
+            started: float) -> dict:
+    findings = ctx.findings
     report = {
         "report": "longcat-convert validation",
         "schema_version": REPORT_SCHEMA_VERSION,
         "tool_version": __version__,
-        "root": str(resolved),
-        "layout": {"name": detected.name, "reason": detected.reason, "forced": detected.forced},
+        "root": str(ctx.root),
+        "layout": layout,
         "deep": options.deep,
         "valid": not findings.has_errors,
         "counts": {severity: findings.count(severity) for severity in ("error", "warning", "info")},
         "components": ctx.components,
-        "manifest": manifest.to_json(ctx) if manifest else None,
+        "manifest": manifest,
         "deep_scan": deep.to_json() if deep else None,
         "findings": [finding.to_json() for finding in findings.items],
         "elapsed_seconds": round(time.perf_counter() - started, 4),
     }
     return jsonschemas.checked_report("validation-report", report)
+
+
+def _validate_avatar(ctx: Context, variant: str, options: ValidateOptions, pickles: list[str],
+                     started: float) -> dict:
+    """A raw LongCat-Video-Avatar tree (no conversion manifest: avatar trees are not converted yet)."""
+    ctx.dit_only = False
+    policy = DtypeExpectations(POLICY_NAMES[options.dtype] if options.dtype else None, options.allow_mixed_dtypes)
+    check_avatar_tree(ctx, variant, policy, options.follow_symlinks, options.deep)
+    report_stray_pickles(ctx, pickles)
+    deep = _deep_scan(ctx, None, None) if options.deep else None
+    folders = ", ".join(f"{name}/" for name in VARIANT_DIT_FOLDERS[variant])
+    return _report(ctx, options, {"name": variant, "reason": f"a LongCat-Video-Avatar tree ({folders})",
+                                  "forced": False}, None, deep, started)
 
 
 def _check_shared_components(ctx: Context, options: ValidateOptions, policy: DtypeExpectations, layout_name: str,
@@ -123,7 +147,7 @@ def _check_shared_components(ctx: Context, options: ValidateOptions, policy: Dty
 def _deep_scan(ctx: Context, manifest, dit):
     from .deep import deep_scan
 
-    return deep_scan(ctx, manifest, drop_expectations(ctx, dit))
+    return deep_scan(ctx, manifest, drop_expectations(ctx, dit) if dit is not None else {})
 
 
 def _check_model_index(ctx: Context, layout: dict) -> None:
