@@ -69,6 +69,10 @@ def _plan(request: ConvertRequest, src: Path) -> tuple[Tree, ConversionPlan]:
                                                  allow_mixed_dtypes=request.allow_mixed_dtypes), sources)
     refuse_if_invalid(report, src, f"`longcat-convert validate {src}` lists every problem; "
                       "a tree it rejects is not converted")
+    if report["layout"]["name"].startswith("avatar-"):
+        raise LongcatError(f"is a LongCat-Video-Avatar tree ({report['layout']['name']}); convert does not handle "
+                           "avatar trees yet (validate does)", src,
+                           "load it with upstream's avatar code as it is; `longcat-convert validate` checks it")
     tree = read_tree(root, follow_symlinks=follow_symlinks, sources=sources)
     if tree.layout == request.to and request.dtype == "keep" and not request.keep_fp32:
         raise LongcatError(f"is already in the {request.to} layout and no dtype change was asked for", src,
