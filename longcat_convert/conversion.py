@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import DestinationClaim, check_destination
+from .core import keymap
 from .core.dtypes import DtypePolicy
 from .core.errors import LongcatError
 from .core.io import SourceFiles
@@ -69,17 +70,26 @@ def _plan(request: ConvertRequest, src: Path) -> tuple[Tree, ConversionPlan]:
                                                  allow_mixed_dtypes=request.allow_mixed_dtypes), sources)
     refuse_if_invalid(report, src, f"`longcat-convert validate {src}` lists every problem; "
                       "a tree it rejects is not converted")
-    if report["layout"]["name"].startswith("avatar-"):
-        raise LongcatError(f"is a LongCat-Video-Avatar tree ({report['layout']['name']}); convert does not handle "
-                           "avatar trees yet (validate does)", src,
-                           "load it with upstream's avatar code as it is; `longcat-convert validate` checks it")
+    if report["layout"]["name"] == "avatar-v1.0":
+        raise LongcatError("is a LongCat-Video-Avatar 1.0 tree: its two DiTs (avatar_single/, avatar_multi/) are not "
+                           "converted yet (validate checks it; 1.5 trees convert)", src,
+                           "load it with upstream's avatar code as it is")
     tree = read_tree(root, follow_symlinks=follow_symlinks, sources=sources)
-    if tree.layout == request.to and request.dtype == "keep" and not request.keep_fp32:
+    target = _target_layout(tree, request.to)
+    if tree.layout == target and request.dtype == "keep" and not request.keep_fp32:
         raise LongcatError(f"is already in the {request.to} layout and no dtype change was asked for", src,
                            "choose another --to, or a --dtype to re-cast")
-    options = PlanOptions(request.to, DtypePolicy.from_options(request.dtype, request.keep_fp32),
+    options = PlanOptions(target, DtypePolicy.from_options(request.dtype, request.keep_fp32),
                           parse_size(request.max_shard_size), request.lora_alpha_fix)
     return tree, plan_conversion(tree, options)
+
+
+def _target_layout(tree: Tree, to: str) -> str:
+    """`--to raw|diffusers|fastvideo` for this tree's family: an avatar tree goes to the avatar layouts (raw: the
+    published layout of its version)."""
+    if tree.avatar_variant is None:
+        return to
+    return keymap.avatar_target_layout(to) or keymap.avatar_spec()["variants"][tree.avatar_variant]["raw_layout"]
 
 
 def convert(request: ConvertRequest) -> dict:

@@ -491,7 +491,7 @@ def _model_index(target_layout: str, dit_config: dict) -> dict | None:
     form = keymap.layout(target_layout)["model_index"]
     if form is None:
         return None
-    spec = keymap.load_map_document()["model_index"][form]
+    spec = keymap.model_index_spec(form)
     body = {"_class_name": spec["_class_name"], "_diffusers_version": diffusers_version()}
     if "workload_type" in spec:
         body["workload_type"] = spec["workload_type"]
@@ -501,13 +501,33 @@ def _model_index(target_layout: str, dit_config: dict) -> dict | None:
 
 def _carried_over(tree: Tree, target_layout: str) -> tuple[list[FileCopy], list[Skipped]]:
     """Files copied unchanged (DiT-folder extras follow the folder's new name) and files left out."""
-    source_dir, target_dir = tree.dit.folder + "/", keymap.layout(target_layout)["dit_dir"] + "/"
-    copies = [FileCopy(f.path, target_dir + f.path[len(source_dir):] if f.path.startswith(source_dir) else f.path,
-                       f.nbytes) for f in tree.other_files]
+    renames = [(tree.dit.folder + "/", keymap.layout(target_layout)["dit_dir"] + "/")] + _avatar_renames(tree, target_layout)
+    copies = [FileCopy(f.path, _renamed(f.path, renames), f.nbytes) for f in tree.other_files]
     skipped = list(tree.skipped)
     if tree.model_index is not None and keymap.layout(target_layout)["model_index"] is None:
         skipped.append(Skipped("model_index.json", f"the {target_layout} layout has no model_index.json"))
     return copies, skipped
+
+
+def _avatar_renames(tree: Tree, target_layout: str) -> list[tuple[str, str]]:
+    """Folder prefixes an avatar conversion renames: the audio encoder folder (published name <-> audio_encoder/)
+    and the sibling base tree's components, which a converted tree holds at its root."""
+    if tree.avatar_variant is None:
+        return []
+    spec = keymap.avatar_spec()
+    audio_dir = spec["variants"][tree.avatar_variant]["audio_dir"]
+
+    def audio_folder(layout_name: str) -> str:
+        return (audio_dir if keymap.layout(layout_name)["model_index"] is None else spec["audio_component"]) + "/"
+
+    return [(audio_folder(tree.layout), audio_folder(target_layout)), (f"../{spec['sibling']}/", "")]
+
+
+def _renamed(path: str, renames: list[tuple[str, str]]) -> str:
+    for source, target in renames:
+        if path.startswith(source):
+            return target + path[len(source):]
+    return path
 
 
 def _check_unique_targets(plan_files: list[str], root) -> None:

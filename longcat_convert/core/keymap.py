@@ -23,7 +23,7 @@ FAMILIES = (BASE_FAMILY, AVATAR_FAMILY)
 # What an overlay map (one with "extends") may say, and how: added to the base's, or replacing it.
 _OVERLAY_ADDED = ("symbols", "derived_symbols", "flags", "drops")
 _OVERLAY_REPLACED = ("configs", "layouts", "model_index", "shared_components", "non_constructor_fields",
-                     "quantization", "shard_prefix", "lora")
+                     "quantization", "shard_prefix", "lora", "avatar")
 _OVERLAY_OWN = ("$comment", "name", "version", "extends", "modules")
 
 
@@ -335,7 +335,18 @@ def convert_config(config: dict, source_naming: str, target_naming: str, where: 
 
 
 def layouts() -> dict[str, dict]:
-    return load_map_document()["layouts"]
+    """Every layout of every family (names are unique across families)."""
+    return {name: spec for family in FAMILIES for name, spec in _family_layouts(family).items()}
+
+
+@cache
+def _family_layouts(family: str) -> dict[str, dict]:
+    own = load_map_document(family)["layouts"]
+    if family != BASE_FAMILY:
+        clash = set(own) & set(load_map_document(BASE_FAMILY)["layouts"])
+        if clash:
+            raise LongcatError(f"layouts {', '.join(sorted(clash))} of {family} clash with the base map's")
+    return own
 
 
 def layout(name: str) -> dict:
@@ -343,6 +354,34 @@ def layout(name: str) -> dict:
         return layouts()[name]
     except KeyError:
         raise LongcatError(f"unknown layout {name!r}; choose one of {', '.join(layouts())}") from None
+
+
+def layout_family(name: str) -> str:
+    """The family whose map defines layout `name`."""
+    layout(name)
+    return next(family for family in FAMILIES if name in _family_layouts(family))
+
+
+def model_index_spec(form: str) -> dict:
+    """The model_index.json form `form` (a layout's "model_index"), from whichever family defines it."""
+    for family in FAMILIES:
+        spec = load_map_document(family)["model_index"].get(form)
+        if spec is not None:
+            return spec
+    raise LongcatError(f"unknown model_index form {form!r}")
+
+
+def avatar_spec() -> dict:
+    """The avatar map's description of the published trees (variants, audio folders, the sibling base tree)."""
+    return load_map_document(AVATAR_FAMILY)["avatar"]
+
+
+def avatar_target_layout(target: str) -> str:
+    """The avatar layout a conversion `--to raw|diffusers|fastvideo` of an avatar tree writes (raw: the source's)."""
+    targets = avatar_spec()["targets"]
+    if target not in targets:
+        raise LongcatError(f"unknown target layout {target!r}; choose one of {', '.join(targets)}")
+    return targets[target]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from . import keymap
 from .errors import LongcatError, Problem, raise_first_error
 from .io import SafetensorsHeader, ShardIndex, SourceFiles, TensorInfo, read_json_object
 from .io.pickles import is_pickle_name
-from .layout_detect import detect_layout
+from .layout_detect import avatar_variant_of_layout, detect_layout
 from .lora_format import ParsedLora, parse
 from .shard_folder import FIXES, FolderRules, scan_shard_folder
 
@@ -90,6 +90,11 @@ class Tree:
     model_index: dict | None
     skipped: list[Skipped] = field(default_factory=list)
     sources: SourceFiles = field(default_factory=SourceFiles)  # the files read above, held open for the conversion
+    avatar_variant: str | None = None  # avatar-v1.0 / avatar-v1.5 for a LongCat-Video-Avatar tree
+
+    @property
+    def family(self) -> str:
+        return keymap.layout_family(self.layout)
 
     @property
     def naming(self) -> str:
@@ -264,5 +269,35 @@ def read_tree(root: str | Path, layout_name: str | None = None, follow_symlinks:
     model_index = None
     if model_index_path.is_file():
         model_index = read_json_object(model_index_path, read=sources.read_file)
-    return Tree(root, layout_name, dit, adapters, _other_files(root, files, dit, adapters, skipped), model_index,
-                skipped, sources)
+    variant = avatar_variant_of_layout(layout_name, root)
+    others = _other_files(root, files, dit, adapters, skipped)
+    if variant is not None and spec["model_index"] is None:
+        others += _sibling_files(root, variant, follow_symlinks, skipped)
+    return Tree(root, layout_name, dit, adapters, others, model_index, skipped, sources, variant)
+
+
+def _sibling_files(root: Path, variant: str, follow_symlinks: bool, skipped: list[Skipped]) -> list[OtherFile]:
+    """A raw avatar tree's base components, from `<root>/../LongCat-Video` where upstream's demos read them (as
+    paths relative to the root, `../LongCat-Video/...`), unless the tree holds them itself."""
+    components = keymap.avatar_spec()["variants"][variant]["sibling_components"]
+    if all((root / name).is_dir() for name in components):
+        return []
+    sibling_name = keymap.avatar_spec()["sibling"]
+    sibling = root.parent / sibling_name
+    missing = [name for name in components if not (sibling / name).is_dir()]
+    if missing:
+        raise LongcatError(f"the base tree beside this avatar tree lacks {', '.join(m + '/' for m in missing)}",
+                           sibling, f"put the LongCat-Video tree next to this one as {sibling_name}/ (upstream's "
+                           "demos read tokenizer, text encoder and VAE there)")
+    listing = list_files(sibling, follow_symlinks)
+    raise_first_error(listing.problems)
+    others = []
+    for relative in listing.files:
+        if relative.split("/", 1)[0] not in components:
+            continue
+        path = f"../{sibling_name}/{relative}"
+        if is_pickle_name(relative):
+            skipped.append(Skipped(path, PICKLE_REASON))
+        else:
+            others.append(OtherFile(path, (sibling / relative).stat().st_size))
+    return others

@@ -17,6 +17,7 @@ from ..core import keymap
 from ..core.dtypes import FLOATING, friendly
 from ..core.errors import LongcatError
 from ..core.io import read_tensor
+from ..core.layout_detect import avatar_variant
 from ..core.shard_folder import FolderRules
 from ..core.tree import list_files
 from .adapters import check_lora_folder
@@ -25,11 +26,9 @@ from .context import Context, read_json_reporting
 from .folders import check_dit, check_text_encoder, check_vae, component_folder
 from .weights import DtypeExpectations, check_dtypes, scan_weight_folder, weights_summary
 
-VARIANT_DIT_FOLDERS = {"avatar-v1.0": ("avatar_single", "avatar_multi"), "avatar-v1.5": ("base_model",)}
 INT8_FOLDER = "base_model_int8"
-AUDIO_FOLDERS = {"avatar-v1.0": "chinese-wav2vec2-base", "avatar-v1.5": "whisper-large-v3"}
 VOCAL_SEPARATOR = "vocal_separator/Kim_Vocal_2.onnx"
-SIBLING = "LongCat-Video"
+SIBLING = keymap.avatar_spec()["sibling"]
 WHISPER_ENCODER_LAYERS = 32  # upstream averages hidden states 0-31 in groups of 8 and takes state 32
 WHISPER_AUDIO_BLOCKS = 5
 UPSTREAM_LAYOUT = {"naming": "upstream", "lora_dir": "lora", "lora_format": "upstream", "lora_subdirs": {},
@@ -37,21 +36,29 @@ UPSTREAM_LAYOUT = {"naming": "upstream", "lora_dir": "lora", "lora_format": "ups
 SIBLING_FIX = "put the LongCat-Video tree next to this one under that exact name (upstream's demos read it there)"
 
 
-def avatar_variant(root: Path) -> str | None:
-    """'avatar-v1.0' or 'avatar-v1.5' for a raw avatar tree (told by its DiT folders), None for anything else."""
-    if (root / "dit").is_dir() or (root / "transformer").is_dir():
-        return None
-    for variant, folders in (("avatar-v1.5", ("base_model", INT8_FOLDER)),
-                             ("avatar-v1.0", VARIANT_DIT_FOLDERS["avatar-v1.0"])):
-        if any((root / name).is_dir() for name in folders):
-            return variant
-    return None
+def variant_spec(variant: str) -> dict:
+    return keymap.avatar_spec()["variants"][variant]
+
+
+def check_converted_avatar(ctx: Context, variant: str | None, dit_config: dict | None, dit_rel: str,
+                           policy: DtypeExpectations) -> None:
+    """What a converted avatar tree holds beyond a base tree: the audio encoder folder, the INT8 folder if kept."""
+    component = keymap.avatar_spec()["audio_component"]
+    if variant is None:
+        ctx.findings.error("audio_encoder", "missing_component", f"{component}/config.json is missing or names no "
+                           "known audio encoder (wav2vec2, whisper)", f"{component}/")
+        return
+    if dit_config is not None:
+        check_audio_encoder(ctx, variant, dit_config, dit_rel, component)
+    int8 = variant_spec(variant).get("int8_dir")
+    if int8 and (ctx.root / int8).is_dir():
+        check_int8_folder(ctx, ctx.root / int8)
 
 
 def check_avatar_tree(ctx: Context, variant: str, policy: DtypeExpectations, follow_symlinks: bool,
                       deep: bool) -> None:
     configs = []
-    for folder in VARIANT_DIT_FOLDERS[variant]:
+    for folder in variant_spec(variant)["dit_dirs"]:
         if variant == "avatar-v1.5" and not (ctx.root / folder).is_dir() and (ctx.root / INT8_FOLDER).is_dir():
             ctx.findings.info(folder, "missing_component", "absent: only the INT8 DiT is present", f"{folder}/")
             continue
@@ -67,7 +74,7 @@ def check_avatar_tree(ctx: Context, variant: str, policy: DtypeExpectations, fol
         return
     config, config_rel, expanded = configs[0]
     _check_same_architecture(ctx, configs)
-    check_audio_encoder(ctx, variant, config, config_rel)
+    check_audio_encoder(ctx, variant, config, config_rel, variant_spec(variant)["audio_dir"])
     if variant == "avatar-v1.5":
         check_lora_folder(ctx, UPSTREAM_LAYOUT, expanded, policy)
         check_scheduler_config(ctx, ctx.root / "scheduler" / "scheduler_config.json", "raw")
@@ -163,9 +170,8 @@ def _check_scales(ctx: Context, folder: Path, weights, expected: dict[str, keyma
                                "(the quantizer's scales are at least 1e-8/127)", rel, key)
 
 
-def check_audio_encoder(ctx: Context, variant: str, dit: dict, dit_rel: str) -> None:
+def check_audio_encoder(ctx: Context, variant: str, dit: dict, dit_rel: str, name: str) -> None:
     """The encoder's width and layer count must give the DiT's audio_channel and audio_block."""
-    name = AUDIO_FOLDERS[variant]
     folder = component_folder(ctx, "audio_encoder", name)
     if folder is None:
         return
@@ -219,7 +225,10 @@ def _check_vocal_separator(ctx: Context) -> None:
 
 def check_sibling(ctx: Context, variant: str, dit: dict, dit_rel: str, follow_symlinks: bool, deep: bool) -> None:
     """tokenizer/, text_encoder/, vae/ (and scheduler/ for 1.0) of `<root>/../LongCat-Video`."""
-    sibling = (ctx.root.parent / SIBLING).resolve()
+    if all((ctx.root / name).is_dir() for name in variant_spec(variant)["sibling_components"]):
+        sibling = ctx.root  # a converted-and-reversed tree carries them itself
+    else:
+        sibling = (ctx.root.parent / SIBLING).resolve()
     if not sibling.is_dir():
         ctx.findings.error("sibling", "missing_component", f"{sibling} is missing: the avatar demos read tokenizer, "
                            "text encoder and VAE from ../LongCat-Video", "../" + SIBLING, )
@@ -235,7 +244,7 @@ def check_sibling(ctx: Context, variant: str, dit: dict, dit_rel: str, follow_sy
     else:
         ctx.findings.error("tokenizer", "missing_component", f"{sibling}/tokenizer/ is missing", "../" + SIBLING)
     vae = check_vae(inner, copied)
-    if variant == "avatar-v1.0":
+    if "scheduler" in variant_spec(variant)["sibling_components"]:
         check_scheduler_config(inner, sibling / "scheduler" / "scheduler_config.json", "raw")
     check_cross_rules(inner, (dit, dit_rel), (text_encoder, "../LongCat-Video/text_encoder/config.json")
                       if text_encoder else None, (vae, "../LongCat-Video/vae/config.json") if vae else None)
@@ -244,4 +253,4 @@ def check_sibling(ctx: Context, variant: str, dit: dict, dit_rel: str, follow_sy
             ctx.components[f"sibling_{name}"] = inner.components[name]
 
 
-__all__ = ["SIBLING_FIX", "avatar_variant", "check_avatar_tree"]
+__all__ = ["SIBLING_FIX", "avatar_variant", "check_avatar_tree", "check_converted_avatar"]

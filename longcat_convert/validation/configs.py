@@ -24,9 +24,8 @@ AVATAR_NON_CONSTRUCTOR_FIELDS = ("architectures", "model_max_length")
 
 
 def dit_schema_name(naming: str, family: str = keymap.BASE_FAMILY) -> str:
-    if family == keymap.AVATAR_FAMILY:
-        return "avatar-dit-config"  # upstream naming only: FastVideo has no avatar model
-    return "dit-config" if naming == "upstream" else "fastvideo-transformer-config"
+    base = "dit-config" if naming == "upstream" else "fastvideo-transformer-config"
+    return f"avatar-{base}" if family == keymap.AVATAR_FAMILY else base
 
 
 def _read_checked(ctx: Context, component: str, path: Path, schema: str,
@@ -227,7 +226,7 @@ def check_model_index(ctx: Context, path: Path, form: str) -> dict | None:
     document, problems = checked
     rel = ctx.rel(path)
     flagged = {p.field for p in problems}
-    expected = keymap.load_map_document()["model_index"][form]
+    expected = keymap.model_index_spec(form)
     allowed = FASTVIDEO_PIPELINE_CLASSES if form == "fastvideo" else (expected["_class_name"],)
     if "_class_name" not in flagged and document.get("_class_name") not in allowed:
         ctx.findings.error("model_index", "model_index", f"_class_name is {document.get('_class_name')!r}, "

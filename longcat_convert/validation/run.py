@@ -18,9 +18,9 @@ from ..core import jsonschemas, keymap
 from ..core.dtypes import POLICY_NAMES
 from ..core.errors import LongcatError
 from ..core.io import DirectFiles, FileReader
-from ..core.layout_detect import check_root, detect_layout
+from ..core.layout_detect import avatar_variant_of_layout, check_root, detect_layout
 from .adapters import check_lora_folder
-from .avatar import VARIANT_DIT_FOLDERS, avatar_variant, check_avatar_tree
+from .avatar import check_avatar_tree, check_converted_avatar
 from .configs import check_cross_rules, check_model_index, check_scheduler_config, check_tokenizer
 from .context import Context, check_tree_safety, report_stray_pickles
 from .findings import Findings
@@ -66,18 +66,21 @@ def validate_tree(root: str | Path, options: ValidateOptions = ValidateOptions()
     ctx = Context(resolved, findings, dit_only=not any((resolved / name).exists() for name in SHARED_COMPONENTS),
                   files=files or DirectFiles())
     pickles = check_tree_safety(ctx, options.follow_symlinks)  # before any file is opened
-    variant = avatar_variant(resolved) if options.layout is None else None
-    if variant is not None:
-        return _validate_avatar(ctx, variant, options, pickles, started)
     detected = detect_layout(resolved, options.layout)
     layout = keymap.layout(detected.name)
+    family = keymap.layout_family(detected.name)
+    variant = avatar_variant_of_layout(detected.name, resolved)
+    if family == keymap.AVATAR_FAMILY and layout["model_index"] is None:
+        return _validate_raw_avatar(ctx, variant, detected, options, pickles, started)
     manifest = load_manifest(ctx)
     policy = DtypeExpectations(POLICY_NAMES[options.dtype] if options.dtype else None, options.allow_mixed_dtypes,
                                manifest.dtypes_by_file() if manifest else {})
 
     _check_model_index(ctx, layout)
-    dit = check_dit(ctx, layout, policy)
+    dit = check_dit(ctx, layout, policy, family=family)
     check_lora_folder(ctx, layout, dit.expanded, policy)
+    if family == keymap.AVATAR_FAMILY:
+        check_converted_avatar(ctx, variant, dit.config, dit.config_rel, policy)
     if ctx.dit_only:
         folders = ", ".join(f"{name}/" for name in SHARED_COMPONENTS)
         findings.warning("tree", "missing_component", f"a DiT-only tree (no {folders}): the DiT and its LoRAs can be "
@@ -114,17 +117,18 @@ def _report(ctx: Context, options: ValidateOptions, layout: dict, manifest: dict
     return jsonschemas.checked_report("validation-report", report)
 
 
-def _validate_avatar(ctx: Context, variant: str, options: ValidateOptions, pickles: list[str],
-                     started: float) -> dict:
-    """A raw LongCat-Video-Avatar tree (no conversion manifest: avatar trees are not converted yet)."""
+def _validate_raw_avatar(ctx: Context, variant: str | None, detected, options: ValidateOptions,
+                         pickles: list[str], started: float) -> dict:
+    """A LongCat-Video-Avatar tree as published (several DiT folders, the base tree beside it)."""
+    if variant is None:
+        raise LongcatError(f"the {detected.name} layout names no avatar version", ctx.root)
     ctx.dit_only = False
     policy = DtypeExpectations(POLICY_NAMES[options.dtype] if options.dtype else None, options.allow_mixed_dtypes)
     check_avatar_tree(ctx, variant, policy, options.follow_symlinks, options.deep)
     report_stray_pickles(ctx, pickles)
     deep = _deep_scan(ctx, None, None) if options.deep else None
-    folders = ", ".join(f"{name}/" for name in VARIANT_DIT_FOLDERS[variant])
-    return _report(ctx, options, {"name": variant, "reason": f"a LongCat-Video-Avatar tree ({folders})",
-                                  "forced": False}, None, deep, started)
+    return _report(ctx, options, {"name": detected.name, "reason": detected.reason, "forced": detected.forced},
+                   None, deep, started)
 
 
 def _check_shared_components(ctx: Context, options: ValidateOptions, policy: DtypeExpectations, layout_name: str,
