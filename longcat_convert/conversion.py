@@ -33,6 +33,7 @@ class ConvertRequest:
     quiet: bool = False
     resume: bool = False
     allow_mixed_dtypes: bool = False
+    from_int8: bool = False  # convert an avatar 1.5 tree's base_model_int8/ (dequantised to `dtype`)
 
 
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
@@ -74,7 +75,7 @@ def _plan(request: ConvertRequest, src: Path) -> tuple[Tree, ConversionPlan]:
         raise LongcatError("is a LongCat-Video-Avatar 1.0 tree: its two DiTs (avatar_single/, avatar_multi/) are not "
                            "converted yet (validate checks it; 1.5 trees convert)", src,
                            "load it with upstream's avatar code as it is")
-    tree = read_tree(root, follow_symlinks=follow_symlinks, sources=sources)
+    tree = read_tree(root, follow_symlinks=follow_symlinks, sources=sources, int8=request.from_int8)
     target = _target_layout(tree, request.to)
     if tree.layout == target and request.dtype == "keep" and not request.keep_fp32:
         raise LongcatError(f"is already in the {request.to} layout and no dtype change was asked for", src,

@@ -54,7 +54,7 @@ class Slice:
 @dataclass(frozen=True)
 class OutputTensor:
     """One tensor to write. op: rows (concatenate row blocks), blockdiag (place sources on the diagonal
-    of a zero matrix), scalar (`value`). `multiplier` scales values (only for LoRA alpha rescaling)."""
+    of a zero matrix), scalar (`value`), dequant (INT8 rows times their scales, in `dtype`). `multiplier` scales values (only for LoRA alpha rescaling)."""
 
     name: str
     shape: tuple[int, ...]
@@ -196,7 +196,9 @@ def _check_dit_keys(tree: Tree, expanded: keymap.ExpandedMap) -> list[DropCheck]
     drops = [DropCheck(on_disk[k], k, expanded.drops[k].require, expanded.drops[k].reason)
              for k in on_disk if naming == "upstream" and k in expanded.drops]
     found = {key: tree.dit.info(key).shape for key in on_disk}
-    mismatch = keymap.compare_key_sets(found, expanded.expected_shapes(naming), {drop.key for drop in drops})
+    expected = ({k: t.shape for k, t in keymap.int8_expected(expanded).items()} if tree.int8
+                else expanded.expected_shapes(naming))
+    mismatch = keymap.compare_key_sets(found, expected, {drop.key for drop in drops})
     if mismatch:
         raise LongcatError(f"the DiT's tensors do not match the key set its config implies: {mismatch.describe()}",
                            tree.root / tree.dit.folder, "the config does not match the weights, or this is not a "
@@ -204,10 +206,37 @@ def _check_dit_keys(tree: Tree, expanded: keymap.ExpandedMap) -> list[DropCheck]
     return drops
 
 
+def _dequantized_outputs(tree: Tree, rule: keymap.ParamRule, target_naming: str,
+                         policy: DtypePolicy) -> list[OutputTensor]:
+    """A quantised Linear's weight from its INT8 rows and their scales (op `dequant`), split like any fused
+    weight; the output dtype is --dtype's (upstream's QuantizedLinear computes its weight in the input dtype)."""
+    spec = keymap.quantization_spec(tree.family)
+    q_key, s_key = f"{rule.module}.{spec['weight']}", f"{rule.module}.{spec['scale']}"
+    if policy.target is None or policy.target not in ("F32", "BF16"):
+        raise LongcatError("an INT8 DiT is dequantised to float32 or bfloat16", tree.root / tree.dit.folder,
+                           "pass --dtype float32 or --dtype bfloat16 with --from-int8")
+    if tree.dit.info(q_key).dtype != "I8" or tree.dit.info(s_key).dtype != "F32":
+        raise LongcatError(f"{q_key} / {s_key} are {tree.dit.info(q_key).dtype} / {tree.dit.info(s_key).dtype}, "
+                           "not int8 / float32", tree.root / tree.dit.folder, "use the INT8 folder as upstream wrote it")
+    names = rule.keys(target_naming)
+    rows = rule.shape[0] // len(names)
+    outputs = []
+    for part, name in enumerate(names):
+        span = (part * rows, (part + 1) * rows) if len(names) > 1 else None
+        sources = (Slice(tree.dit.key_files[q_key], q_key, span), Slice(tree.dit.key_files[s_key], s_key, span))
+        shape = rule.shapes(target_naming)[name]
+        outputs.append(OutputTensor(name, shape, policy.target, "I8", "dequant", sources, "dequant"))
+    return outputs
+
+
 def _dit_outputs(tree: Tree, expanded: keymap.ExpandedMap, target_naming: str, policy: DtypePolicy) -> list[OutputTensor]:
     source_naming = tree.naming
     outputs = []
+    quantized = set(keymap.quantized_modules(expanded)) if tree.int8 else set()
     for rule in expanded.params:
+        if rule.module in quantized and rule.param == "weight":
+            outputs += _dequantized_outputs(tree, rule, target_naming, policy)
+            continue
         source_keys = rule.keys(source_naming)
         dtypes = {tree.dit.info(k).dtype for k in source_keys}
         if len(dtypes) > 1:

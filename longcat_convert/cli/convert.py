@@ -62,13 +62,16 @@ def _plan_lines(plan: ConversionPlan) -> list[str]:
 @click.option("--follow-symlinks", is_flag=True, help="Accept symlinks in SRC that point outside it.")
 @click.option("--allow-mixed-dtypes", is_flag=True,
               help="Accept a source whose components mix dtypes (as `validate --allow-mixed-dtypes` does).")
+@click.option("--from-int8", is_flag=True,
+              help="LongCat-Video-Avatar 1.5: convert base_model_int8/ instead of base_model/, dequantised as "
+                   "upstream's QuantizedLinear computes its weight in --dtype (float32 or bfloat16).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (outputs, shards, dtypes, memory, disk); write nothing.")
 @report_option("the manifest (with --dry-run: the plan)")
 @json_option("the manifest (with --dry-run: the plan)")
 @quiet_option("Also no summary.")
 def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[str, ...], max_shard_size: str,
                     lora_alpha_fix: str, overwrite: bool, resume: bool, follow_symlinks: bool, allow_mixed_dtypes: bool,
-                    dry_run: bool, report_path: Path | None, as_json: bool, quiet: bool) -> None:
+                    from_int8: bool, dry_run: bool, report_path: Path | None, as_json: bool, quiet: bool) -> None:
     """Convert the LongCat-Video tree SRC into a new tree DST in another layout.
 
     SRC must pass `longcat-convert validate` (the same checks run first; the first errors are shown),
@@ -91,6 +94,13 @@ def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[s
           --to fastvideo --dtype bfloat16 --keep-fp32 '*adaln*'
       longcat-convert convert out/fv out/raw --to raw   # reverse: bit-identical
       longcat-convert convert weights/LongCat-Video out/d --to diffusers --dry-run
+      longcat-convert convert weights/LongCat-Video-Avatar-1.5 out/av --to diffusers   # avatar 1.5
+      longcat-convert convert weights/LongCat-Video-Avatar-1.5 out/av8 --to diffusers \
+          --from-int8 --dtype bfloat16                # the INT8 DiT, dequantised as upstream computes it
+
+    A LongCat-Video-Avatar 1.5 tree (base_model/, whisper-large-v3/, lora/dmd_lora, scheduler/) takes the
+    tokenizer, text encoder and VAE from the LongCat-Video tree beside it (../LongCat-Video, where upstream's
+    demos read them); the converted tree holds them and stands alone (audio encoder in audio_encoder/).
     """
     local_src = not looks_like_repo_id(src)
     report_target = None
@@ -100,7 +110,7 @@ def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[s
     request = ConvertRequest(src=src, dst=dst, to=to, dtype=dtype,
                              keep_fp32=keep_fp32, max_shard_size=max_shard_size, lora_alpha_fix=lora_alpha_fix,
                              overwrite=overwrite, follow_symlinks=follow_symlinks, quiet=quiet, resume=resume,
-                             allow_mixed_dtypes=allow_mixed_dtypes)
+                             allow_mixed_dtypes=allow_mixed_dtypes, from_int8=from_int8)
     if dry_run:
         _, plan = prepare(request)
         document = {"dry_run": True, "plan": plan.to_json()}

@@ -91,6 +91,7 @@ class Tree:
     skipped: list[Skipped] = field(default_factory=list)
     sources: SourceFiles = field(default_factory=SourceFiles)  # the files read above, held open for the conversion
     avatar_variant: str | None = None  # avatar-v1.0 / avatar-v1.5 for a LongCat-Video-Avatar tree
+    int8: bool = False  # the DiT read is the INT8 one (weight_int8 + weight_scale per quantised Linear)
 
     @property
     def family(self) -> str:
@@ -121,12 +122,21 @@ class Tree:
         return self.sources.tensor(self.dit.header(key), key, rows)
 
 
-def read_dit(root: Path, folder: str, naming: str, sources: SourceFiles) -> DitFiles:
+def read_dit(root: Path, folder: str, naming: str, sources: SourceFiles, rules: FolderRules | None = None) -> DitFiles:
     config = read_json_object(root / folder / "config.json", read=sources.read_file)
-    scan = scan_shard_folder(root / folder, FolderRules.dit(naming), sources)
+    scan = scan_shard_folder(root / folder, rules or FolderRules.dit(naming), sources)
     headers = {f"{folder}/{name}": header for name, header in scan.headers.items()}
     key_files = {key: f"{folder}/{name}" for key, (name, _) in scan.located.items()}
     return DitFiles(folder, config, headers, scan.index, key_files, scan.problems)
+
+
+def int8_dit_folder(root: Path, variant: str | None) -> str:
+    """The INT8 DiT folder of an avatar tree (`--from-int8`); an error for a tree without one."""
+    folder = keymap.avatar_spec()["variants"].get(variant or "", {}).get("int8_dir")
+    if folder is None or not (root / folder).is_dir():
+        raise LongcatError("has no INT8 DiT folder (base_model_int8/ of a LongCat-Video-Avatar 1.5 tree)", root,
+                           "drop --from-int8")
+    return folder
 
 
 def require_usable_dit(dit: DitFiles, config_path: Path, naming: str) -> None:
@@ -250,7 +260,7 @@ def _other_files(root: Path, files: list[str], dit: DitFiles, adapters: list[Ada
 
 
 def read_tree(root: str | Path, layout_name: str | None = None, follow_symlinks: bool = False,
-              sources: SourceFiles | None = None, strict: bool = True) -> Tree:
+              sources: SourceFiles | None = None, strict: bool = True, int8: bool = False) -> Tree:
     """sources: the held files to read through (a conversion's, which validation has read through already).
     strict=False: the DiT folder's problems are kept in `tree.dit.problems` for the caller to report, and
     `require_usable_dit` is the caller's to run before the tree is used as a model."""
@@ -261,19 +271,40 @@ def read_tree(root: str | Path, layout_name: str | None = None, follow_symlinks:
     listing = list_files(root, follow_symlinks)
     raise_first_error(listing.problems)
     files, skipped = listing.files, list(listing.skipped)
-    dit = read_dit(root, spec["dit_dir"], spec["naming"], sources)
+    variant = avatar_variant_of_layout(layout_name, root)
+    dit_dir, rules = spec["dit_dir"], None
+    if int8:
+        dit_dir = int8_dit_folder(root, variant)
+        quantization = keymap.quantization_spec(keymap.AVATAR_FAMILY)
+        rules = FolderRules(quantization["shard_prefix"], names_matter=True)
+    dit = read_dit(root, dit_dir, spec["naming"], sources, rules)
     if strict:
-        require_usable_dit(dit, root / spec["dit_dir"] / "config.json", spec["naming"])
+        require_usable_dit(dit, root / dit_dir / "config.json", spec["naming"])
     adapters = read_adapters(root, layout_name, files, sources)
     model_index_path = root / "model_index.json"
     model_index = None
     if model_index_path.is_file():
         model_index = read_json_object(model_index_path, read=sources.read_file)
-    variant = avatar_variant_of_layout(layout_name, root)
     others = _other_files(root, files, dit, adapters, skipped)
+    if int8:
+        others = _leave_out_float_dit(others, spec["dit_dir"], dit.folder, skipped)
     if variant is not None and spec["model_index"] is None:
         others += _sibling_files(root, variant, follow_symlinks, skipped)
-    return Tree(root, layout_name, dit, adapters, others, model_index, skipped, sources, variant)
+    return Tree(root, layout_name, dit, adapters, others, model_index, skipped, sources, variant, int8)
+
+
+def _leave_out_float_dit(others: list[OtherFile], float_dir: str, int8_dir: str,
+                         skipped: list[Skipped]) -> list[OtherFile]:
+    """Converting the INT8 DiT: the float DiT folder (the same model) and the INT8 metadata are not carried over."""
+    kept = []
+    for other in others:
+        if other.path.startswith(float_dir + "/"):
+            skipped.append(Skipped(other.path, "the float DiT: --from-int8 converts the INT8 one in its place"))
+        elif other.path == f"{int8_dir}/quantization_config.json":
+            skipped.append(Skipped(other.path, "INT8 metadata: the converted DiT is dequantised"))
+        else:
+            kept.append(other)
+    return kept
 
 
 def _sibling_files(root: Path, variant: str, follow_symlinks: bool, skipped: list[Skipped]) -> list[OtherFile]:
