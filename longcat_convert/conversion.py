@@ -34,6 +34,7 @@ class ConvertRequest:
     resume: bool = False
     allow_mixed_dtypes: bool = False
     from_int8: bool = False  # convert an avatar 1.5 tree's base_model_int8/ (dequantised to `dtype`)
+    to_int8: bool = False  # write the DiT as upstream's INT8 base_model_int8/ (avatar 1.5, --to raw)
 
 
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
@@ -77,11 +78,11 @@ def _plan(request: ConvertRequest, src: Path) -> tuple[Tree, ConversionPlan]:
                            "load it with upstream's avatar code as it is")
     tree = read_tree(root, follow_symlinks=follow_symlinks, sources=sources, int8=request.from_int8)
     target = _target_layout(tree, request.to)
-    if tree.layout == target and request.dtype == "keep" and not request.keep_fp32:
+    if tree.layout == target and request.dtype == "keep" and not request.keep_fp32 and not request.to_int8:
         raise LongcatError(f"is already in the {request.to} layout and no dtype change was asked for", src,
                            "choose another --to, or a --dtype to re-cast")
     options = PlanOptions(target, DtypePolicy.from_options(request.dtype, request.keep_fp32),
-                          parse_size(request.max_shard_size), request.lora_alpha_fix)
+                          parse_size(request.max_shard_size), request.lora_alpha_fix, request.to_int8)
     return tree, plan_conversion(tree, options)
 
 

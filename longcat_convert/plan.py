@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from .core import keymap
-from .core.dtypes import ITEMSIZE, DtypePolicy, exactly_representable
+from .core.dtypes import ITEMSIZE, POLICY_NAMES, DtypePolicy, exactly_representable
 from .core.errors import LongcatError, raise_first_error
 from .core.io import index_name, parse_json, shard_name
 from .core.io.reader import CHUNK_BYTES
@@ -54,7 +54,8 @@ class Slice:
 @dataclass(frozen=True)
 class OutputTensor:
     """One tensor to write. op: rows (concatenate row blocks), blockdiag (place sources on the diagonal
-    of a zero matrix), scalar (`value`), dequant (INT8 rows times their scales, in `dtype`). `multiplier` scales values (only for LoRA alpha rescaling)."""
+    of a zero matrix), scalar (`value`), dequant (INT8 rows times their scales, in `dtype`), int8_weight /
+    int8_scale (upstream's INT8 quantisation of the sources' rows, concatenated). `multiplier` scales values (only for LoRA alpha rescaling)."""
 
     name: str
     shape: tuple[int, ...]
@@ -65,6 +66,7 @@ class OutputTensor:
     rule: str
     value: float | None = None
     multiplier: float | None = None
+    work_dtype: str | None = None  # int8_weight / int8_scale: the dtype the weight is cast to before quantising
 
     @property
     def nbytes(self) -> int:
@@ -157,6 +159,7 @@ class ConversionPlan:
             "shards": [{"file": s.file, "metadata": s.metadata, "bytes": s.nbytes,
                         "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "op": t.op,
                                      "source_dtype": t.source_dtype, "value": t.value, "multiplier": t.multiplier,
+                                     **({"work_dtype": t.work_dtype} if t.work_dtype else {}),
                                      "sources": [x.to_json() for x in t.sources]} for t in s.tensors]}
                        for s in self.shards],
             "indexes": [{"file": i.file, "total_size": i.total_size} for i in self.indexes],
@@ -184,6 +187,7 @@ class PlanOptions:
     policy: DtypePolicy = field(default_factory=DtypePolicy)
     max_shard_bytes: int = 5 * 10**9
     lora_alpha_fix: str = "refuse"  # or "rescale"
+    to_int8: bool = False  # write the DiT in upstream's INT8 format (avatar 1.5, raw layout)
 
 
 # ----------------------------------------------------------------------------------------------- DiT
@@ -229,13 +233,42 @@ def _dequantized_outputs(tree: Tree, rule: keymap.ParamRule, target_naming: str,
     return outputs
 
 
-def _dit_outputs(tree: Tree, expanded: keymap.ExpandedMap, target_naming: str, policy: DtypePolicy) -> list[OutputTensor]:
+def _quantized_outputs(tree: Tree, rule: keymap.ParamRule, spec: dict, policy: DtypePolicy) -> list[OutputTensor]:
+    """A Linear's weight in upstream's INT8 format: int8 rows (op `int8_weight`) and their float32 scales (op
+    `int8_scale`), both computed from the whole (fused) weight, whatever naming its parts have in the source,
+    after the cast --dtype asks for (upstream quantises the model in the dtype it was loaded in)."""
+    source_keys = rule.keys(tree.naming)
+    dtypes = {tree.dit.info(k).dtype for k in source_keys}
+    if len(dtypes) > 1:
+        raise LongcatError(f"the parts of {rule.upstream} have different dtypes {sorted(dtypes)}",
+                           tree.root / tree.dit.folder, "cast the checkpoint to one dtype first")
+    source_dtype = dtypes.pop()
+    sources = tuple(Slice(tree.dit.key_files[k], k) for k in source_keys)
+    work = policy.resolve(rule.upstream, source_dtype)
+    return [OutputTensor(f"{rule.module}.{spec['weight']}", rule.shape, "I8", source_dtype, "int8_weight", sources,
+                         "quantize", work_dtype=work),
+            OutputTensor(f"{rule.module}.{spec['scale']}", rule.shape[:1], "F32", source_dtype, "int8_scale", sources,
+                         "quantize", work_dtype=work)]
+
+
+def _int8_policy(name: str, spec: dict, quantized: set[str], policy: DtypePolicy) -> DtypePolicy:
+    """Biases of quantised Linears are stored in the format's bias dtype; everything else follows --dtype."""
+    module = name.rsplit(".", 1)[0]
+    if module in quantized:
+        return DtypePolicy(POLICY_NAMES[spec["bias_dtype"]])
+    return policy
+
+
+def _dit_outputs(tree: Tree, expanded: keymap.ExpandedMap, target_naming: str, policy: DtypePolicy,
+                 to_int8: bool = False) -> list[OutputTensor]:
     source_naming = tree.naming
     outputs = []
-    quantized = set(keymap.quantized_modules(expanded)) if tree.int8 else set()
+    quantized = set(keymap.quantized_modules(expanded)) if tree.int8 or to_int8 else set()
+    spec = keymap.quantization_spec(expanded.family) if quantized else {}
     for rule in expanded.params:
         if rule.module in quantized and rule.param == "weight":
-            outputs += _dequantized_outputs(tree, rule, target_naming, policy)
+            outputs += (_quantized_outputs(tree, rule, spec, policy) if to_int8
+                        else _dequantized_outputs(tree, rule, target_naming, policy))
             continue
         source_keys = rule.keys(source_naming)
         dtypes = {tree.dit.info(k).dtype for k in source_keys}
@@ -245,7 +278,8 @@ def _dit_outputs(tree: Tree, expanded: keymap.ExpandedMap, target_naming: str, p
         source_dtype = dtypes.pop()
         slices = [Slice(tree.dit.key_files[k], k) for k in source_keys]
         for name, shape, sources in _regroup(rule, source_naming, target_naming, slices):
-            outputs.append(OutputTensor(name, shape, policy.resolve(name, source_dtype), source_dtype, "rows",
+            chosen = _int8_policy(name, spec, quantized, policy) if to_int8 else policy
+            outputs.append(OutputTensor(name, shape, chosen.resolve(name, source_dtype), source_dtype, "rows",
                                         tuple(sources), rule.rule_name))
     return outputs
 
@@ -263,7 +297,8 @@ def _regroup(rule: keymap.ParamRule, source_naming: str, target_naming: str, sli
         yield rule.upstream, rule.shape, slices
 
 
-def _shard(outputs: list[OutputTensor], folder: str, prefix: str, max_bytes: int) -> tuple[list[ShardPlan], list[IndexPlan]]:
+def _shard(outputs: list[OutputTensor], folder: str, prefix: str, max_bytes: int,
+           always_index: bool = False) -> tuple[list[ShardPlan], list[IndexPlan]]:
     by_name = {t.name: t for t in outputs}
     groups = group_into_shards([(t.name, t.nbytes) for t in outputs], max_bytes)
     shards, weight_map = [], {}
@@ -274,7 +309,7 @@ def _shard(outputs: list[OutputTensor], folder: str, prefix: str, max_bytes: int
         shards.append(ShardPlan(file, tuple(tensors), {"format": "pt"}))
         weight_map.update(dict.fromkeys(names, file.rsplit("/", 1)[1]))
     indexes = []
-    if len(groups) > 1:
+    if len(groups) > 1 or always_index:
         indexes.append(IndexPlan(f"{folder}/{index_name(prefix)}", weight_map, sum(t.nbytes for t in outputs)))
     return shards, indexes
 
@@ -528,11 +563,17 @@ def _model_index(target_layout: str, dit_config: dict) -> dict | None:
     return body
 
 
-def _carried_over(tree: Tree, target_layout: str) -> tuple[list[FileCopy], list[Skipped]]:
-    """Files copied unchanged (DiT-folder extras follow the folder's new name) and files left out."""
-    renames = [(tree.dit.folder + "/", keymap.layout(target_layout)["dit_dir"] + "/")] + _avatar_renames(tree, target_layout)
-    copies = [FileCopy(f.path, _renamed(f.path, renames), f.nbytes) for f in tree.other_files]
-    skipped = list(tree.skipped)
+def _carried_over(tree: Tree, target_layout: str, dit_dir: str) -> tuple[list[FileCopy], list[Skipped]]:
+    """Files copied unchanged (DiT-folder extras follow the folder's new name) and files left out (a folder the
+    written DiT takes the place of: an INT8 output replaces the source's INT8 folder)."""
+    renames = [(tree.dit.folder + "/", dit_dir + "/")] + _avatar_renames(tree, target_layout)
+    copies, skipped = [], list(tree.skipped)
+    for other in tree.other_files:
+        target = _renamed(other.path, renames)
+        if target.startswith(dit_dir + "/") and not other.path.startswith(tree.dit.folder + "/"):
+            skipped.append(Skipped(other.path, f"replaced by the DiT this conversion writes to {dit_dir}/"))
+        else:
+            copies.append(FileCopy(other.path, target, other.nbytes))
     if tree.model_index is not None and keymap.layout(target_layout)["model_index"] is None:
         skipped.append(Skipped("model_index.json", f"the {target_layout} layout has no model_index.json"))
     return copies, skipped
@@ -568,22 +609,39 @@ def _check_unique_targets(plan_files: list[str], root) -> None:
         seen.add(file)
 
 
+def _int8_target(tree: Tree, options: PlanOptions) -> tuple[str, dict]:
+    """(DiT folder, quantization spec) of an INT8 output; refused unless an avatar 1.5 tree goes to its raw layout."""
+    int8_dir = keymap.avatar_spec()["variants"].get(tree.avatar_variant or "", {}).get("int8_dir")
+    if int8_dir is None or keymap.layout(options.target_layout)["model_index"] is not None or tree.int8:
+        raise LongcatError("--to-int8 writes base_model_int8/ of a LongCat-Video-Avatar 1.5 tree in the raw layout, "
+                           "from its float DiT", tree.root, "convert an avatar 1.5 tree with --to raw, without "
+                           "--from-int8")
+    return int8_dir, keymap.quantization_spec(tree.family)
+
+
 def plan_conversion(tree: Tree, options: PlanOptions) -> ConversionPlan:
     target = keymap.layout(options.target_layout)
     source_naming, target_naming = tree.naming, target["naming"]
     config_where = str(tree.config_path)
     expanded = keymap.expand(tree.dit.config, source_naming, config_where)
     drops = _check_dit_keys(tree, expanded)
-    dit_outputs = _dit_outputs(tree, expanded, target_naming, options.policy)
-    prefix = keymap.load_map_document()["shard_prefix"]
-    shards, indexes = _shard(dit_outputs, target["dit_dir"], prefix, options.max_shard_bytes)
+    dit_outputs = _dit_outputs(tree, expanded, target_naming, options.policy, options.to_int8)
+    dit_dir, prefix = target["dit_dir"], keymap.load_map_document()["shard_prefix"]
+    json_files: dict[str, dict] = {}
+    if options.to_int8:
+        dit_dir, spec = _int8_target(tree, options)
+        prefix = spec["shard_prefix"]
+        json_files[f"{dit_dir}/quantization_config.json"] = {
+            "quantization_method": spec["method"], "skip_patterns": list(spec["skip_substrings"]),
+            "description": "Weight-only INT8 quantization with per-channel symmetric scaling"}
+    shards, indexes = _shard(dit_outputs, dit_dir, prefix, options.max_shard_bytes, always_index=options.to_int8)
     adapters = [_plan_adapter(adapter, tree.layout, expanded, options) for adapter in tree.adapters]
-    json_files = {f"{target['dit_dir']}/config.json":
-                  keymap.convert_config(tree.dit.config, source_naming, target_naming, config_where)}
+    json_files[f"{dit_dir}/config.json"] = keymap.convert_config(tree.dit.config, source_naming, target_naming,
+                                                                  config_where)
     model_index = _model_index(options.target_layout, tree.dit.config)
     if model_index is not None:
         json_files["model_index.json"] = model_index
-    copies, skipped = _carried_over(tree, options.target_layout)
+    copies, skipped = _carried_over(tree, options.target_layout, dit_dir)
     _check_unique_targets([s.file for s in shards] + [a.shard.file for a in adapters] + [i.file for i in indexes]
                           + list(json_files) + [c.target for c in copies], tree.root)
     before = [(tree.dit.info(k).dtype, tree.dit.info(k).nbytes) for k in tree.dit.key_files]

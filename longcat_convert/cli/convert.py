@@ -65,13 +65,16 @@ def _plan_lines(plan: ConversionPlan) -> list[str]:
 @click.option("--from-int8", is_flag=True,
               help="LongCat-Video-Avatar 1.5: convert base_model_int8/ instead of base_model/, dequantised as "
                    "upstream's QuantizedLinear computes its weight in --dtype (float32 or bfloat16).")
+@click.option("--to-int8", is_flag=True,
+              help="LongCat-Video-Avatar 1.5 with --to raw: write the DiT as base_model_int8/ in upstream's INT8 "
+                   "format (bitwise what its quantizer writes), in place of base_model/.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (outputs, shards, dtypes, memory, disk); write nothing.")
 @report_option("the manifest (with --dry-run: the plan)")
 @json_option("the manifest (with --dry-run: the plan)")
 @quiet_option("Also no summary.")
 def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[str, ...], max_shard_size: str,
                     lora_alpha_fix: str, overwrite: bool, resume: bool, follow_symlinks: bool, allow_mixed_dtypes: bool,
-                    from_int8: bool, dry_run: bool, report_path: Path | None, as_json: bool, quiet: bool) -> None:
+                    from_int8: bool, to_int8: bool, dry_run: bool, report_path: Path | None, as_json: bool, quiet: bool) -> None:
     """Convert the LongCat-Video tree SRC into a new tree DST in another layout.
 
     SRC must pass `longcat-convert validate` (the same checks run first; the first errors are shown),
@@ -110,7 +113,8 @@ def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[s
     request = ConvertRequest(src=src, dst=dst, to=to, dtype=dtype,
                              keep_fp32=keep_fp32, max_shard_size=max_shard_size, lora_alpha_fix=lora_alpha_fix,
                              overwrite=overwrite, follow_symlinks=follow_symlinks, quiet=quiet, resume=resume,
-                             allow_mixed_dtypes=allow_mixed_dtypes, from_int8=from_int8)
+                             allow_mixed_dtypes=allow_mixed_dtypes, from_int8=from_int8,
+                             to_int8=to_int8)
     if dry_run:
         _, plan = prepare(request)
         document = {"dry_run": True, "plan": plan.to_json()}

@@ -273,6 +273,11 @@ def read_tree(root: str | Path, layout_name: str | None = None, follow_symlinks:
     files, skipped = listing.files, list(listing.skipped)
     variant = avatar_variant_of_layout(layout_name, root)
     dit_dir, rules = spec["dit_dir"], None
+    if not int8 and variant is not None and not (root / dit_dir).is_dir():
+        int8_dir = keymap.avatar_spec()["variants"][variant].get("int8_dir")
+        if int8_dir and (root / int8_dir).is_dir():
+            raise LongcatError(f"has only the INT8 DiT ({int8_dir}/), no {dit_dir}/", root,
+                               "convert it with --from-int8 --dtype bfloat16 (or float32)")
     if int8:
         dit_dir = int8_dit_folder(root, variant)
         quantization = keymap.quantization_spec(keymap.AVATAR_FAMILY)
