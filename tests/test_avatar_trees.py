@@ -19,7 +19,7 @@ from longcat_convert.core.io.pickles import sniff_pickle
 from longcat_convert.core.lora_format import parse
 from longcat_convert.tiny_avatar import build_tiny_avatar
 from longcat_convert.validation.run import validate_tree
-from tests.helpers import load_folder, run_cli
+from tests.helpers import bitwise_equal, load_folder, run_cli
 from tests.test_avatar_keymap import reference_quantize
 
 # upstream LongCatVideoAvatarTransformer3DModel.__init__ arguments (avatar.md §2 and weights.md §3.2)
@@ -189,10 +189,107 @@ def test_validate_checks_audio_encoder_prenorm_and_sibling(v15_copy: Path) -> No
     assert ("sibling", "missing_component") in by_component
 
 
-def test_convert_refuses_avatar_trees_in_one_line(trees: dict[str, Path], tmp_path: Path) -> None:
-    result = run_cli("convert", trees["avatar-v1.5"], tmp_path / "out", "--to", "diffusers")
-    assert result.exit_code == 2 and "LongCat-Video-Avatar tree (avatar-v1.5)" in result.output
+def test_convert_refuses_avatar_v10_trees_in_one_line(trees: dict[str, Path], tmp_path: Path) -> None:
+    result = run_cli("convert", trees["avatar-v1.0"], tmp_path / "out", "--to", "diffusers")
+    assert result.exit_code == 2 and "LongCat-Video-Avatar 1.0 tree" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def convert(src: Path, dst: Path, *options: str) -> Path:
+    result = run_cli("convert", src, dst, "-q", *options)
+    assert result.exit_code == 0, result.output
+    return dst
+
+
+def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(bitwise_equal(a[k], b[k]) for k in a)
+
+
+def files_below(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_v15_converts_to_a_standalone_diffusers_tree_and_back(trees: dict[str, Path], tmp_path: Path) -> None:
+    src = trees["avatar-v1.5"]
+    dif = convert(src, tmp_path / "dif", "--to", "diffusers")
+    index = json.loads((dif / "model_index.json").read_text())
+    assert index["_class_name"] == "LongCatVideoAvatarPipeline"
+    assert index["transformer"] == ["longcat_video", "LongCatVideoAvatarTransformer3DModel"]
+    assert all((dif / name).is_dir() for name, value in index.items() if isinstance(value, list))
+    for name in ("tokenizer", "text_encoder", "vae"):  # from ../LongCat-Video, byte for byte
+        assert files_below(dif / name) == files_below(src.parent / "LongCat-Video" / name)
+    assert files_below(dif / "audio_encoder") == files_below(src / "whisper-large-v3")
+    assert files_below(dif / "scheduler") == files_below(src / "scheduler")  # 1.5's own, shift 7
+    assert same_tensors(load_folder(dif / "transformer"), load_folder(src / "base_model"))
+    assert (dif / "lora" / "dmd_lora.safetensors").read_bytes() == (src / "lora" / "dmd_lora.safetensors").read_bytes()
+    alone = Path(shutil.move(dif, tmp_path / "elsewhere" / "x"))  # no ../LongCat-Video next to it any more
+    report = validate_tree(alone)
+    assert report["valid"] and report["layout"]["name"] == "avatar-diffusers", errors(report)
+    back = convert(alone, tmp_path / "back", "--to", "raw")
+    assert validate_tree(back)["valid"]
+    assert same_tensors(load_folder(back / "base_model"), load_folder(src / "base_model"))
+    assert files_below(back / "whisper-large-v3") == files_below(src / "whisper-large-v3")
+    assert files_below(back / "base_model_int8") == files_below(src / "base_model_int8")
+
+
+def test_v15_fastvideo_round_trip_is_bit_exact(trees: dict[str, Path], tmp_path: Path) -> None:
+    src = trees["avatar-v1.5"]
+    fv = convert(src, tmp_path / "fv", "--to", "fastvideo")
+    assert json.loads((fv / "model_index.json").read_text())["_class_name"] == "LongCatAvatarPipeline"
+    config = json.loads((fv / "transformer" / "config.json").read_text())
+    assert config["_class_name"] == "LongCatAvatarTransformer3DModel" and "num_attention_heads" in config
+    weights, base = load_folder(fv / "transformer"), load_folder(src / "base_model")
+    kv = base["blocks.1.audio_cross_attn.kv_linear.weight"]
+    assert torch.equal(torch.cat([weights["blocks.1.audio_cross_attn.to_k.weight"],
+                                  weights["blocks.1.audio_cross_attn.to_v.weight"]]), kv)
+    assert torch.equal(weights["audio_embedder.linear_1_vf.weight"], base["audio_proj.proj1_vf.weight"])
+    assert (fv / "lora" / "distilled" / "dmd_lora.safetensors").is_file()
+    assert validate_tree(fv)["valid"]
+    back = convert(fv, tmp_path / "back", "--to", "raw")
+    assert same_tensors(load_folder(back / "base_model"), base)
+    assert same_tensors(load_folder(back / "lora"), load_folder(src / "lora"))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_from_int8_dequantizes_as_upstream_computes(trees: dict[str, Path], tmp_path: Path, dtype: str) -> None:
+    src = trees["avatar-v1.5"]
+    out = convert(src, tmp_path / "d", "--to", "diffusers", "--from-int8", "--dtype", dtype)
+    written, stored = load_folder(out / "transformer"), load_folder(src / "base_model_int8")
+    assert not (out / "base_model").exists() and validate_tree(out)["valid"]
+    target = getattr(torch, dtype)
+    for key, value in written.items():
+        module = key.removesuffix(".weight")
+        if f"{module}.weight_int8" in stored:  # τ(q)·τ(s), rounded to τ: exact in float64 first
+            q, scale = stored[f"{module}.weight_int8"], stored[f"{module}.weight_scale"]
+            expected = (q.double() * scale.to(target).double().unsqueeze(1)).to(target)
+        else:
+            expected = stored[key].to(target)
+        assert bitwise_equal(value, expected), key
+    refused = run_cli("convert", src, tmp_path / "x", "--to", "diffusers", "--from-int8")
+    assert refused.exit_code == 2 and "--dtype float32 or --dtype bfloat16" in refused.output
+
+
+def test_to_int8_writes_what_upstreams_quantizer_writes(trees: dict[str, Path], tmp_path: Path) -> None:
+    src = trees["avatar-v1.5"]
+    out = convert(src, tmp_path / "q", "--to", "raw", "--to-int8")
+    written, tiny = load_folder(out / "base_model_int8"), load_folder(src / "base_model_int8")
+    assert written.keys() == tiny.keys() and not (out / "base_model").exists()
+    quantized = {k.removesuffix(".weight_int8") for k in tiny if k.endswith(".weight_int8")}
+    int8_keys = [k for k in tiny if k.endswith((".weight_int8", ".weight_scale")) or k.removesuffix(".bias") in quantized]
+    assert all(bitwise_equal(written[k], tiny[k]) for k in int8_keys)  # the tiny writer, checked against upstream
+    assert json.loads((out / "base_model_int8" / "quantized_model.safetensors.index.json").read_text())["weight_map"]
+    assert validate_tree(out)["valid"]
+    fv = convert(src, tmp_path / "fv", "--to", "fastvideo")
+    from_bf16 = load_folder(convert(fv, tmp_path / "q16", "--to", "raw", "--to-int8", "--dtype", "bfloat16")
+                            / "base_model_int8")
+    base = load_folder(src / "base_model")
+    for module in quantized:
+        q, scale = reference_quantize(base[f"{module}.weight"].bfloat16().float().numpy())
+        assert np.array_equal(from_bf16[f"{module}.weight_int8"].numpy(), q)
+        assert np.array_equal(from_bf16[f"{module}.weight_scale"].numpy().view(np.uint32), scale.view(np.uint32))
+    assert from_bf16["final_layer.linear.weight"].dtype == torch.bfloat16
+    refused = run_cli("convert", src, tmp_path / "x", "--to", "diffusers", "--to-int8")
+    assert refused.exit_code == 2 and not (tmp_path / "x").exists()
 
 
 def test_tiny_help_lists_the_avatar_variants() -> None:
