@@ -72,10 +72,6 @@ def _plan(request: ConvertRequest, src: Path) -> tuple[Tree, ConversionPlan]:
                                                  allow_mixed_dtypes=request.allow_mixed_dtypes), sources)
     refuse_if_invalid(report, src, f"`longcat-convert validate {src}` lists every problem; "
                       "a tree it rejects is not converted")
-    if report["layout"]["name"] == "avatar-v1.0":
-        raise LongcatError("is a LongCat-Video-Avatar 1.0 tree: its two DiTs (avatar_single/, avatar_multi/) are not "
-                           "converted yet (validate checks it; 1.5 trees convert)", src,
-                           "load it with upstream's avatar code as it is")
     tree = read_tree(root, follow_symlinks=follow_symlinks, sources=sources, int8=request.from_int8)
     target = _target_layout(tree, request.to)
     if tree.layout == target and request.dtype == "keep" and not request.keep_fp32 and not request.to_int8:

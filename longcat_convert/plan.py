@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 
 from .core import keymap
@@ -551,7 +551,7 @@ def _census(entries: list[tuple[str, int]]) -> dict[str, dict[str, int]]:
     return {d: {"tensors": counts[d], "bytes": sizes[d]} for d in sorted(counts)}
 
 
-def _model_index(target_layout: str, dit_config: dict) -> dict | None:
+def _model_index(target_layout: str, dit_config: dict, extra_components: list[str] = ()) -> dict | None:
     form = keymap.layout(target_layout)["model_index"]
     if form is None:
         return None
@@ -560,13 +560,16 @@ def _model_index(target_layout: str, dit_config: dict) -> dict | None:
     if "workload_type" in spec:
         body["workload_type"] = spec["workload_type"]
     body.update({name: list(pair) for name, pair in spec["components"].items()})
+    body.update({name: list(spec["optional_components"][name]) for name in extra_components})
     return body
 
 
-def _carried_over(tree: Tree, target_layout: str, dit_dir: str) -> tuple[list[FileCopy], list[Skipped]]:
+def _carried_over(tree: Tree, target_layout: str, dit_dir: str,
+                  extra_dirs: dict[str, str] | None = None) -> tuple[list[FileCopy], list[Skipped]]:
     """Files copied unchanged (DiT-folder extras follow the folder's new name) and files left out (a folder the
     written DiT takes the place of: an INT8 output replaces the source's INT8 folder)."""
-    renames = [(tree.dit.folder + "/", dit_dir + "/")] + _avatar_renames(tree, target_layout)
+    renames = [(tree.dit.folder + "/", dit_dir + "/")] + [(f"{a}/", f"{b}/") for a, b in (extra_dirs or {}).items()]
+    renames += _avatar_renames(tree, target_layout)
     copies, skipped = [], list(tree.skipped)
     for other in tree.other_files:
         target = _renamed(other.path, renames)
@@ -609,6 +612,17 @@ def _check_unique_targets(plan_files: list[str], root) -> None:
         seen.add(file)
 
 
+def _plan_extra_dit(tree: Tree, target_dir: str, target_naming: str,
+                    options: PlanOptions) -> tuple[list[ShardPlan], list[IndexPlan], dict, list[DropCheck]]:
+    """Shards, index, config and drop checks of a second DiT (`tree` reads it as its `dit`)."""
+    where = str(tree.root / tree.dit.folder / "config.json")
+    expanded = keymap.expand(tree.dit.config, tree.naming, where)
+    drops = _check_dit_keys(tree, expanded)
+    outputs = _dit_outputs(tree, expanded, target_naming, options.policy)
+    shards, indexes = _shard(outputs, target_dir, keymap.load_map_document()["shard_prefix"], options.max_shard_bytes)
+    return shards, indexes, keymap.convert_config(tree.dit.config, tree.naming, target_naming, where), drops
+
+
 def _int8_target(tree: Tree, options: PlanOptions) -> tuple[str, dict]:
     """(DiT folder, quantization spec) of an INT8 output; refused unless an avatar 1.5 tree goes to its raw layout."""
     int8_dir = keymap.avatar_spec()["variants"].get(tree.avatar_variant or "", {}).get("int8_dir")
@@ -638,13 +652,23 @@ def plan_conversion(tree: Tree, options: PlanOptions) -> ConversionPlan:
     adapters = [_plan_adapter(adapter, tree.layout, expanded, options) for adapter in tree.adapters]
     json_files[f"{dit_dir}/config.json"] = keymap.convert_config(tree.dit.config, source_naming, target_naming,
                                                                   config_where)
-    model_index = _model_index(options.target_layout, tree.dit.config)
+    extra_dirs: dict[str, str] = {}
+    for folder, dit in tree.extra_dits.items():  # avatar 1.0's multi-speaker DiT: planned like the main one
+        raw_name = keymap.extra_dit_folders(tree.avatar_variant, tree.layout)[folder]
+        target_dir = keymap.extra_dit_target(tree.avatar_variant, raw_name, options.target_layout)
+        extra_dirs[folder] = target_dir
+        more_shards, more_indexes, config, extra_drops = _plan_extra_dit(replace(tree, dit=dit), target_dir,
+                                                                         target_naming, options)
+        shards, indexes, drops = shards + more_shards, indexes + more_indexes, drops + extra_drops
+        json_files[f"{target_dir}/config.json"] = config
+        dit_outputs += [t for shard in more_shards for t in shard.tensors]
+    model_index = _model_index(options.target_layout, tree.dit.config, list(extra_dirs.values()))
     if model_index is not None:
         json_files["model_index.json"] = model_index
-    copies, skipped = _carried_over(tree, options.target_layout, dit_dir)
+    copies, skipped = _carried_over(tree, options.target_layout, dit_dir, extra_dirs)
     _check_unique_targets([s.file for s in shards] + [a.shard.file for a in adapters] + [i.file for i in indexes]
                           + list(json_files) + [c.target for c in copies], tree.root)
-    before = [(tree.dit.info(k).dtype, tree.dit.info(k).nbytes) for k in tree.dit.key_files]
+    before = [(d.info(k).dtype, d.info(k).nbytes) for d in (tree.dit, *tree.extra_dits.values()) for k in d.key_files]
     before += [(i.dtype, i.nbytes) for a in tree.adapters for i in a.header.tensors.values()]
     after = [(t.dtype, t.nbytes) for s in shards + [a.shard for a in adapters] for t in s.tensors]
     return ConversionPlan(tree.layout, options.target_layout, shards, indexes, copies, json_files,

@@ -189,12 +189,6 @@ def test_validate_checks_audio_encoder_prenorm_and_sibling(v15_copy: Path) -> No
     assert ("sibling", "missing_component") in by_component
 
 
-def test_convert_refuses_avatar_v10_trees_in_one_line(trees: dict[str, Path], tmp_path: Path) -> None:
-    result = run_cli("convert", trees["avatar-v1.0"], tmp_path / "out", "--to", "diffusers")
-    assert result.exit_code == 2 and "LongCat-Video-Avatar 1.0 tree" in result.output
-    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
-
-
 def convert(src: Path, dst: Path, *options: str) -> Path:
     result = run_cli("convert", src, dst, "-q", *options)
     assert result.exit_code == 0, result.output
@@ -295,3 +289,20 @@ def test_to_int8_writes_what_upstreams_quantizer_writes(trees: dict[str, Path], 
 def test_tiny_help_lists_the_avatar_variants() -> None:
     result = run_cli("tiny", "--help")
     assert result.exit_code == 0 and "avatar-v1.0" in result.output and "avatar-v1.5" in result.output
+
+
+def test_v10_converts_both_dits_and_back_without_the_pickle(trees: dict[str, Path], tmp_path: Path) -> None:
+    src = trees["avatar-v1.0"]
+    fv = convert(src, tmp_path / "fv", "--to", "fastvideo")
+    index = json.loads((fv / "model_index.json").read_text())
+    assert index["transformer_multi"] == ["diffusers", "LongCatAvatarTransformer3DModel"]
+    assert not (fv / "audio_encoder" / "pytorch_model.bin").exists()  # a pickle: never opened, not copied
+    assert files_below(fv / "scheduler") == files_below(src.parent / "LongCat-Video" / "scheduler")  # 1.0: shift 12
+    report = validate_tree(fv)
+    assert report["valid"] and "transformer_multi" in report["components"], errors(report)
+    back = convert(fv, tmp_path / "back", "--to", "raw")
+    for folder in ("avatar_single", "avatar_multi"):
+        assert same_tensors(load_folder(back / folder), load_folder(src / folder))
+    assert validate_tree(back)["valid"]
+    refused = run_cli("convert", src, tmp_path / "x", "--to", "raw", "--to-int8")
+    assert refused.exit_code == 2 and not (tmp_path / "x").exists()

@@ -97,13 +97,17 @@ def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[s
           --to fastvideo --dtype bfloat16 --keep-fp32 '*adaln*'
       longcat-convert convert out/fv out/raw --to raw   # reverse: bit-identical
       longcat-convert convert weights/LongCat-Video out/d --to diffusers --dry-run
-      longcat-convert convert weights/LongCat-Video-Avatar-1.5 out/av --to diffusers   # avatar 1.5
-      longcat-convert convert weights/LongCat-Video-Avatar-1.5 out/av8 --to diffusers \
-          --from-int8 --dtype bfloat16                # the INT8 DiT, dequantised as upstream computes it
+      longcat-convert convert weights/LongCat-Video-Avatar-1.5 out/av \\
+          --to diffusers
+      longcat-convert convert weights/LongCat-Video-Avatar-1.5 out/av8 \\
+          --to diffusers --from-int8 --dtype bfloat16
 
-    A LongCat-Video-Avatar 1.5 tree (base_model/, whisper-large-v3/, lora/dmd_lora, scheduler/) takes the
-    tokenizer, text encoder and VAE from the LongCat-Video tree beside it (../LongCat-Video, where upstream's
-    demos read them); the converted tree holds them and stands alone (audio encoder in audio_encoder/).
+    A LongCat-Video-Avatar tree (1.0: avatar_single/, avatar_multi/; 1.5:
+    base_model/, base_model_int8/, lora/dmd_lora) takes the tokenizer, text
+    encoder and VAE from the LongCat-Video tree beside it (../LongCat-Video,
+    where upstream's demos read them); the converted tree holds them and
+    stands alone (audio encoder in audio_encoder/, 1.0's multi-speaker DiT
+    in transformer_multi/).
     """
     local_src = not looks_like_repo_id(src)
     report_target = None

@@ -39,12 +39,14 @@ def tiny_command(dst: Path, seed: int, dtype: str, depth: int, hidden: int, lora
     DST/scheduler/     FlowMatchEulerDiscreteScheduler with shift 12
 
     \b
-    With --variant avatar-v1.0 or avatar-v1.5, DST holds two trees side by side,
-    as upstream's avatar demos expect them:
-    DST/LongCat-Video/                 the base tree above
-    DST/LongCat-Video-Avatar/          avatar_single/, avatar_multi/, chinese-wav2vec2-base/
-    DST/LongCat-Video-Avatar-1.5/      base_model/, base_model_int8/, lora/dmd_lora.safetensors,
-                                       scheduler/ (shift 7), whisper-large-v3/
+    With --variant avatar-v1.0 or avatar-v1.5, DST holds two trees side by
+    side, as upstream's avatar demos expect them:
+    DST/LongCat-Video/             the base tree above
+    DST/LongCat-Video-Avatar/      avatar_single/, avatar_multi/,
+                                   chinese-wav2vec2-base/
+    DST/LongCat-Video-Avatar-1.5/  base_model/, base_model_int8/,
+                                   lora/dmd_lora.safetensors,
+                                   scheduler/ (shift 7), whisper-large-v3/
     (no vocal_separator/: there is no tiny ONNX separator)
 
     \b
@@ -52,7 +54,7 @@ def tiny_command(dst: Path, seed: int, dtype: str, depth: int, hidden: int, lora
       longcat-convert tiny /tmp/raw            # fp32, the published LoRA targets
       longcat-convert tiny /tmp/raw16 --dtype bfloat16 --seed 3
       longcat-convert tiny /tmp/deep --depth 4 --hidden 256 --lora-targets all
-      longcat-convert tiny /tmp/av15 --variant avatar-v1.5   # avatar tree: /tmp/av15/LongCat-Video-Avatar-1.5
+      longcat-convert tiny /tmp/av15 --variant avatar-v1.5
     """
     if variant != "base":
         path = build_tiny_avatar(dst, variant, seed=seed, dtype=dtype, depth=depth, hidden=hidden,

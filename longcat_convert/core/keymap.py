@@ -376,6 +376,22 @@ def avatar_spec() -> dict:
     return load_map_document(AVATAR_FAMILY)["avatar"]
 
 
+def extra_dit_folders(variant: str | None, layout_name: str) -> dict[str, str]:
+    """An avatar tree's DiT folders beyond the layout's `dit_dir` (1.0's multi-speaker DiT), as {folder in this
+    layout: the same DiT's folder in the raw layout}."""
+    if variant is None:
+        return {}
+    extras = avatar_spec()["variants"][variant].get("extra_dits", {})
+    raw = layout(layout_name)["model_index"] is None
+    return {(raw_name if raw else converted): raw_name for raw_name, converted in extras.items()}
+
+
+def extra_dit_target(variant: str, raw_name: str, layout_name: str) -> str:
+    """Where the extra DiT `raw_name` goes in layout `layout_name`."""
+    converted = avatar_spec()["variants"][variant]["extra_dits"][raw_name]
+    return raw_name if layout(layout_name)["model_index"] is None else converted
+
+
 def avatar_target_layout(target: str) -> str:
     """The avatar layout a conversion `--to raw|diffusers|fastvideo` of an avatar tree writes (raw: the source's)."""
     targets = avatar_spec()["targets"]

@@ -92,6 +92,7 @@ class Tree:
     sources: SourceFiles = field(default_factory=SourceFiles)  # the files read above, held open for the conversion
     avatar_variant: str | None = None  # avatar-v1.0 / avatar-v1.5 for a LongCat-Video-Avatar tree
     int8: bool = False  # the DiT read is the INT8 one (weight_int8 + weight_scale per quantised Linear)
+    extra_dits: dict[str, DitFiles] = field(default_factory=dict)  # avatar 1.0's multi-speaker DiT, by folder
 
     @property
     def family(self) -> str:
@@ -242,12 +243,14 @@ def _special_file(path: Path) -> Problem | None:
 
 
 def _other_files(root: Path, files: list[str], dit: DitFiles, adapters: list[Adapter],
-                 skipped: list[Skipped]) -> list[OtherFile]:
-    """The files carried over unchanged: all but the DiT's shards/index/config, adapters, the model index and
+                 skipped: list[Skipped], extra_dits: list[DitFiles] = ()) -> list[OtherFile]:
+    """The files carried over unchanged: all but the DiTs' shards/index/config, adapters, the model index and
     pickles (which join `skipped`)."""
-    owned = set(dit.headers) | {a.file for a in adapters} | {f"{dit.folder}/config.json", "model_index.json"}
-    if dit.index is not None:
-        owned.add(f"{dit.folder}/{dit.index.path.name}")
+    owned = {a.file for a in adapters} | {"model_index.json"}
+    for each in (dit, *extra_dits):
+        owned |= set(each.headers) | {f"{each.folder}/config.json"}
+        if each.index is not None:
+            owned.add(f"{each.folder}/{each.index.path.name}")
     others = []
     for relative in files:
         if relative in owned:
@@ -285,17 +288,23 @@ def read_tree(root: str | Path, layout_name: str | None = None, follow_symlinks:
     dit = read_dit(root, dit_dir, spec["naming"], sources, rules)
     if strict:
         require_usable_dit(dit, root / dit_dir / "config.json", spec["naming"])
+    extra_dits = {}
+    for folder in keymap.extra_dit_folders(variant, layout_name):
+        if (root / folder).is_dir():
+            extra_dits[folder] = read_dit(root, folder, spec["naming"], sources)
+            if strict:
+                require_usable_dit(extra_dits[folder], root / folder / "config.json", spec["naming"])
     adapters = read_adapters(root, layout_name, files, sources)
     model_index_path = root / "model_index.json"
     model_index = None
     if model_index_path.is_file():
         model_index = read_json_object(model_index_path, read=sources.read_file)
-    others = _other_files(root, files, dit, adapters, skipped)
+    others = _other_files(root, files, dit, adapters, skipped, list(extra_dits.values()))
     if int8:
         others = _leave_out_float_dit(others, spec["dit_dir"], dit.folder, skipped)
     if variant is not None and spec["model_index"] is None:
         others += _sibling_files(root, variant, follow_symlinks, skipped)
-    return Tree(root, layout_name, dit, adapters, others, model_index, skipped, sources, variant, int8)
+    return Tree(root, layout_name, dit, adapters, others, model_index, skipped, sources, variant, int8, extra_dits)
 
 
 def _leave_out_float_dit(others: list[OtherFile], float_dir: str, int8_dir: str,

@@ -241,7 +241,8 @@ def check_model_index(ctx: Context, path: Path, form: str) -> dict | None:
             ctx.findings.error("model_index", "model_index", f"has no {name} entry", rel)
         elif list(document[name]) != pair:
             ctx.findings.error("model_index", "model_index", f"{name} is {document[name]!r}, expected {pair!r}", rel)
-    _check_component_folders(ctx, rel, document, expected["components"])
+    _check_component_folders(ctx, rel, document, {**expected.get("optional_components", {}),
+                                                  **expected["components"]})
     ctx.components["model_index"] = {"path": rel, "class_name": document.get("_class_name"),
                                      "components": sorted(k for k, v in document.items() if isinstance(v, list))}
     return document

@@ -81,6 +81,9 @@ def validate_tree(root: str | Path, options: ValidateOptions = ValidateOptions()
     check_lora_folder(ctx, layout, dit.expanded, policy)
     if family == keymap.AVATAR_FAMILY:
         check_converted_avatar(ctx, variant, dit.config, dit.config_rel, policy)
+        for folder in keymap.extra_dit_folders(variant, detected.name):
+            if (resolved / folder).is_dir():
+                check_dit(ctx, {**layout, "dit_dir": folder}, policy, component=folder, family=family)
     if ctx.dit_only:
         folders = ", ".join(f"{name}/" for name in SHARED_COMPONENTS)
         findings.warning("tree", "missing_component", f"a DiT-only tree (no {folders}): the DiT and its LoRAs can be "
