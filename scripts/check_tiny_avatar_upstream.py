@@ -11,7 +11,11 @@ Not a CI test (it needs upstream's code, in the oracle venv).
 * 1.0: upstream's Wav2Vec2ModelWrapper(device='cpu') loads chinese-wav2vec2-base/pytorch_model.bin with no
   missing key, and its tensors equal model.safetensors.
 
-usage: $V/venv/bin/python scripts/check_tiny_avatar_upstream.py DST [--oracle-dir DIR]
+* with --converted DIR (a `convert --to diffusers` output): upstream's class loads transformer/ (and
+  transformer_multi/) with from_pretrained, tensors equal to the files; AutoModel + AutoFeatureExtractor load
+  audio_encoder/.
+
+usage: $V/venv/bin/python scripts/check_tiny_avatar_upstream.py DST [--converted DIR ...] [--oracle-dir DIR]
        (DST as given to `longcat-convert tiny --variant ...`)
 """
 
@@ -158,9 +162,31 @@ def wrapper_load_by_hand(folder: Path):
     return model.eval()
 
 
+def check_converted(tree: Path, model_class) -> bool:
+    """A `convert --to diffusers` output of an avatar tree, loaded the diffusers way: from_pretrained per
+    component subfolder; every DiT tensor equal to the file's."""
+    from transformers import AutoFeatureExtractor, AutoModel
+
+    ok = True
+    for folder in ("transformer", "transformer_multi"):
+        if not (tree / folder).is_dir():
+            continue
+        model = model_class.from_pretrained(str(tree), subfolder=folder, cp_split_hw=[1, 1])
+        state, stored = model.state_dict(), load_folder(tree / folder)
+        same = set(state) == set(stored) and all(torch.equal(state[k], stored[k].to(state[k].dtype)) for k in stored)
+        print(f"{folder}: from_pretrained, {len(state)} tensors equal to the files: {same}")
+        ok &= same
+    encoder = AutoModel.from_pretrained(str(tree), subfolder="audio_encoder")
+    extractor = AutoFeatureExtractor.from_pretrained(str(tree), subfolder="audio_encoder")
+    print(f"audio_encoder: {type(encoder).__name__} + {type(extractor).__name__}")
+    return ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dst", type=Path)
+    parser.add_argument("--converted", type=Path, action="append", default=[],
+                        help="also a `convert --to diffusers` output of one of the avatar trees (repeatable)")
     parser.add_argument("--oracle-dir", type=Path, default=PROJECT.parents[1] / "shared" / "oracle")
     args = parser.parse_args()
     sys.path.insert(0, str(args.oracle_dir))
@@ -183,6 +209,8 @@ def main() -> int:
         tree = args.dst / "LongCat-Video-Avatar"
         ok &= check_dits(tree, LongCatVideoAvatarTransformer3DModel)
         ok &= check_wav2vec2(tree)
+    for converted in args.converted:
+        ok &= check_converted(converted, LongCatVideoAvatarTransformer3DModel)
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

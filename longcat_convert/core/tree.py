@@ -282,6 +282,9 @@ def read_tree(root: str | Path, layout_name: str | None = None, follow_symlinks:
             raise LongcatError(f"has only the INT8 DiT ({int8_dir}/), no {dit_dir}/", root,
                                "convert it with --from-int8 --dtype bfloat16 (or float32)")
     if int8:
+        if spec["naming"] != "upstream":
+            raise LongcatError(f"--from-int8 reads base_model_int8/ of a raw or diffusers avatar tree, not of a "
+                               f"{layout_name} one", root, "convert the raw avatar tree instead")
         dit_dir = int8_dit_folder(root, variant)
         quantization = keymap.quantization_spec(keymap.AVATAR_FAMILY)
         rules = FolderRules(quantization["shard_prefix"], names_matter=True)
