@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import DestinationClaim, check_destination
+from .core import keymap
 from .core.dtypes import DtypePolicy
 from .core.errors import LongcatError
 from .core.io import SourceFiles
@@ -33,6 +34,8 @@ class ConvertRequest:
     resume: bool = False
     allow_mixed_dtypes: bool = False
     link: str = "auto"  # how byte-identical files are placed: auto, reflink, hardlink, copy (see execute)
+    from_int8: bool = False  # convert an avatar 1.5 tree's base_model_int8/ (dequantised to `dtype`)
+    to_int8: bool = False  # write the DiT as upstream's INT8 base_model_int8/ (avatar 1.5, --to raw)
 
 
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
@@ -70,13 +73,22 @@ def _plan(request: ConvertRequest, src: Path) -> tuple[Tree, ConversionPlan]:
                                                  allow_mixed_dtypes=request.allow_mixed_dtypes), sources)
     refuse_if_invalid(report, src, f"`longcat-convert validate {src}` lists every problem; "
                       "a tree it rejects is not converted")
-    tree = read_tree(root, follow_symlinks=follow_symlinks, sources=sources)
-    if tree.layout == request.to and request.dtype == "keep" and not request.keep_fp32:
+    tree = read_tree(root, follow_symlinks=follow_symlinks, sources=sources, int8=request.from_int8)
+    target = _target_layout(tree, request.to)
+    if tree.layout == target and request.dtype == "keep" and not request.keep_fp32 and not request.to_int8:
         raise LongcatError(f"is already in the {request.to} layout and no dtype change was asked for", src,
                            "choose another --to, or a --dtype to re-cast")
-    options = PlanOptions(request.to, DtypePolicy.from_options(request.dtype, request.keep_fp32),
-                          parse_size(request.max_shard_size), request.lora_alpha_fix)
+    options = PlanOptions(target, DtypePolicy.from_options(request.dtype, request.keep_fp32),
+                          parse_size(request.max_shard_size), request.lora_alpha_fix, request.to_int8)
     return tree, plan_conversion(tree, options)
+
+
+def _target_layout(tree: Tree, to: str) -> str:
+    """`--to raw|diffusers|fastvideo` for this tree's family: an avatar tree goes to the avatar layouts (raw: the
+    published layout of its version)."""
+    if tree.avatar_variant is None:
+        return to
+    return keymap.avatar_target_layout(to) or keymap.avatar_spec()["variants"][tree.avatar_variant]["raw_layout"]
 
 
 def convert(request: ConvertRequest) -> dict:

@@ -1,4 +1,5 @@
-"""`demo`: tiny tree → convert (fastvideo, diffusers) → reverse → validate → parity, one summary table."""
+"""`demo`: tiny tree → convert (fastvideo, diffusers) → reverse → validate → parity, then the same for a tiny
+LongCat-Video-Avatar 1.5 tree plus its INT8 round trip, one summary table."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 from .conversion import ConvertRequest, convert
 from .core import progress
 from .core.errors import LongcatError
-from .core.io import read_bytes, read_header, tensor_range
+from .core.io import read_bytes, read_header, read_tensor, tensor_range
+from .tiny_avatar import AVATAR_REPOS, build_tiny_avatar
 from .tiny_tree import build_tiny_tree
 
 
@@ -61,6 +63,15 @@ def tensors_bitwise_equal(a: Path, b: Path, pattern: str, by_file: bool) -> tupl
     return len(left), differing
 
 
+def _one(folder: Path, key: str):
+    """One tensor of a sharded folder, found through the headers."""
+    for path in sorted(folder.glob("*.safetensors")):
+        header = read_header(path)
+        if key in header.tensors:
+            return read_tensor(header, key)
+    raise StepFailed(f"{key} is not in {folder}")
+
+
 class Demo:
     def __init__(self, workdir: Path, echo: Callable[[str], None], kept: bool = True):
         """kept: whether `workdir` outlives the demo (the summary says where the trees are, or that they are gone)."""
@@ -94,7 +105,62 @@ class Demo:
                                       lambda raw=raw, c=converted: self._parity_tasks(raw, c), made))
                 steps.append(Step(f"round trip {layout} -> raw ({dtype})",
                                   lambda raw=raw, c=converted, back=back: self._round_trip(raw, c, back), made))
-        return steps
+        return steps + self._avatar_steps()
+
+    def _avatar_steps(self) -> list[Step]:
+        """LongCat-Video-Avatar 1.5: tiny tree (with the base tree beside it) → validate → convert → round trip,
+        and the INT8 round trip (quantise as upstream does, dequantise as its QuantizedLinear does)."""
+        avatar = self.tree("avatar") / AVATAR_REPOS["avatar-v1.5"]
+        dif, back = self.tree("avatar-diffusers"), self.tree("avatar-diffusers-back")
+        int8, dequantized = self.tree("avatar-int8"), self.tree("avatar-int8-dequantized")
+        tiny, made = "tiny avatar-v1.5 (base tree beside it)", "convert avatar raw -> diffusers"
+        quantized = "convert avatar --to raw --to-int8"
+        return [
+            Step(tiny, lambda: str(build_tiny_avatar(self.tree("avatar"), "avatar-v1.5", seed=7, overwrite=True))),
+            Step("validate --deep avatar raw", lambda: self._validate(avatar), tiny),
+            Step(made, lambda: self._convert(avatar, dif, "diffusers"), tiny),
+            Step("validate --deep avatar diffusers", lambda: self._validate(dif), made),
+            Step("round trip avatar diffusers -> raw", lambda: self._avatar_round_trip(avatar, dif, back), made),
+            Step(quantized, lambda: self._to_int8(avatar, int8), tiny),
+            Step("INT8 round trip (--from-int8 --dtype float32)",
+                 lambda: self._int8_round_trip(avatar, int8, dequantized), quantized),
+        ]
+
+    def _avatar_round_trip(self, avatar: Path, converted: Path, back: Path) -> str:
+        convert(ConvertRequest(src=converted, dst=back, to="raw", overwrite=True, quiet=True))
+        total = 0
+        for folder, by_file in (("base_model", False), ("lora", True), ("base_model_int8", False)):
+            count, differing = tensors_bitwise_equal(avatar / folder, back / folder, "*.safetensors", by_file)
+            _require(not differing, f"{len(differing)} tensors differ, e.g. {differing[0] if differing else ''}")
+            total += count
+        return f"{total} tensors bitwise identical to the source"
+
+    def _to_int8(self, avatar: Path, int8: Path) -> str:
+        manifest = convert(ConvertRequest(src=avatar, dst=int8, to="raw", to_int8=True, overwrite=True, quiet=True))
+        _, differing = tensors_bitwise_equal(avatar / "base_model_int8", int8 / "base_model_int8", "*.safetensors",
+                                             False)
+        modules = {t["name"].removesuffix(".weight_int8") for t in manifest["tensors"] if t["op"] == "int8_weight"}
+        quantized = {f"{m}.{part}" for m in modules for part in ("weight_int8", "weight_scale", "bias")}
+        wrong = [d for d in differing if d.lstrip(":") in quantized]  # other tensors keep the source's float32
+        _require(not wrong, f"INT8 tensors differ from the tiny tree's: {wrong[:2]}")
+        return f"{len(modules)} Linears quantised; int8, scales, biases equal to the tiny tree's (upstream's format)"
+
+    def _int8_round_trip(self, avatar: Path, int8: Path, dequantized: Path) -> str:
+        """Dequantised weights lie within half a quantisation step (s/2 per row) of the float weights."""
+        convert(ConvertRequest(src=int8, dst=dequantized, to="raw", from_int8=True, dtype="float32", overwrite=True,
+                               quiet=True))
+        worst = 0.0
+        for path in sorted((int8 / "base_model_int8").glob("*.safetensors")):
+            header = read_header(path)
+            for key in (k for k in header.tensors if k.endswith(".weight_scale")):
+                module = key.removesuffix(".weight_scale")
+                scale = read_tensor(header, key).unsqueeze(1)
+                original = _one(avatar / "base_model", f"{module}.weight")
+                restored = _one(dequantized / "base_model", f"{module}.weight")
+                worst = max(worst, float(((restored - original).abs() / (scale / 2)).max()))
+        # float32 rounding of w/s and q·s: up to ~127·2⁻²³ of a step beyond the exact bound, for |w| near the row max
+        _require(worst <= 1.0 + 1e-4, f"a dequantised weight is {worst:.5f} half-steps from the float one")
+        return f"every weight within {worst:.2f} × s/2 of base_model"
 
     def run(self) -> bool:
         steps = self.plan()

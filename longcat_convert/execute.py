@@ -143,8 +143,31 @@ def _convert_chunks(chunks: Iterable[bytes], tensor: OutputTensor) -> Iterator[b
         yield tensor_bytes(values.to(target))
 
 
+def _dequant_chunks(sources: Sources, tensor: OutputTensor, tap: Tap | None) -> Iterator[bytes]:
+    """An INT8 weight's rows times their scales, computed as upstream's QuantizedLinear does in `tensor.dtype`."""
+    from .core.int8 import dequantize_rows
+
+    quantized, scale = (sources.block(piece, tap) for piece in tensor.sources)
+    yield tensor_bytes(dequantize_rows(quantized, scale, TORCH_DTYPE[tensor.dtype]))
+
+
+def _quantize_chunks(sources: Sources, tensor: OutputTensor, tap: Tap | None) -> Iterator[bytes]:
+    """Upstream's INT8 quantisation of the (joined) source rows: the int8 weight or the float32 scales."""
+    import torch
+
+    from .core.int8 import quantize_rows
+
+    weight = torch.cat([sources.block(piece, tap) for piece in tensor.sources])
+    quantized, scale = quantize_rows(weight.to(TORCH_DTYPE[tensor.work_dtype or tensor.source_dtype]))
+    yield tensor_bytes(quantized if tensor.op == "int8_weight" else scale)
+
+
 def output_chunks(sources: Sources, tensor: OutputTensor, tap: Tap | None = None) -> Iterator[bytes]:
     """The output tensor's bytes; `tap`, if given, sees the raw source bytes they are made from."""
+    if tensor.op == "dequant":
+        return _dequant_chunks(sources, tensor, tap)
+    if tensor.op in ("int8_weight", "int8_scale"):
+        return _quantize_chunks(sources, tensor, tap)
     chunks = _source_chunks(sources, tensor, tap)
     if tensor.op == "scalar" or tensor.is_byte_copy:
         return chunks

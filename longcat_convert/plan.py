@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 
 from .core import keymap
-from .core.dtypes import ITEMSIZE, DtypePolicy, exactly_representable
+from .core.dtypes import ITEMSIZE, POLICY_NAMES, DtypePolicy, exactly_representable
 from .core.errors import LongcatError, raise_first_error
 from .core.io import index_name, parse_json, shard_name
 from .core.io.reader import CHUNK_BYTES
@@ -54,7 +54,8 @@ class Slice:
 @dataclass(frozen=True)
 class OutputTensor:
     """One tensor to write. op: rows (concatenate row blocks), blockdiag (place sources on the diagonal
-    of a zero matrix), scalar (`value`). `multiplier` scales values (only for LoRA alpha rescaling)."""
+    of a zero matrix), scalar (`value`), dequant (INT8 rows times their scales, in `dtype`), int8_weight /
+    int8_scale (upstream's INT8 quantisation of the sources' rows, concatenated). `multiplier` scales values (only for LoRA alpha rescaling)."""
 
     name: str
     shape: tuple[int, ...]
@@ -65,6 +66,7 @@ class OutputTensor:
     rule: str
     value: float | None = None
     multiplier: float | None = None
+    work_dtype: str | None = None  # int8_weight / int8_scale: the dtype the weight is cast to before quantising
 
     @property
     def nbytes(self) -> int:
@@ -157,6 +159,7 @@ class ConversionPlan:
             "shards": [{"file": s.file, "metadata": s.metadata, "bytes": s.nbytes,
                         "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "op": t.op,
                                      "source_dtype": t.source_dtype, "value": t.value, "multiplier": t.multiplier,
+                                     **({"work_dtype": t.work_dtype} if t.work_dtype else {}),
                                      "sources": [x.to_json() for x in t.sources]} for t in s.tensors]}
                        for s in self.shards],
             "indexes": [{"file": i.file, "total_size": i.total_size} for i in self.indexes],
@@ -184,6 +187,7 @@ class PlanOptions:
     policy: DtypePolicy = field(default_factory=DtypePolicy)
     max_shard_bytes: int = 5 * 10**9
     lora_alpha_fix: str = "refuse"  # or "rescale"
+    to_int8: bool = False  # write the DiT in upstream's INT8 format (avatar 1.5, raw layout)
 
 
 # ----------------------------------------------------------------------------------------------- DiT
@@ -196,7 +200,9 @@ def _check_dit_keys(tree: Tree, expanded: keymap.ExpandedMap) -> list[DropCheck]
     drops = [DropCheck(on_disk[k], k, expanded.drops[k].require, expanded.drops[k].reason)
              for k in on_disk if naming == "upstream" and k in expanded.drops]
     found = {key: tree.dit.info(key).shape for key in on_disk}
-    mismatch = keymap.compare_key_sets(found, expanded.expected_shapes(naming), {drop.key for drop in drops})
+    expected = ({k: t.shape for k, t in keymap.int8_expected(expanded).items()} if tree.int8
+                else expanded.expected_shapes(naming))
+    mismatch = keymap.compare_key_sets(found, expected, {drop.key for drop in drops})
     if mismatch:
         raise LongcatError(f"the DiT's tensors do not match the key set its config implies: {mismatch.describe()}",
                            tree.root / tree.dit.folder, "the config does not match the weights, or this is not a "
@@ -204,10 +210,66 @@ def _check_dit_keys(tree: Tree, expanded: keymap.ExpandedMap) -> list[DropCheck]
     return drops
 
 
-def _dit_outputs(tree: Tree, expanded: keymap.ExpandedMap, target_naming: str, policy: DtypePolicy) -> list[OutputTensor]:
+def _dequantized_outputs(tree: Tree, rule: keymap.ParamRule, target_naming: str,
+                         policy: DtypePolicy) -> list[OutputTensor]:
+    """A quantised Linear's weight from its INT8 rows and their scales (op `dequant`), split like any fused
+    weight; the output dtype is --dtype's (upstream's QuantizedLinear computes its weight in the input dtype)."""
+    spec = keymap.quantization_spec(tree.family)
+    q_key, s_key = f"{rule.module}.{spec['weight']}", f"{rule.module}.{spec['scale']}"
+    if policy.target is None or policy.target not in ("F32", "BF16"):
+        raise LongcatError("an INT8 DiT is dequantised to float32 or bfloat16", tree.root / tree.dit.folder,
+                           "pass --dtype float32 or --dtype bfloat16 with --from-int8")
+    if tree.dit.info(q_key).dtype != "I8" or tree.dit.info(s_key).dtype != "F32":
+        raise LongcatError(f"{q_key} / {s_key} are {tree.dit.info(q_key).dtype} / {tree.dit.info(s_key).dtype}, "
+                           "not int8 / float32", tree.root / tree.dit.folder, "use the INT8 folder as upstream wrote it")
+    names = rule.keys(target_naming)
+    rows = rule.shape[0] // len(names)
+    outputs = []
+    for part, name in enumerate(names):
+        span = (part * rows, (part + 1) * rows) if len(names) > 1 else None
+        sources = (Slice(tree.dit.key_files[q_key], q_key, span), Slice(tree.dit.key_files[s_key], s_key, span))
+        shape = rule.shapes(target_naming)[name]
+        outputs.append(OutputTensor(name, shape, policy.target, "I8", "dequant", sources, "dequant"))
+    return outputs
+
+
+def _quantized_outputs(tree: Tree, rule: keymap.ParamRule, spec: dict, policy: DtypePolicy) -> list[OutputTensor]:
+    """A Linear's weight in upstream's INT8 format: int8 rows (op `int8_weight`) and their float32 scales (op
+    `int8_scale`), both computed from the whole (fused) weight, whatever naming its parts have in the source,
+    after the cast --dtype asks for (upstream quantises the model in the dtype it was loaded in)."""
+    source_keys = rule.keys(tree.naming)
+    dtypes = {tree.dit.info(k).dtype for k in source_keys}
+    if len(dtypes) > 1:
+        raise LongcatError(f"the parts of {rule.upstream} have different dtypes {sorted(dtypes)}",
+                           tree.root / tree.dit.folder, "cast the checkpoint to one dtype first")
+    source_dtype = dtypes.pop()
+    sources = tuple(Slice(tree.dit.key_files[k], k) for k in source_keys)
+    work = policy.resolve(rule.upstream, source_dtype)
+    return [OutputTensor(f"{rule.module}.{spec['weight']}", rule.shape, "I8", source_dtype, "int8_weight", sources,
+                         "quantize", work_dtype=work),
+            OutputTensor(f"{rule.module}.{spec['scale']}", rule.shape[:1], "F32", source_dtype, "int8_scale", sources,
+                         "quantize", work_dtype=work)]
+
+
+def _int8_policy(name: str, spec: dict, quantized: set[str], policy: DtypePolicy) -> DtypePolicy:
+    """Biases of quantised Linears are stored in the format's bias dtype; everything else follows --dtype."""
+    module = name.rsplit(".", 1)[0]
+    if module in quantized:
+        return DtypePolicy(POLICY_NAMES[spec["bias_dtype"]])
+    return policy
+
+
+def _dit_outputs(tree: Tree, expanded: keymap.ExpandedMap, target_naming: str, policy: DtypePolicy,
+                 to_int8: bool = False) -> list[OutputTensor]:
     source_naming = tree.naming
     outputs = []
+    quantized = set(keymap.quantized_modules(expanded)) if tree.int8 or to_int8 else set()
+    spec = keymap.quantization_spec(expanded.family) if quantized else {}
     for rule in expanded.params:
+        if rule.module in quantized and rule.param == "weight":
+            outputs += (_quantized_outputs(tree, rule, spec, policy) if to_int8
+                        else _dequantized_outputs(tree, rule, target_naming, policy))
+            continue
         source_keys = rule.keys(source_naming)
         dtypes = {tree.dit.info(k).dtype for k in source_keys}
         if len(dtypes) > 1:
@@ -216,7 +278,8 @@ def _dit_outputs(tree: Tree, expanded: keymap.ExpandedMap, target_naming: str, p
         source_dtype = dtypes.pop()
         slices = [Slice(tree.dit.key_files[k], k) for k in source_keys]
         for name, shape, sources in _regroup(rule, source_naming, target_naming, slices):
-            outputs.append(OutputTensor(name, shape, policy.resolve(name, source_dtype), source_dtype, "rows",
+            chosen = _int8_policy(name, spec, quantized, policy) if to_int8 else policy
+            outputs.append(OutputTensor(name, shape, chosen.resolve(name, source_dtype), source_dtype, "rows",
                                         tuple(sources), rule.rule_name))
     return outputs
 
@@ -234,7 +297,8 @@ def _regroup(rule: keymap.ParamRule, source_naming: str, target_naming: str, sli
         yield rule.upstream, rule.shape, slices
 
 
-def _shard(outputs: list[OutputTensor], folder: str, prefix: str, max_bytes: int) -> tuple[list[ShardPlan], list[IndexPlan]]:
+def _shard(outputs: list[OutputTensor], folder: str, prefix: str, max_bytes: int,
+           always_index: bool = False) -> tuple[list[ShardPlan], list[IndexPlan]]:
     by_name = {t.name: t for t in outputs}
     groups = group_into_shards([(t.name, t.nbytes) for t in outputs], max_bytes)
     shards, weight_map = [], {}
@@ -245,7 +309,7 @@ def _shard(outputs: list[OutputTensor], folder: str, prefix: str, max_bytes: int
         shards.append(ShardPlan(file, tuple(tensors), {"format": "pt"}))
         weight_map.update(dict.fromkeys(names, file.rsplit("/", 1)[1]))
     indexes = []
-    if len(groups) > 1:
+    if len(groups) > 1 or always_index:
         indexes.append(IndexPlan(f"{folder}/{index_name(prefix)}", weight_map, sum(t.nbytes for t in outputs)))
     return shards, indexes
 
@@ -487,27 +551,56 @@ def _census(entries: list[tuple[str, int]]) -> dict[str, dict[str, int]]:
     return {d: {"tensors": counts[d], "bytes": sizes[d]} for d in sorted(counts)}
 
 
-def _model_index(target_layout: str, dit_config: dict) -> dict | None:
+def _model_index(target_layout: str, dit_config: dict, extra_components: list[str] = ()) -> dict | None:
     form = keymap.layout(target_layout)["model_index"]
     if form is None:
         return None
-    spec = keymap.load_map_document()["model_index"][form]
+    spec = keymap.model_index_spec(form)
     body = {"_class_name": spec["_class_name"], "_diffusers_version": diffusers_version()}
     if "workload_type" in spec:
         body["workload_type"] = spec["workload_type"]
     body.update({name: list(pair) for name, pair in spec["components"].items()})
+    body.update({name: list(spec["optional_components"][name]) for name in extra_components})
     return body
 
 
-def _carried_over(tree: Tree, target_layout: str) -> tuple[list[FileCopy], list[Skipped]]:
-    """Files copied unchanged (DiT-folder extras follow the folder's new name) and files left out."""
-    source_dir, target_dir = tree.dit.folder + "/", keymap.layout(target_layout)["dit_dir"] + "/"
-    copies = [FileCopy(f.path, target_dir + f.path[len(source_dir):] if f.path.startswith(source_dir) else f.path,
-                       f.nbytes) for f in tree.other_files]
-    skipped = list(tree.skipped)
+def _carried_over(tree: Tree, target_layout: str, dit_dir: str,
+                  extra_dirs: dict[str, str] | None = None) -> tuple[list[FileCopy], list[Skipped]]:
+    """Files copied unchanged (DiT-folder extras follow the folder's new name) and files left out (a folder the
+    written DiT takes the place of: an INT8 output replaces the source's INT8 folder)."""
+    renames = [(tree.dit.folder + "/", dit_dir + "/")] + [(f"{a}/", f"{b}/") for a, b in (extra_dirs or {}).items()]
+    renames += _avatar_renames(tree, target_layout)
+    copies, skipped = [], list(tree.skipped)
+    for other in tree.other_files:
+        target = _renamed(other.path, renames)
+        if target.startswith(dit_dir + "/") and not other.path.startswith(tree.dit.folder + "/"):
+            skipped.append(Skipped(other.path, f"replaced by the DiT this conversion writes to {dit_dir}/"))
+        else:
+            copies.append(FileCopy(other.path, target, other.nbytes))
     if tree.model_index is not None and keymap.layout(target_layout)["model_index"] is None:
         skipped.append(Skipped("model_index.json", f"the {target_layout} layout has no model_index.json"))
     return copies, skipped
+
+
+def _avatar_renames(tree: Tree, target_layout: str) -> list[tuple[str, str]]:
+    """Folder prefixes an avatar conversion renames: the audio encoder folder (published name <-> audio_encoder/)
+    and the sibling base tree's components, which a converted tree holds at its root."""
+    if tree.avatar_variant is None:
+        return []
+    spec = keymap.avatar_spec()
+    audio_dir = spec["variants"][tree.avatar_variant]["audio_dir"]
+
+    def audio_folder(layout_name: str) -> str:
+        return (audio_dir if keymap.layout(layout_name)["model_index"] is None else spec["audio_component"]) + "/"
+
+    return [(audio_folder(tree.layout), audio_folder(target_layout)), (f"../{spec['sibling']}/", "")]
+
+
+def _renamed(path: str, renames: list[tuple[str, str]]) -> str:
+    for source, target in renames:
+        if path.startswith(source):
+            return target + path[len(source):]
+    return path
 
 
 def _check_unique_targets(plan_files: list[str], root) -> None:
@@ -519,25 +612,63 @@ def _check_unique_targets(plan_files: list[str], root) -> None:
         seen.add(file)
 
 
+def _plan_extra_dit(tree: Tree, target_dir: str, target_naming: str,
+                    options: PlanOptions) -> tuple[list[ShardPlan], list[IndexPlan], dict, list[DropCheck]]:
+    """Shards, index, config and drop checks of a second DiT (`tree` reads it as its `dit`)."""
+    where = str(tree.root / tree.dit.folder / "config.json")
+    expanded = keymap.expand(tree.dit.config, tree.naming, where)
+    drops = _check_dit_keys(tree, expanded)
+    outputs = _dit_outputs(tree, expanded, target_naming, options.policy)
+    shards, indexes = _shard(outputs, target_dir, keymap.load_map_document()["shard_prefix"], options.max_shard_bytes)
+    return shards, indexes, keymap.convert_config(tree.dit.config, tree.naming, target_naming, where), drops
+
+
+def _int8_target(tree: Tree, options: PlanOptions) -> tuple[str, dict]:
+    """(DiT folder, quantization spec) of an INT8 output; refused unless an avatar 1.5 tree goes to its raw layout."""
+    int8_dir = keymap.avatar_spec()["variants"].get(tree.avatar_variant or "", {}).get("int8_dir")
+    if int8_dir is None or keymap.layout(options.target_layout)["model_index"] is not None or tree.int8:
+        raise LongcatError("--to-int8 writes base_model_int8/ of a LongCat-Video-Avatar 1.5 tree in the raw layout, "
+                           "from its float DiT", tree.root, "convert an avatar 1.5 tree with --to raw, without "
+                           "--from-int8")
+    return int8_dir, keymap.quantization_spec(tree.family)
+
+
 def plan_conversion(tree: Tree, options: PlanOptions) -> ConversionPlan:
     target = keymap.layout(options.target_layout)
     source_naming, target_naming = tree.naming, target["naming"]
     config_where = str(tree.config_path)
     expanded = keymap.expand(tree.dit.config, source_naming, config_where)
     drops = _check_dit_keys(tree, expanded)
-    dit_outputs = _dit_outputs(tree, expanded, target_naming, options.policy)
-    prefix = keymap.load_map_document()["shard_prefix"]
-    shards, indexes = _shard(dit_outputs, target["dit_dir"], prefix, options.max_shard_bytes)
+    dit_outputs = _dit_outputs(tree, expanded, target_naming, options.policy, options.to_int8)
+    dit_dir, prefix = target["dit_dir"], keymap.load_map_document()["shard_prefix"]
+    json_files: dict[str, dict] = {}
+    if options.to_int8:
+        dit_dir, spec = _int8_target(tree, options)
+        prefix = spec["shard_prefix"]
+        json_files[f"{dit_dir}/quantization_config.json"] = {
+            "quantization_method": spec["method"], "skip_patterns": list(spec["skip_substrings"]),
+            "description": "Weight-only INT8 quantization with per-channel symmetric scaling"}
+    shards, indexes = _shard(dit_outputs, dit_dir, prefix, options.max_shard_bytes, always_index=options.to_int8)
     adapters = [_plan_adapter(adapter, tree.layout, expanded, options) for adapter in tree.adapters]
-    json_files = {f"{target['dit_dir']}/config.json":
-                  keymap.convert_config(tree.dit.config, source_naming, target_naming, config_where)}
-    model_index = _model_index(options.target_layout, tree.dit.config)
+    json_files[f"{dit_dir}/config.json"] = keymap.convert_config(tree.dit.config, source_naming, target_naming,
+                                                                  config_where)
+    extra_dirs: dict[str, str] = {}
+    for folder, dit in tree.extra_dits.items():  # avatar 1.0's multi-speaker DiT: planned like the main one
+        raw_name = keymap.extra_dit_folders(tree.avatar_variant, tree.layout)[folder]
+        target_dir = keymap.extra_dit_target(tree.avatar_variant, raw_name, options.target_layout)
+        extra_dirs[folder] = target_dir
+        more_shards, more_indexes, config, extra_drops = _plan_extra_dit(replace(tree, dit=dit), target_dir,
+                                                                         target_naming, options)
+        shards, indexes, drops = shards + more_shards, indexes + more_indexes, drops + extra_drops
+        json_files[f"{target_dir}/config.json"] = config
+        dit_outputs += [t for shard in more_shards for t in shard.tensors]
+    model_index = _model_index(options.target_layout, tree.dit.config, list(extra_dirs.values()))
     if model_index is not None:
         json_files["model_index.json"] = model_index
-    copies, skipped = _carried_over(tree, options.target_layout)
+    copies, skipped = _carried_over(tree, options.target_layout, dit_dir, extra_dirs)
     _check_unique_targets([s.file for s in shards] + [a.shard.file for a in adapters] + [i.file for i in indexes]
                           + list(json_files) + [c.target for c in copies], tree.root)
-    before = [(tree.dit.info(k).dtype, tree.dit.info(k).nbytes) for k in tree.dit.key_files]
+    before = [(d.info(k).dtype, d.info(k).nbytes) for d in (tree.dit, *tree.extra_dits.values()) for k in d.key_files]
     before += [(i.dtype, i.nbytes) for a in tree.adapters for i in a.header.tensors.values()]
     after = [(t.dtype, t.nbytes) for s in shards + [a.shard for a in adapters] for t in s.tensors]
     return ConversionPlan(tree.layout, options.target_layout, shards, indexes, copies, json_files,

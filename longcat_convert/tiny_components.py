@@ -393,16 +393,18 @@ SCHEDULER_SETTINGS: dict[str, object] = {
 }
 
 
-def write_scheduler(folder: Path) -> None:
-    """scheduler_config.json for `FlowMatchEulerDiscreteScheduler` with LongCat's shift of 12."""
+def write_scheduler(folder: Path, shift: float = 12.0) -> None:
+    """scheduler_config.json for `FlowMatchEulerDiscreteScheduler` with LongCat's shift of 12 (the avatar 1.5
+    repository ships its own with 7)."""
     folder = _make_folder(folder)
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    settings = {**SCHEDULER_SETTINGS, "shift": shift}
     with _quiet():
-        FlowMatchEulerDiscreteScheduler(**SCHEDULER_SETTINGS).save_pretrained(folder)
+        FlowMatchEulerDiscreteScheduler(**settings).save_pretrained(folder)
     path = folder / "scheduler_config.json"
     written = json.loads(path.read_text(encoding="utf-8"))
-    wrong = {k: written.get(k) for k, v in SCHEDULER_SETTINGS.items() if written.get(k) != v}
+    wrong = {k: written.get(k) for k, v in settings.items() if written.get(k) != v}
     if wrong:
         raise LongcatError(
             f"diffusers wrote unexpected scheduler settings {wrong}", path, "report the diffusers version"

@@ -71,13 +71,20 @@ def _plan_lines(plan: ConversionPlan) -> list[str]:
                    "for the same file, ~0 s, only on one file system -- CAVEAT: the two trees then share those "
                    "files, so editing one in place edits the other. copy: always copy. Whatever cannot be linked is "
                    "copied; every file is hashed into conversion.json either way.")
+@click.option("--from-int8", is_flag=True,
+              help="LongCat-Video-Avatar 1.5: convert base_model_int8/ instead of base_model/, dequantised as "
+                   "upstream's QuantizedLinear computes its weight in --dtype (float32 or bfloat16).")
+@click.option("--to-int8", is_flag=True,
+              help="LongCat-Video-Avatar 1.5 with --to raw: write the DiT as base_model_int8/ in upstream's INT8 "
+                   "format (bitwise what its quantizer writes), in place of base_model/.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (outputs, shards, dtypes, memory, disk); write nothing.")
 @report_option("the manifest (with --dry-run: the plan)")
 @json_option("the manifest (with --dry-run: the plan)")
 @quiet_option("Also no summary.")
 def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[str, ...], max_shard_size: str,
                     lora_alpha_fix: str, overwrite: bool, resume: bool, follow_symlinks: bool, allow_mixed_dtypes: bool,
-                    link: str, dry_run: bool, report_path: Path | None, as_json: bool, quiet: bool) -> None:
+                    link: str, from_int8: bool, to_int8: bool, dry_run: bool, report_path: Path | None,
+                    as_json: bool, quiet: bool) -> None:
     """Convert the LongCat-Video tree SRC into a new tree DST in another layout.
 
     SRC must pass `longcat-convert validate` (the same checks run first; the first errors are shown),
@@ -100,6 +107,17 @@ def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[s
           --to fastvideo --dtype bfloat16 --keep-fp32 '*adaln*'
       longcat-convert convert out/fv out/raw --to raw   # reverse: bit-identical
       longcat-convert convert weights/LongCat-Video out/d --to diffusers --dry-run
+      longcat-convert convert weights/LongCat-Video-Avatar-1.5 out/av \\
+          --to diffusers
+      longcat-convert convert weights/LongCat-Video-Avatar-1.5 out/av8 \\
+          --to diffusers --from-int8 --dtype bfloat16
+
+    A LongCat-Video-Avatar tree (1.0: avatar_single/, avatar_multi/; 1.5:
+    base_model/, base_model_int8/, lora/dmd_lora) takes the tokenizer, text
+    encoder and VAE from the LongCat-Video tree beside it (../LongCat-Video,
+    where upstream's demos read them); the converted tree holds them and
+    stands alone (audio encoder in audio_encoder/, 1.0's multi-speaker DiT
+    in transformer_multi/).
     """
     local_src = not looks_like_repo_id(src)
     report_target = None
@@ -109,7 +127,8 @@ def convert_command(src: str, dst: Path, to: str, dtype: str, keep_fp32: tuple[s
     request = ConvertRequest(src=src, dst=dst, to=to, dtype=dtype,
                              keep_fp32=keep_fp32, max_shard_size=max_shard_size, lora_alpha_fix=lora_alpha_fix,
                              overwrite=overwrite, follow_symlinks=follow_symlinks, quiet=quiet, resume=resume,
-                             allow_mixed_dtypes=allow_mixed_dtypes, link=link)
+                             allow_mixed_dtypes=allow_mixed_dtypes, link=link, from_int8=from_int8,
+                             to_int8=to_int8)
     if dry_run:
         _, plan = prepare(request)
         document = {"dry_run": True, "plan": plan.to_json()}

@@ -17,14 +17,77 @@ from .errors import LongcatError
 from .io.jsonfile import parse_json
 
 NAMINGS = ("upstream", "fastvideo")
+BASE_FAMILY = "longcat_video"
+AVATAR_FAMILY = "longcat_video_avatar"
+FAMILIES = (BASE_FAMILY, AVATAR_FAMILY)
+# What an overlay map (one with "extends") may say, and how: added to the base's, or replacing it.
+_OVERLAY_ADDED = ("symbols", "derived_symbols", "flags", "drops")
+_OVERLAY_REPLACED = ("configs", "layouts", "model_index", "shared_components", "non_constructor_fields",
+                     "quantization", "shard_prefix", "lora", "avatar")
+_OVERLAY_OWN = ("$comment", "name", "version", "extends", "modules")
 
 
 @cache
-def load_map_document() -> dict:
-    text = resources.files("longcat_convert.core.maps").joinpath("longcat_video.json").read_text(encoding="utf-8")
-    document = parse_json(text, "longcat_convert/core/maps/longcat_video.json")
-    jsonschemas.check("keymap", document, "longcat_convert/core/maps/longcat_video.json")
+def load_map_document(family: str = BASE_FAMILY) -> dict:
+    """The key map of a model family, checked against its schema; an overlay map is merged onto the map it
+    extends first, so shared modules keep exactly the base rules."""
+    if family not in FAMILIES:
+        raise LongcatError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    where = f"longcat_convert/core/maps/{family}.json"
+    text = resources.files("longcat_convert.core.maps").joinpath(f"{family}.json").read_text(encoding="utf-8")
+    document = parse_json(text, where)
+    if "extends" in document:
+        document = _merge_overlay(load_map_document(document["extends"]), document, where)
+    jsonschemas.check("keymap", document, where)
     return document
+
+
+def _merge_overlay(base: dict, overlay: dict, where: str) -> dict:
+    unknown = sorted(set(overlay) - set(_OVERLAY_ADDED + _OVERLAY_REPLACED + _OVERLAY_OWN))
+    if unknown:
+        raise LongcatError(f"overlay map has fields it cannot set: {', '.join(unknown)}", where)
+    merged = {key: value for key, value in base.items() if key not in ("$comment", "name", "version")}
+    merged.update({key: overlay[key] for key in ("$comment", "name", "version") if key in overlay})
+    for key in _OVERLAY_ADDED:
+        if isinstance(base.get(key, {}), dict):
+            clash = set(base.get(key, {})) & set(overlay.get(key, {}))
+            if clash:
+                raise LongcatError(f"overlay {key} redefine the base's {', '.join(sorted(clash))}", where)
+            merged[key] = {**base.get(key, {}), **overlay.get(key, {})}
+        else:
+            merged[key] = base.get(key, []) + overlay.get(key, [])
+    merged.update({key: overlay[key] for key in _OVERLAY_REPLACED if key in overlay})
+    base_modules = base["modules"]
+    taken = {entry["upstream"] for entry in base_modules}
+    clash = sorted(entry["upstream"] for entry in overlay.get("modules", []) if entry["upstream"] in taken)
+    if clash:
+        raise LongcatError(f"overlay modules redefine base modules {', '.join(clash)}", where)
+    cut = max(n for n, entry in enumerate(base_modules) if entry["scope"] == "block") + 1
+    added = overlay.get("modules", [])
+    added = [e for e in added if e["scope"] == "block"] + [e for e in added if e["scope"] == "global"]
+    merged["modules"] = base_modules[:cut] + added + base_modules[cut:]
+    return merged
+
+
+def family_of(config: dict) -> str:
+    """The model family a DiT config describes: the one whose class name it carries (either naming), or,
+    without `_class_name`, the family whose own config fields (an overlay's symbols and flags) it has."""
+    name = config.get("_class_name")
+    for family in reversed(FAMILIES):
+        if name is not None and name in {c["class_name"] for c in load_map_document(family)["configs"].values()}:
+            return family
+    if name is None:
+        for family in reversed(FAMILIES[1:]):
+            if any(field in config for field in _own_config_fields(family)):
+                return family
+    return BASE_FAMILY
+
+
+@cache
+def _own_config_fields(family: str) -> frozenset[str]:
+    document, base = load_map_document(family), load_map_document(BASE_FAMILY)
+    fields = set(document["symbols"].values()) | set(document.get("flags", {}).values())
+    return frozenset(fields - set(base["symbols"].values()))
 
 
 @dataclass(frozen=True)
@@ -81,6 +144,7 @@ class DropRule:
 
 @dataclass
 class ExpandedMap:
+    family: str
     config_symbols: dict[str, int]
     params: list[ParamRule]
     linears: dict[str, LinearModule]
@@ -100,27 +164,39 @@ class ExpandedMap:
         return sum(math.prod(rule.shape) for rule in self.params)
 
 
-def heads_field(naming: str) -> str:
-    return load_map_document()["configs"][naming]["heads_field"]
+def heads_field(naming: str, family: str = BASE_FAMILY) -> str:
+    return load_map_document(family)["configs"][naming]["heads_field"]
 
 
-def class_name(naming: str) -> str:
-    return load_map_document()["configs"][naming]["class_name"]
+def class_name(naming: str, family: str = BASE_FAMILY) -> str:
+    return load_map_document(family)["configs"][naming]["class_name"]
 
 
 def config_describes(config: dict, naming: str) -> bool:
-    """The config names the class of `naming`'s DiT or, without a class name, carries its head-count field."""
+    """The config names the class of `naming`'s DiT (of its family) or, without a class name, carries its
+    head-count field."""
     name = config.get("_class_name")
-    return name == class_name(naming) if name is not None else heads_field(naming) in config
+    family = family_of(config)
+    return name == class_name(naming, family) if name is not None else heads_field(naming, family) in config
 
 
 def config_symbols(config: dict, naming: str, where: str = "config.json") -> dict[str, int]:
-    """Integer symbols used by shape expressions, derived from a DiT config."""
-    document = load_map_document()
+    """Integer symbols used by shape expressions, derived from a DiT config (flags as 0/1, under their own name)."""
+    family = family_of(config)
+    document = load_map_document(family)
     symbols: dict[str, int] = {}
     for symbol, config_field in document["symbols"].items():
         symbols[symbol] = _int_field(config, config_field, where)
-    heads = _int_field(config, heads_field(naming), where)
+    for symbol, terms in document.get("derived_symbols", {}).items():
+        symbols[symbol] = sum(symbols[t] if not t.lstrip("-").isdigit() else int(t) for t in terms)
+        if symbols[symbol] <= 0:
+            raise LongcatError(f"{symbol} = {' + '.join(terms)} is {symbols[symbol]}, not positive", where)
+    for flag, config_field in document.get("flags", {}).items():
+        value = config.get(config_field, False)
+        if not isinstance(value, bool):
+            raise LongcatError(f"field {config_field!r} must be true or false, got {value!r}", where)
+        symbols[flag] = int(value)
+    heads = _int_field(config, heads_field(naming, family), where)
     patch = config.get("patch_size")
     if not (isinstance(patch, list) and len(patch) == 3 and all(_is_pos_int(p) for p in patch)):
         raise LongcatError(f"patch_size must be a list of 3 positive integers, got {patch!r}", where)
@@ -165,7 +241,7 @@ def implied_size(config: dict, naming: str = "upstream", where: str = "config.js
     constant time whatever `depth` says, so it can bound a config before anything iterates over it."""
     symbols = config_symbols(config, naming, where)
     tensors = parameters = 0
-    for entry in load_map_document()["modules"]:
+    for entry in _present_modules(load_map_document(family_of(config))["modules"], symbols):
         repeat = symbols["L"] if entry["scope"] == "block" else 1
         parts = len(entry["fastvideo"]) if naming == "fastvideo" and isinstance(entry["fastvideo"], list) else 1
         for shape_exprs in entry["params"].values():
@@ -190,16 +266,21 @@ def check_fits(config: dict, naming: str, where: str, tensors_held: int, paramet
 def expand(config: dict, naming: str = "upstream", where: str = "config.json") -> ExpandedMap:
     """The concrete rules for a DiT described by `config` (whose field names follow `naming`). Computed once per
     distinct architecture: `validate` and the planner of one conversion share the expansion (do not mutate it)."""
-    return _expand(tuple(sorted(config_symbols(config, naming, where).items())), where)
+    return _expand(family_of(config), tuple(sorted(config_symbols(config, naming, where).items())), where)
+
+
+def _present_modules(entries: list[dict], symbols: dict[str, int]) -> list[dict]:
+    """The module entries that exist for these symbols: those without 'when', and those whose flag is set."""
+    return [entry for entry in entries if "when" not in entry or symbols[entry["when"]]]
 
 
 @lru_cache(maxsize=8)
-def _expand(symbol_items: tuple[tuple[str, int], ...], where: str) -> ExpandedMap:
-    document = load_map_document()
+def _expand(family: str, symbol_items: tuple[tuple[str, int], ...], where: str) -> ExpandedMap:
+    document = load_map_document(family)
     symbols = dict(symbol_items)
     params: list[ParamRule] = []
     linears: dict[str, LinearModule] = {}
-    for entry, index in _block_major(document["modules"], symbols["L"]):
+    for entry, index in _block_major(_present_modules(document["modules"], symbols), symbols["L"]):
         upstream = entry["upstream"].format(i=index)
         targets = entry["fastvideo"] if isinstance(entry["fastvideo"], list) else [entry["fastvideo"]]
         targets = tuple(t.format(i=index) for t in targets)
@@ -219,7 +300,7 @@ def _expand(symbol_items: tuple[tuple[str, int], ...], where: str) -> ExpandedMa
             module = entry["upstream"].format(i=index)
             for param, require in entry["require"].items():
                 drops[f"{module}.{param}"] = DropRule(f"{module}.{param}", require, entry["reason"])
-    return ExpandedMap(symbols, params, linears, drops)
+    return ExpandedMap(family, symbols, params, linears, drops)
 
 
 def _block_major(entries: list[dict], depth: int):
@@ -249,12 +330,23 @@ def convert_config(config: dict, source_naming: str, target_naming: str, where: 
             raise LongcatError(f"both {source_heads!r} and {target_heads!r} are set and disagree", where,
                                "remove the wrong one from the config")
         result[target_heads] = result.pop(source_heads)
-    result["_class_name"] = class_name(target_naming)
+    result["_class_name"] = class_name(target_naming, family_of(config))
     return result
 
 
 def layouts() -> dict[str, dict]:
-    return load_map_document()["layouts"]
+    """Every layout of every family (names are unique across families)."""
+    return {name: spec for family in FAMILIES for name, spec in _family_layouts(family).items()}
+
+
+@cache
+def _family_layouts(family: str) -> dict[str, dict]:
+    own = load_map_document(family)["layouts"]
+    if family != BASE_FAMILY:
+        clash = set(own) & set(load_map_document(BASE_FAMILY)["layouts"])
+        if clash:
+            raise LongcatError(f"layouts {', '.join(sorted(clash))} of {family} clash with the base map's")
+    return own
 
 
 def layout(name: str) -> dict:
@@ -262,6 +354,50 @@ def layout(name: str) -> dict:
         return layouts()[name]
     except KeyError:
         raise LongcatError(f"unknown layout {name!r}; choose one of {', '.join(layouts())}") from None
+
+
+def layout_family(name: str) -> str:
+    """The family whose map defines layout `name`."""
+    layout(name)
+    return next(family for family in FAMILIES if name in _family_layouts(family))
+
+
+def model_index_spec(form: str) -> dict:
+    """The model_index.json form `form` (a layout's "model_index"), from whichever family defines it."""
+    for family in FAMILIES:
+        spec = load_map_document(family)["model_index"].get(form)
+        if spec is not None:
+            return spec
+    raise LongcatError(f"unknown model_index form {form!r}")
+
+
+def avatar_spec() -> dict:
+    """The avatar map's description of the published trees (variants, audio folders, the sibling base tree)."""
+    return load_map_document(AVATAR_FAMILY)["avatar"]
+
+
+def extra_dit_folders(variant: str | None, layout_name: str) -> dict[str, str]:
+    """An avatar tree's DiT folders beyond the layout's `dit_dir` (1.0's multi-speaker DiT), as {folder in this
+    layout: the same DiT's folder in the raw layout}."""
+    if variant is None:
+        return {}
+    extras = avatar_spec()["variants"][variant].get("extra_dits", {})
+    raw = layout(layout_name)["model_index"] is None
+    return {(raw_name if raw else converted): raw_name for raw_name, converted in extras.items()}
+
+
+def extra_dit_target(variant: str, raw_name: str, layout_name: str) -> str:
+    """Where the extra DiT `raw_name` goes in layout `layout_name`."""
+    converted = avatar_spec()["variants"][variant]["extra_dits"][raw_name]
+    return raw_name if layout(layout_name)["model_index"] is None else converted
+
+
+def avatar_target_layout(target: str) -> str:
+    """The avatar layout a conversion `--to raw|diffusers|fastvideo` of an avatar tree writes (raw: the source's)."""
+    targets = avatar_spec()["targets"]
+    if target not in targets:
+        raise LongcatError(f"unknown target layout {target!r}; choose one of {', '.join(targets)}")
+    return targets[target]
 
 
 @dataclass(frozen=True)
@@ -301,3 +437,44 @@ def compare_key_sets(found: dict[str, tuple[int, ...]], expected: dict[str, tupl
                        sorted(k for k in found if k not in expected and k not in ignore),
                        sorted(k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])),
                        found, expected)
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor of a quantized folder: its shape and the dtype it must have (None: any floating dtype)."""
+
+    shape: tuple[int, ...]
+    dtype: str | None
+
+
+def quantization_spec(family: str) -> dict:
+    """The map's `quantization` section (INT8 format); an error for a family without one."""
+    spec = load_map_document(family).get("quantization")
+    if spec is None:
+        raise LongcatError(f"the {family} key map describes no quantized format")
+    return spec
+
+
+def quantized_modules(expanded: ExpandedMap) -> list[str]:
+    """Upstream names of the Linears an INT8 folder stores quantized (every Linear but the skipped ones), in map
+    order."""
+    skip = quantization_spec(expanded.family)["skip_substrings"]
+    return [name for name in expanded.linears if not any(pattern in name for pattern in skip)]
+
+
+def int8_expected(expanded: ExpandedMap) -> dict[str, StoredTensor]:
+    """The tensors of an INT8 folder (upstream naming): a quantized Linear's weight becomes `<m>.weight_int8` (int8,
+    same shape) and `<m>.weight_scale` (float32, one per output row) and its bias gets the format's bias dtype;
+    every other tensor keeps its name, in any floating dtype."""
+    spec = quantization_spec(expanded.family)
+    quantized = set(quantized_modules(expanded))
+    expected: dict[str, StoredTensor] = {}
+    for rule in expanded.params:
+        if rule.module not in quantized:
+            expected[rule.upstream] = StoredTensor(rule.shape, None)
+        elif rule.param == "weight":
+            expected[f"{rule.module}.{spec['weight']}"] = StoredTensor(rule.shape, "int8")
+            expected[f"{rule.module}.{spec['scale']}"] = StoredTensor(rule.shape[:1], "float32")
+        else:
+            expected[rule.upstream] = StoredTensor(rule.shape, spec["bias_dtype"])
+    return expected

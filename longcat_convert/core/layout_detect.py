@@ -49,7 +49,46 @@ def detect_layout(root: str | Path, forced: str | None = None) -> DetectedLayout
         return DetectedLayout("raw", "dit/ exists")
     if "transformer" in present:
         return _from_transformer(root)
+    variant = avatar_variant(root)
+    if variant is not None:
+        folders = ", ".join(f"{name}/" for name in avatar_folders(variant) if (root / name).is_dir())
+        return DetectedLayout(keymap.avatar_spec()["variants"][variant]["raw_layout"],
+                              f"a LongCat-Video-Avatar tree ({folders})")
     raise _not_a_tree(root, present)
+
+
+def avatar_folders(variant: str) -> list[str]:
+    spec = keymap.avatar_spec()["variants"][variant]
+    return spec["dit_dirs"] + ([spec["int8_dir"]] if "int8_dir" in spec else [])
+
+
+def avatar_variant(root: Path) -> str | None:
+    """The avatar version of a raw LongCat-Video-Avatar tree, told by its DiT folders (avatar_single/ or
+    avatar_multi/: 1.0; base_model/ or base_model_int8/: 1.5); None for anything else."""
+    if (root / "dit").is_dir() or (root / "transformer").is_dir():
+        return None
+    for variant in sorted(keymap.avatar_spec()["variants"], reverse=True):
+        if any((root / name).is_dir() for name in avatar_folders(variant)):
+            return variant
+    return None
+
+
+def avatar_variant_of_layout(name: str, root: Path | None = None) -> str | None:
+    """The avatar version a layout implies (raw avatar layouts), or, for a converted avatar tree at `root`, the
+    one its audio encoder's model_type tells; None for a base layout or an unreadable encoder config."""
+    if keymap.layout_family(name) != keymap.AVATAR_FAMILY:
+        return None
+    variants = keymap.avatar_spec()["variants"]
+    for variant, spec in variants.items():
+        if spec["raw_layout"] == name:
+            return variant
+    if root is None:
+        return None
+    try:
+        model_type = read_json_object(root / keymap.avatar_spec()["audio_component"] / "config.json").get("model_type")
+    except LongcatError:
+        return None
+    return next((v for v, spec in variants.items() if spec["audio_model_type"] == model_type), None)
 
 
 def _not_a_tree(root: Path, present: list[str]) -> LongcatError:
@@ -85,6 +124,9 @@ def _from_transformer(root: Path) -> DetectedLayout:
         return DetectedLayout("fastvideo", f"transformer/config.json names {class_name}")
     if class_name == keymap.class_name("upstream"):
         return DetectedLayout("diffusers", f"transformer/config.json names {class_name}")
+    for naming, target in (("fastvideo", "fastvideo"), ("upstream", "diffusers")):
+        if class_name == keymap.class_name(naming, keymap.AVATAR_FAMILY):
+            return DetectedLayout(keymap.avatar_target_layout(target), f"transformer/config.json names {class_name}")
     pipeline = _class_name(root / "model_index.json")
     if pipeline in FASTVIDEO_PIPELINE_CLASSES:
         return DetectedLayout("fastvideo", f"model_index.json names {pipeline}")

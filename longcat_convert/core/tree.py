@@ -20,7 +20,7 @@ from . import keymap
 from .errors import LongcatError, Problem, raise_first_error
 from .io import SafetensorsHeader, ShardIndex, SourceFiles, TensorInfo, read_json_object
 from .io.pickles import is_pickle_name
-from .layout_detect import detect_layout
+from .layout_detect import avatar_variant_of_layout, detect_layout
 from .lora_format import ParsedLora, parse
 from .shard_folder import FIXES, FolderRules, scan_shard_folder
 
@@ -90,6 +90,13 @@ class Tree:
     model_index: dict | None
     skipped: list[Skipped] = field(default_factory=list)
     sources: SourceFiles = field(default_factory=SourceFiles)  # the files read above, held open for the conversion
+    avatar_variant: str | None = None  # avatar-v1.0 / avatar-v1.5 for a LongCat-Video-Avatar tree
+    int8: bool = False  # the DiT read is the INT8 one (weight_int8 + weight_scale per quantised Linear)
+    extra_dits: dict[str, DitFiles] = field(default_factory=dict)  # avatar 1.0's multi-speaker DiT, by folder
+
+    @property
+    def family(self) -> str:
+        return keymap.layout_family(self.layout)
 
     @property
     def naming(self) -> str:
@@ -116,12 +123,21 @@ class Tree:
         return self.sources.tensor(self.dit.header(key), key, rows)
 
 
-def read_dit(root: Path, folder: str, naming: str, sources: SourceFiles) -> DitFiles:
+def read_dit(root: Path, folder: str, naming: str, sources: SourceFiles, rules: FolderRules | None = None) -> DitFiles:
     config = read_json_object(root / folder / "config.json", read=sources.read_file)
-    scan = scan_shard_folder(root / folder, FolderRules.dit(naming), sources)
+    scan = scan_shard_folder(root / folder, rules or FolderRules.dit(naming), sources)
     headers = {f"{folder}/{name}": header for name, header in scan.headers.items()}
     key_files = {key: f"{folder}/{name}" for key, (name, _) in scan.located.items()}
     return DitFiles(folder, config, headers, scan.index, key_files, scan.problems)
+
+
+def int8_dit_folder(root: Path, variant: str | None) -> str:
+    """The INT8 DiT folder of an avatar tree (`--from-int8`); an error for a tree without one."""
+    folder = keymap.avatar_spec()["variants"].get(variant or "", {}).get("int8_dir")
+    if folder is None or not (root / folder).is_dir():
+        raise LongcatError("has no INT8 DiT folder (base_model_int8/ of a LongCat-Video-Avatar 1.5 tree)", root,
+                           "drop --from-int8")
+    return folder
 
 
 def require_usable_dit(dit: DitFiles, config_path: Path, naming: str) -> None:
@@ -227,12 +243,14 @@ def _special_file(path: Path) -> Problem | None:
 
 
 def _other_files(root: Path, files: list[str], dit: DitFiles, adapters: list[Adapter],
-                 skipped: list[Skipped]) -> list[OtherFile]:
-    """The files carried over unchanged: all but the DiT's shards/index/config, adapters, the model index and
+                 skipped: list[Skipped], extra_dits: list[DitFiles] = ()) -> list[OtherFile]:
+    """The files carried over unchanged: all but the DiTs' shards/index/config, adapters, the model index and
     pickles (which join `skipped`)."""
-    owned = set(dit.headers) | {a.file for a in adapters} | {f"{dit.folder}/config.json", "model_index.json"}
-    if dit.index is not None:
-        owned.add(f"{dit.folder}/{dit.index.path.name}")
+    owned = {a.file for a in adapters} | {"model_index.json"}
+    for each in (dit, *extra_dits):
+        owned |= set(each.headers) | {f"{each.folder}/config.json"}
+        if each.index is not None:
+            owned.add(f"{each.folder}/{each.index.path.name}")
     others = []
     for relative in files:
         if relative in owned:
@@ -245,7 +263,7 @@ def _other_files(root: Path, files: list[str], dit: DitFiles, adapters: list[Ada
 
 
 def read_tree(root: str | Path, layout_name: str | None = None, follow_symlinks: bool = False,
-              sources: SourceFiles | None = None, strict: bool = True) -> Tree:
+              sources: SourceFiles | None = None, strict: bool = True, int8: bool = False) -> Tree:
     """sources: the held files to read through (a conversion's, which validation has read through already).
     strict=False: the DiT folder's problems are kept in `tree.dit.problems` for the caller to report, and
     `require_usable_dit` is the caller's to run before the tree is used as a model."""
@@ -256,13 +274,78 @@ def read_tree(root: str | Path, layout_name: str | None = None, follow_symlinks:
     listing = list_files(root, follow_symlinks)
     raise_first_error(listing.problems)
     files, skipped = listing.files, list(listing.skipped)
-    dit = read_dit(root, spec["dit_dir"], spec["naming"], sources)
+    variant = avatar_variant_of_layout(layout_name, root)
+    dit_dir, rules = spec["dit_dir"], None
+    if not int8 and variant is not None and not (root / dit_dir).is_dir():
+        int8_dir = keymap.avatar_spec()["variants"][variant].get("int8_dir")
+        if int8_dir and (root / int8_dir).is_dir():
+            raise LongcatError(f"has only the INT8 DiT ({int8_dir}/), no {dit_dir}/", root,
+                               "convert it with --from-int8 --dtype bfloat16 (or float32)")
+    if int8:
+        if spec["naming"] != "upstream":
+            raise LongcatError(f"--from-int8 reads base_model_int8/ of a raw or diffusers avatar tree, not of a "
+                               f"{layout_name} one", root, "convert the raw avatar tree instead")
+        dit_dir = int8_dit_folder(root, variant)
+        quantization = keymap.quantization_spec(keymap.AVATAR_FAMILY)
+        rules = FolderRules(quantization["shard_prefix"], names_matter=True)
+    dit = read_dit(root, dit_dir, spec["naming"], sources, rules)
     if strict:
-        require_usable_dit(dit, root / spec["dit_dir"] / "config.json", spec["naming"])
+        require_usable_dit(dit, root / dit_dir / "config.json", spec["naming"])
+    extra_dits = {}
+    for folder in keymap.extra_dit_folders(variant, layout_name):
+        if (root / folder).is_dir():
+            extra_dits[folder] = read_dit(root, folder, spec["naming"], sources)
+            if strict:
+                require_usable_dit(extra_dits[folder], root / folder / "config.json", spec["naming"])
     adapters = read_adapters(root, layout_name, files, sources)
     model_index_path = root / "model_index.json"
     model_index = None
     if model_index_path.is_file():
         model_index = read_json_object(model_index_path, read=sources.read_file)
-    return Tree(root, layout_name, dit, adapters, _other_files(root, files, dit, adapters, skipped), model_index,
-                skipped, sources)
+    others = _other_files(root, files, dit, adapters, skipped, list(extra_dits.values()))
+    if int8:
+        others = _leave_out_float_dit(others, spec["dit_dir"], dit.folder, skipped)
+    if variant is not None and spec["model_index"] is None:
+        others += _sibling_files(root, variant, follow_symlinks, skipped)
+    return Tree(root, layout_name, dit, adapters, others, model_index, skipped, sources, variant, int8, extra_dits)
+
+
+def _leave_out_float_dit(others: list[OtherFile], float_dir: str, int8_dir: str,
+                         skipped: list[Skipped]) -> list[OtherFile]:
+    """Converting the INT8 DiT: the float DiT folder (the same model) and the INT8 metadata are not carried over."""
+    kept = []
+    for other in others:
+        if other.path.startswith(float_dir + "/"):
+            skipped.append(Skipped(other.path, "the float DiT: --from-int8 converts the INT8 one in its place"))
+        elif other.path == f"{int8_dir}/quantization_config.json":
+            skipped.append(Skipped(other.path, "INT8 metadata: the converted DiT is dequantised"))
+        else:
+            kept.append(other)
+    return kept
+
+
+def _sibling_files(root: Path, variant: str, follow_symlinks: bool, skipped: list[Skipped]) -> list[OtherFile]:
+    """A raw avatar tree's base components, from `<root>/../LongCat-Video` where upstream's demos read them (as
+    paths relative to the root, `../LongCat-Video/...`), unless the tree holds them itself."""
+    components = keymap.avatar_spec()["variants"][variant]["sibling_components"]
+    if all((root / name).is_dir() for name in components):
+        return []
+    sibling_name = keymap.avatar_spec()["sibling"]
+    sibling = root.parent / sibling_name
+    missing = [name for name in components if not (sibling / name).is_dir()]
+    if missing:
+        raise LongcatError(f"the base tree beside this avatar tree lacks {', '.join(m + '/' for m in missing)}",
+                           sibling, f"put the LongCat-Video tree next to this one as {sibling_name}/ (upstream's "
+                           "demos read tokenizer, text encoder and VAE there)")
+    listing = list_files(sibling, follow_symlinks)
+    raise_first_error(listing.problems)
+    others = []
+    for relative in listing.files:
+        if relative.split("/", 1)[0] not in components:
+            continue
+        path = f"../{sibling_name}/{relative}"
+        if is_pickle_name(relative):
+            skipped.append(Skipped(path, PICKLE_REASON))
+        else:
+            others.append(OtherFile(path, (sibling / relative).stat().st_size))
+    return others

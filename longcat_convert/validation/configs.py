@@ -20,8 +20,12 @@ VAE_SPATIAL_FACTOR, VAE_TEMPORAL_FACTOR = 8, 4
 PUBLISHED_SHIFT = 12.0
 
 
-def dit_schema_name(naming: str) -> str:
-    return "dit-config" if naming == "upstream" else "fastvideo-transformer-config"
+AVATAR_NON_CONSTRUCTOR_FIELDS = ("architectures", "model_max_length")
+
+
+def dit_schema_name(naming: str, family: str = keymap.BASE_FAMILY) -> str:
+    base = "dit-config" if naming == "upstream" else "fastvideo-transformer-config"
+    return f"avatar-{base}" if family == keymap.AVATAR_FAMILY else base
 
 
 def _read_checked(ctx: Context, component: str, path: Path, schema: str,
@@ -37,15 +41,16 @@ def _read_checked(ctx: Context, component: str, path: Path, schema: str,
     return document, problems
 
 
-def check_dit_config(ctx: Context, component: str, path: Path, naming: str) -> dict | None:
+def check_dit_config(ctx: Context, component: str, path: Path, naming: str,
+                     family: str = keymap.BASE_FAMILY) -> dict | None:
     """The DiT config if its architecture fields can drive the key map; findings otherwise."""
-    checked = _read_checked(ctx, component, path, dit_schema_name(naming), RUNTIME_FIELDS)
+    checked = _read_checked(ctx, component, path, dit_schema_name(naming, family), RUNTIME_FIELDS)
     if checked is None:
         return None
     config, problems = checked
     rel = ctx.rel(path)
     _check_heads_fields(ctx, component, rel, config, naming)
-    _check_unknown_dit_fields(ctx, component, rel, config, naming)
+    _check_unknown_dit_fields(ctx, component, rel, config, naming, family)
     architecture_ok = all(p.field in RUNTIME_FIELDS for p in problems)
     rules_ok = architecture_ok and _check_architecture_rules(ctx, component, rel, config, naming)
     _check_runtime_flags(ctx, component, rel, config, naming, rules_ok)
@@ -66,8 +71,19 @@ def _check_heads_fields(ctx: Context, component: str, rel: str, config: dict, na
                           f"layout reads {wanted}", rel)
 
 
-def _check_unknown_dit_fields(ctx: Context, component: str, rel: str, config: dict, naming: str) -> None:
-    known = set(load_schema(dit_schema_name(naming))["properties"]) | set(HEAD_FIELDS) | set(META_FIELDS)
+def _check_unknown_dit_fields(ctx: Context, component: str, rel: str, config: dict, naming: str,
+                              family: str = keymap.BASE_FAMILY) -> None:
+    known = set(load_schema(dit_schema_name(naming, family))["properties"]) | set(HEAD_FIELDS) | set(META_FIELDS)
+    if family == keymap.AVATAR_FAMILY:
+        tolerated = [f for f in AVATAR_NON_CONSTRUCTOR_FIELDS if f in config]
+        if tolerated:
+            ctx.findings.info(component, "config_field", f"{', '.join(tolerated)}: not constructor arguments (as "
+                              "published; diffusers ignores them, upstream's INT8 loader drops them)", rel)
+        for name in config:
+            if name not in known:
+                ctx.findings.warning(component, "unknown_field", f"field {name!r} is not a field of the avatar "
+                                     "DiT; loaders ignore it", rel)
+        return
     avatar = [f for f in config if f in AVATAR_FIELDS]
     if avatar:
         ctx.findings.warning(component, "unknown_field", f"has LongCat-Video-Avatar fields ({', '.join(avatar)}); "
@@ -210,7 +226,7 @@ def check_model_index(ctx: Context, path: Path, form: str) -> dict | None:
     document, problems = checked
     rel = ctx.rel(path)
     flagged = {p.field for p in problems}
-    expected = keymap.load_map_document()["model_index"][form]
+    expected = keymap.model_index_spec(form)
     allowed = FASTVIDEO_PIPELINE_CLASSES if form == "fastvideo" else tuple(expected.get("pipeline_classes",
                                                                                         [expected["_class_name"]]))
     if "_class_name" not in flagged and document.get("_class_name") not in allowed:
@@ -232,7 +248,8 @@ def check_model_index(ctx: Context, path: Path, form: str) -> dict | None:
                                  f"{pair!r} loads with this package (reconvert, or edit the entry)", rel)
         elif list(document[name]) != pair:
             ctx.findings.error("model_index", "model_index", f"{name} is {document[name]!r}, expected {pair!r}", rel)
-    _check_component_folders(ctx, rel, document, expected["components"])
+    _check_component_folders(ctx, rel, document, {**expected.get("optional_components", {}),
+                                                  **expected["components"]})
     ctx.components["model_index"] = {"path": rel, "class_name": document.get("_class_name"),
                                      "components": sorted(k for k, v in document.items() if isinstance(v, list))}
     return document

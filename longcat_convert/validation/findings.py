@@ -57,6 +57,7 @@ KINDS: dict[str, str] = {
     "all_zero": "all-zero tensor",
     "drop_value": "dropped norm parameter that is not the identity",
     "hash_mismatch": "sha256 differs from the manifest",
+    "int8_scale": "INT8 weight_scale that is not positive",
     "manifest": "conversion manifest entry",
     "unrecorded_tensor": "tensor absent from the manifest",
 }

@@ -35,27 +35,29 @@ def component_folder(ctx: Context, component: str, name: str) -> Path | None:
     return None
 
 
-def check_dit(ctx: Context, layout: dict, policy: DtypeExpectations) -> DitResult:
-    folder = component_folder(ctx, "dit", layout["dit_dir"])
+def check_dit(ctx: Context, layout: dict, policy: DtypeExpectations, component: str = "dit",
+              family: str = keymap.BASE_FAMILY) -> DitResult:
+    """component: the report's name for this DiT (an avatar tree has several DiT folders)."""
+    folder = component_folder(ctx, component, layout["dit_dir"])
     config_rel = f"{layout['dit_dir']}/config.json"
     if folder is None:
         return DitResult(None, config_rel, None, None)
     naming = layout["naming"]
-    config = check_dit_config(ctx, "dit", folder / "config.json", naming)
-    weights = scan_weight_folder(ctx, "dit", folder, FolderRules.dit(naming))
-    if config is None:
+    config = check_dit_config(ctx, component, folder / "config.json", naming, family)
+    weights = scan_weight_folder(ctx, component, folder, FolderRules.dit(naming))
+    if config is None and family == keymap.BASE_FAMILY:
         _check_other_naming(ctx, folder / "config.json", naming, config_rel)
-    expanded = _expand(ctx, config, naming, config_rel, weights)
-    facts = ctx.components.setdefault("dit", {})
+    expanded = _expand(ctx, config, naming, config_rel, weights, component)
+    facts = ctx.components.setdefault(component, {})
     facts.update(weights_summary(ctx, weights), naming=naming)
     if expanded is not None:
         expected = expanded.expected_shapes(naming)
         other = "fastvideo" if naming == "upstream" else "upstream"
         droppable = set(expanded.drops) if naming == "upstream" else set()
-        compare_keys(ctx, "dit", weights, expected, droppable=droppable,
+        compare_keys(ctx, component, weights, expected, droppable=droppable,
                      other_naming=(other, set(expanded.expected_shapes(other))), config_rel=config_rel)
         facts.update(expected_tensors=len(expected), expected_parameters=expanded.num_params)
-    check_dtypes(ctx, "dit", folder, weights.located, policy)
+    check_dtypes(ctx, component, folder, weights.located, policy)
     return DitResult(config, config_rel, expanded, weights)
 
 
@@ -70,9 +72,9 @@ def _check_other_naming(ctx: Context, path: Path, naming: str, config_rel: str) 
 
 
 def _expand(ctx: Context, config: dict | None, naming: str, config_rel: str,
-            weights: ShardFolder) -> keymap.ExpandedMap | None:
+            weights: ShardFolder, component: str = "dit") -> keymap.ExpandedMap | None:
     if config is None:
-        ctx.findings.info("dit", "config_field", "the key report is skipped: the DiT config cannot describe the "
+        ctx.findings.info(component, "config_field", "the key report is skipped: the DiT config cannot describe the "
                           "expected keys", config_rel)
         return None
     try:
@@ -80,7 +82,7 @@ def _expand(ctx: Context, config: dict | None, naming: str, config_rel: str,
         keymap.check_fits(config, naming, config_rel, len(held), sum(info.numel for info in held))
         return keymap.expand(config, naming, config_rel)
     except LongcatError as exc:
-        ctx.findings.error("dit", "config_rule", exc.message, config_rel)
+        ctx.findings.error(component, "config_rule", exc.message, config_rel)
         return None
 
 

@@ -18,7 +18,9 @@ SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 def render_summary(report: dict, shown: int = 5) -> str:
     lines = [f"LongCat-Video tree {report['root']}",
              f"layout: {report['layout']['name']} ({report['layout']['reason']})"]
-    lines += ["components:"] + [f"  {name:<13}{text}" for name, text in _component_lines(report["components"])]
+    rows = _component_lines(report["components"])
+    width = max([13] + [len(name) + 1 for name, _ in rows])
+    lines += ["components:"] + [f"  {name:<{width}}{text}" for name, text in rows]
     if report.get("deep_scan"):
         deep = report["deep_scan"]
         lines.append(f"deep scan: {deep['tensors']} tensors in {deep['files']} files ({human_bytes(deep['bytes'])}), "

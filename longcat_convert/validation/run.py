@@ -18,8 +18,9 @@ from ..core import jsonschemas, keymap
 from ..core.dtypes import POLICY_NAMES
 from ..core.errors import LongcatError
 from ..core.io import DirectFiles, FileReader
-from ..core.layout_detect import check_root, detect_layout
+from ..core.layout_detect import avatar_variant_of_layout, check_root, detect_layout
 from .adapters import check_lora_folder
+from .avatar import check_avatar_tree, check_converted_avatar
 from .configs import check_cross_rules, check_model_index, check_scheduler_config, check_tokenizer
 from .context import Context, check_tree_safety, report_stray_pickles
 from .findings import Findings
@@ -67,13 +68,22 @@ def validate_tree(root: str | Path, options: ValidateOptions = ValidateOptions()
     pickles = check_tree_safety(ctx, options.follow_symlinks)  # before any file is opened
     detected = detect_layout(resolved, options.layout)
     layout = keymap.layout(detected.name)
+    family = keymap.layout_family(detected.name)
+    variant = avatar_variant_of_layout(detected.name, resolved)
+    if family == keymap.AVATAR_FAMILY and layout["model_index"] is None:
+        return _validate_raw_avatar(ctx, variant, detected, options, pickles, started)
     manifest = load_manifest(ctx)
     policy = DtypeExpectations(POLICY_NAMES[options.dtype] if options.dtype else None, options.allow_mixed_dtypes,
                                manifest.dtypes_by_file() if manifest else {})
 
     _check_model_index(ctx, layout)
-    dit = check_dit(ctx, layout, policy)
+    dit = check_dit(ctx, layout, policy, family=family)
     check_lora_folder(ctx, layout, dit.expanded, policy)
+    if family == keymap.AVATAR_FAMILY:
+        check_converted_avatar(ctx, variant, dit.config, dit.config_rel, policy)
+        for folder in keymap.extra_dit_folders(variant, detected.name):
+            if (resolved / folder).is_dir():
+                check_dit(ctx, {**layout, "dit_dir": folder}, policy, component=folder, family=family)
     if ctx.dit_only:
         folders = ", ".join(f"{name}/" for name in SHARED_COMPONENTS)
         findings.warning("tree", "missing_component", f"a DiT-only tree (no {folders}): the DiT and its LoRAs can be "
@@ -85,22 +95,43 @@ def validate_tree(root: str | Path, options: ValidateOptions = ValidateOptions()
     report_stray_pickles(ctx, pickles)
     deep = _deep_scan(ctx, manifest, dit) if options.deep else None
 
+    layout_facts = {"name": detected.name, "reason": detected.reason, "forced": detected.forced}
+    return _report(ctx, options, layout_facts, manifest.to_json(ctx) if manifest else None, deep, started)
+
+
+def _report(ctx: Context, options: ValidateOptions, layout: dict, manifest: dict | None, deep,
+            started: float) -> dict:
+    findings = ctx.findings
     report = {
         "report": "longcat-convert validation",
         "schema_version": REPORT_SCHEMA_VERSION,
         "tool_version": __version__,
-        "root": str(resolved),
-        "layout": {"name": detected.name, "reason": detected.reason, "forced": detected.forced},
+        "root": str(ctx.root),
+        "layout": layout,
         "deep": options.deep,
         "valid": not findings.has_errors,
         "counts": {severity: findings.count(severity) for severity in ("error", "warning", "info")},
         "components": ctx.components,
-        "manifest": manifest.to_json(ctx) if manifest else None,
+        "manifest": manifest,
         "deep_scan": deep.to_json() if deep else None,
         "findings": [finding.to_json() for finding in findings.items],
         "elapsed_seconds": round(time.perf_counter() - started, 4),
     }
     return jsonschemas.checked_report("validation-report", report)
+
+
+def _validate_raw_avatar(ctx: Context, variant: str | None, detected, options: ValidateOptions,
+                         pickles: list[str], started: float) -> dict:
+    """A LongCat-Video-Avatar tree as published (several DiT folders, the base tree beside it)."""
+    if variant is None:
+        raise LongcatError(f"the {detected.name} layout names no avatar version", ctx.root)
+    ctx.dit_only = False
+    policy = DtypeExpectations(POLICY_NAMES[options.dtype] if options.dtype else None, options.allow_mixed_dtypes)
+    check_avatar_tree(ctx, variant, policy, options.follow_symlinks, options.deep)
+    report_stray_pickles(ctx, pickles)
+    deep = _deep_scan(ctx, None, None) if options.deep else None
+    return _report(ctx, options, {"name": detected.name, "reason": detected.reason, "forced": detected.forced},
+                   None, deep, started)
 
 
 def _check_shared_components(ctx: Context, options: ValidateOptions, policy: DtypeExpectations, layout_name: str,
@@ -123,7 +154,7 @@ def _check_shared_components(ctx: Context, options: ValidateOptions, policy: Dty
 def _deep_scan(ctx: Context, manifest, dit):
     from .deep import deep_scan
 
-    return deep_scan(ctx, manifest, drop_expectations(ctx, dit))
+    return deep_scan(ctx, manifest, drop_expectations(ctx, dit) if dit is not None else {})
 
 
 def _check_model_index(ctx: Context, layout: dict) -> None:
