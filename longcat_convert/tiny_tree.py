@@ -86,7 +86,7 @@ def _full_size_scale(key: str, shape: tuple[int, ...]) -> float:
 
 
 def _dit_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator,
-                scale: Callable[[str, tuple[int, ...]], float]) -> torch.Tensor:
+                scale: Callable[[str, tuple[int, ...]], float] = _tiny_scale) -> torch.Tensor:
     import torch
 
     values = torch.randn(shape, generator=gen)
@@ -95,25 +95,34 @@ def _dit_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator,
     return values.mul_(scale(key, shape))
 
 
-def write_sharded(folder: Path, prefix: str, planned: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
+def write_sharded(folder: Path, prefix: str, planned: list[tuple[str, tuple[int, ...], torch.dtype]],
                   make: Callable[[str, tuple[int, ...]], torch.Tensor], max_bytes: int) -> None:
-    """Write `planned` (name, shape) tensors, each made by `make` only when its turn comes, in shards of at most
-    `max_bytes` (plus an index when there are several): memory holds one tensor, whatever the model size."""
+    """Write `planned` (name, shape, dtype) tensors, each made by `make` only when its turn comes, in shards of at
+    most `max_bytes` (plus an index when there are several): memory holds one tensor, whatever the model size."""
     import torch
 
-    element = torch.empty((), dtype=dtype).element_size()
-    shapes = dict(planned)
-    groups = group_into_shards([(name, math.prod(shape) * element) for name, shape in planned], max_bytes)
+    def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+    specs = {name: (shape, dtype) for name, shape, dtype in planned}
+    groups = group_into_shards([(name, nbytes(shape, dtype)) for name, shape, dtype in planned], max_bytes)
     weight_map: dict[str, str] = {}
     for number, names in enumerate(groups, start=1):
         file = shard_name(prefix, number, len(groups))
-        entries = [TensorEntry(n, SAFETENSORS_NAME[dtype], shapes[n]) for n in names]
+        entries = [TensorEntry(n, SAFETENSORS_NAME[specs[n][1]], specs[n][0]) for n in names]
         with ShardWriter(folder / file, entries, {"format": "pt"}) as writer:
             for name in progress.steps(names, len(names), f"writing {folder.name}/{file}"):
-                writer.write_tensor(name, [tensor_bytes(make(name, shapes[name]).to(dtype))])
+                shape, dtype = specs[name]
+                writer.write_tensor(name, [tensor_bytes(make(name, shape).to(dtype))])
         weight_map.update(dict.fromkeys(names, file))
     if len(groups) > 1:
-        write_index(folder / index_name(prefix), weight_map, sum(math.prod(s) * element for _, s in planned))
+        write_index(folder / index_name(prefix), weight_map, sum(nbytes(s, d) for _, s, d in planned))
+
+
+def _write_shards(folder: Path, prefix: str, tensors: dict[str, torch.Tensor], max_bytes: int) -> None:
+    """`write_sharded` for tensors already in memory (small trees)."""
+    write_sharded(folder, prefix, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()],
+                  lambda key, _shape: tensors[key], max_bytes)
 
 
 def write_dit(folder: Path, spec: TinySpec) -> dict:
@@ -124,9 +133,10 @@ def write_dit(folder: Path, spec: TinySpec) -> dict:
     gen = torch.Generator().manual_seed(spec.seed)
     scale = _full_size_scale if spec.full_size else _tiny_scale
     folder.mkdir(parents=True)
-    write_sharded(folder, keymap.load_map_document()["shard_prefix"], [(r.upstream, r.shape) for r in expanded.params],
-                  torch_dtype(spec.dtype, TINY_DTYPES), lambda key, shape: _dit_tensor(key, shape, gen, scale),
-                  spec.max_shard_bytes)
+    dtype = torch_dtype(spec.dtype, TINY_DTYPES)
+    write_sharded(folder, keymap.load_map_document()["shard_prefix"],
+                  [(r.upstream, r.shape, dtype) for r in expanded.params],
+                  lambda key, shape: _dit_tensor(key, shape, gen, scale), spec.max_shard_bytes)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config
 

@@ -77,9 +77,9 @@ def write_text_encoder(folder: Path, dtype: str, seed: int) -> int:
         fan_in = shape[0] if key.endswith("relative_attention_bias.weight") else shape[-1]
         return torch.randn(shape, generator=generator).mul_(1.0 if "embed" in key or "shared" in key else fan_in**-0.5)
 
-    planned = [(key, shapes[key]) for key in keys]
-    write_sharded(folder, "model", planned, torch_dtype(dtype, DTYPES), make, TEXT_ENCODER_SHARD)
-    return sum(math.prod(shape) for _, shape in planned)
+    planned = [(key, shapes[key], torch_dtype(dtype, DTYPES)) for key in keys]
+    write_sharded(folder, "model", planned, make, TEXT_ENCODER_SHARD)
+    return sum(math.prod(shape) for _, shape, _ in planned)
 
 
 def write_vae(folder: Path, dtype: str) -> int:
