@@ -33,6 +33,11 @@ from .metrics import compare_outputs
 from .streamed import Stage, StageWindow, stage_outputs, streamed_peak_bytes, whole_model_bytes
 
 DEFAULT_THRESHOLDS = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
+# A LoRA case between an upstream-format adapter (its branch added at run time) and a FastVideo-format one (ΔW merged
+# into the weight in the compute dtype, as FastVideo does): in half precision the merged weight is rounded once more,
+# ~2^-9 of each weight in bf16, and the difference grows with depth (full width, bf16: 5e-3 after 1 block, 2.9e-2
+# after 48). The exact check of every LoRA delta is the weights level; this bound only catches gross mismatches.
+CROSS_FORMAT_LORA_THRESHOLDS = {"bfloat16": 1e-1, "float16": 2e-2}
 BASE_CASES = ("plain", "cond", "kvcache")
 MAX_TOKENS = 1 << 20  # latent tokens per sample: beyond this the attention alone would not fit any machine
 WHOLE_MODEL_MARGIN = 1.25  # activations, LoRA branches and the allocator on top of the weights
@@ -171,6 +176,8 @@ def forward_parity(raw_tree: str | Path, converted_tree: str | Path, cases: Iter
         raise LongcatError(f"no threshold for dtype {dtype_name}; pass thresholds={{'{dtype_name}': ...}}")
     threshold = limits[dtype_name]
     names = _case_names(cases, sorted(lora_paths(raw)))
+    tolerances = case_thresholds(names, dtype_name, threshold, thresholds is not None and dtype_name in thresholds,
+                                 raw.lora_format != converted.lora_format)
     config = DiTConfig.from_dict(raw.dit.config, "upstream", str(raw.config_path))
     inputs = make_inputs(config, seed, grid)
     device = resolve_device(device)
@@ -178,14 +185,14 @@ def forward_parity(raw_tree: str | Path, converted_tree: str | Path, cases: Iter
     report = {"level": "forward", "raw": raw.describe(), "converted": converted.describe(), "dtype": dtype_name,
               "threshold": threshold, "seed": seed, "tokens": inputs.tokens, "memory": memory.to_json()}
     if memory.streamed:
-        outputs, reference, stages, timing = _streamed(raw, converted, names, inputs, compute_dtype, device, threshold)
+        outputs, reference, stages, timing = _streamed(raw, converted, names, inputs, compute_dtype, device, tolerances)
         report["stages"] = stages
         report["timing"] = timing
         report["first_divergence"] = next((stage["stage"] for stage in stages if not stage["passed"]), None)
     else:
         outputs, reference = _whole(raw, converted, names, inputs, compute_dtype, device)
-    results = [{"name": name, **_case_result(outputs[name], reference[name], threshold), "tolerance": threshold,
-                "dtype": dtype_name} for name in names]
+    results = [{"name": name, **_case_result(outputs[name], reference[name], tolerances[name]),
+                "tolerance": tolerances[name], "dtype": dtype_name} for name in names]
     report["cases"] = results
     report["passed"] = all(result["passed"] for result in results)
     return jsonschemas.checked_report("parity-report", report)
@@ -211,7 +218,7 @@ def _raise_raw_failures(raw: Tree, reference: dict[str, torch.Tensor | str]) -> 
 
 
 def _streamed(raw: Tree, converted: Tree, names: list[str], inputs: ForwardInputs, dtype: torch.dtype,
-              device: torch.device, threshold: float) -> tuple[dict, dict, list[dict], dict]:
+              device: torch.device, tolerances: dict[str, float]) -> tuple[dict, dict, list[dict], dict]:
     """Per-case outputs of both sides, every stage's comparison, and where the time went."""
     started = time.perf_counter()
     raw_window = StageWindow(raw, dtype, device)
@@ -225,7 +232,7 @@ def _streamed(raw: Tree, converted: Tree, names: list[str], inputs: ForwardInput
         if not stages:
             _raise_raw_failures(raw, {k: v for k, v in raw_stage.outputs.items() if isinstance(v, str)})
         other = next(converted_stages)
-        stages.append(_stage_result(raw_stage, other, threshold))
+        stages.append(_stage_result(raw_stage, other, tolerances))
         reference, outputs = raw_stage.outputs, other.outputs
     wall = time.perf_counter() - started
     read = sum(window.read_seconds for window in windows)
@@ -255,11 +262,19 @@ def _converted_stages(converted: Tree, names: list[str], inputs: ForwardInputs, 
         yield Stage("", dict.fromkeys(names, failure))
 
 
-def _stage_result(raw: Stage, converted: Stage, threshold: float) -> dict:
+def case_thresholds(names: list[str], dtype_name: str, threshold: float, explicit: bool,
+                    lora_formats_differ: bool) -> dict[str, float]:
+    """Each case's rel L2 bound: the dtype's, or for a LoRA case across adapter formats in half precision the
+    looser CROSS_FORMAT_LORA_THRESHOLDS (unless the caller set the threshold)."""
+    loose = CROSS_FORMAT_LORA_THRESHOLDS.get(dtype_name) if lora_formats_differ and not explicit else None
+    return {name: loose if loose is not None and name.startswith("lora:") else threshold for name in names}
+
+
+def _stage_result(raw: Stage, converted: Stage, tolerances: dict[str, float]) -> dict:
     cases = {}
     for name, want in raw.outputs.items():
         got = converted.outputs.get(name, "missing")
-        cases[name] = _case_result(got, want, threshold) if not isinstance(want, str) else {"passed": False,
+        cases[name] = _case_result(got, want, tolerances[name]) if not isinstance(want, str) else {"passed": False,
                                                                                               "error": want}
         cases[name].pop("shape", None)
         cases[name].pop("cosine", None)

@@ -111,6 +111,17 @@ def run_parity(raw: Path, converted: Path, args: argparse.Namespace, report: Pat
             "cases": {case["name"]: case.get("rel_l2") for case in found["cases"]}}
 
 
+def build_trees(raw: Path, converted: Path, args: argparse.Namespace, results: dict) -> None:
+    log(f"writing the full-size raw tree (depth {args.depth}, {args.dtype}) to {raw}")
+    build = measure([CLI, "tiny", str(raw), "--full-size", "--depth", str(args.depth), "--dtype", args.dtype, "-q"])
+    assert build.rc == 0, build.stderr
+    results["generate"] = {"wall_s": build.wall, "rss_mb": build.rss_mb}
+    log(f"converting to fastvideo: {converted}")
+    conv = measure([CLI, "convert", str(raw), str(converted), "--to", "fastvideo", "-q"])
+    assert conv.rc == 0, conv.stderr
+    results["convert"] = {"wall_s": conv.wall, "rss_mb": conv.rss_mb}
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=48)
@@ -120,6 +131,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--max-memory", default="4GB")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--reuse", type=Path, help="a work folder kept from an earlier run (raw/ and fv/ uncorrupted): "
+                        "skip writing and converting")
     args = parser.parse_args(argv)
     if not 0 <= args.corrupt_block < args.depth:
         raise SystemExit(f"--corrupt-block must be in 0..{args.depth - 1}")
@@ -128,21 +141,15 @@ def main(argv: list[str]) -> None:
     # raw + converted, and FastVideo's refinement LoRA is larger (block-diagonal B for the fused projections)
     need = 2 * tree_bytes(spec) / SPACE_MARGIN + REFINEMENT_GROWTH[args.dtype] + 10**9
     free = shutil.disk_usage(args.workdir).free
-    if need > free:
+    if need > free and args.reuse is None:
         raise SystemExit(f"needs ~{need / 1e9:.0f} GB free in {args.workdir}, {free / 1e9:.0f} GB are")
-    work = Path(tempfile.mkdtemp(prefix="bench-streamed-", dir=args.workdir))
+    work = args.reuse or Path(tempfile.mkdtemp(prefix="bench-streamed-", dir=args.workdir))
     raw, converted = work / "raw", work / "fv"
     results: dict = {"depth": args.depth, "dtype": args.dtype, "tokens": args.tokens, "max_memory": args.max_memory,
                      "cpus": os.cpu_count(), "load_at_start": os.getloadavg()[0]}
     try:
-        log(f"writing the full-size raw tree (depth {args.depth}, {args.dtype}) to {raw}")
-        build = measure([CLI, "tiny", str(raw), "--full-size", "--depth", str(args.depth), "--dtype", args.dtype, "-q"])
-        assert build.rc == 0, build.stderr
-        results["generate"] = {"wall_s": build.wall, "rss_mb": build.rss_mb}
-        log(f"converting to fastvideo: {converted}")
-        conv = measure([CLI, "convert", str(raw), str(converted), "--to", "fastvideo", "-q"])
-        assert conv.rc == 0, conv.stderr
-        results["convert"] = {"wall_s": conv.wall, "rss_mb": conv.rss_mb}
+        if args.reuse is None:
+            build_trees(raw, converted, args, results)
         sync_seconds()
         results["evict"] = evict([raw, converted])
         read_s, read_bytes = cold_read_seconds([raw, converted])
@@ -182,8 +189,9 @@ def print_table(results: dict, args: argparse.Namespace) -> None:
     print(f"| block {args.corrupt_block} to_k/to_v swapped | {'FAIL' if not corrupted['passed'] else 'PASS (!)'}, "
           f"first divergence: {corrupted['first_divergence']}, {corrupted['wall_s']:.0f} s, "
           f"RSS {corrupted['rss_mb'] / 1024:.2f} GB |")
-    print(f"| generate / convert | {results['generate']['wall_s']:.0f} s / {results['convert']['wall_s']:.0f} s "
-          f"(RSS {results['convert']['rss_mb']:.0f} MB) |")
+    if "generate" in results:
+        print(f"| generate / convert | {results['generate']['wall_s']:.0f} s / {results['convert']['wall_s']:.0f} s "
+              f"(RSS {results['convert']['rss_mb']:.0f} MB) |")
 
 
 if __name__ == "__main__":

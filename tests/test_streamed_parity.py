@@ -15,6 +15,7 @@ from longcat_reference.forward_parity import (
     _case_names,
     _streamed,
     _whole,
+    case_thresholds,
     choose_mode,
     forward_parity,
     make_inputs,
@@ -46,7 +47,7 @@ def _both_modes(raw_path: Path, converted_path: Path, dtype: torch.dtype, grid: 
     names = _case_names(None, sorted(lora_paths(raw)))
     inputs = make_inputs(DiTConfig.from_dict(raw.dit.config, "upstream"), 3, grid)
     whole = _whole(raw, converted, names, inputs, dtype, torch.device("cpu"))
-    streamed = _streamed(raw, converted, names, inputs, dtype, torch.device("cpu"), 1e-5)
+    streamed = _streamed(raw, converted, names, inputs, dtype, torch.device("cpu"), dict.fromkeys(names, 1e-5))
     return names, whole, streamed
 
 
@@ -158,3 +159,11 @@ def test_bad_input_sizes_are_one_line_errors(trees, args):
 def test_forward_only_options_are_refused_at_other_levels(trees):
     result = run_cli("parity", trees["raw"], trees["fv"], "--stream")
     assert result.exit_code == 2 and "--level forward only" in result.output
+
+
+def test_lora_cases_across_adapter_formats_get_the_half_precision_bound():
+    names = ["plain", "lora:a"]
+    assert case_thresholds(names, "bfloat16", 2e-2, False, True) == {"plain": 2e-2, "lora:a": 1e-1}
+    assert case_thresholds(names, "bfloat16", 2e-2, False, False) == {"plain": 2e-2, "lora:a": 2e-2}
+    assert case_thresholds(names, "bfloat16", 3e-2, True, True) == {"plain": 3e-2, "lora:a": 3e-2}
+    assert case_thresholds(names, "float32", 1e-5, False, True) == {"plain": 1e-5, "lora:a": 1e-5}
