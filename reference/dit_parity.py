@@ -104,8 +104,9 @@ def _manifest_policy(path: Path) -> DtypePolicy:
     return DtypePolicy.from_description(document["dtype_policy"], str(path))
 
 
-def open_pair(raw_tree: str | Path, converted_tree: str | Path) -> tuple[Tree, Tree]:
-    raw = open_tree(raw_tree)
+def open_pair(raw_tree: str | Path, converted_tree: str | Path, int8: bool = False) -> tuple[Tree, Tree]:
+    """int8: the raw side's DiT is its INT8 folder (an avatar 1.5 tree's base_model_int8/)."""
+    raw = open_tree(raw_tree, int8=int8)
     if raw.naming != "upstream":
         raise LongcatError(f"the raw side is a {raw.layout} tree; it must use upstream names (raw or diffusers)",
                            raw.root)
