@@ -170,9 +170,9 @@ def forward_parity(raw_tree: str | Path, converted_tree: str | Path, cases: Iter
     if raw.family == keymap.AVATAR_FAMILY:
         from .avatar.tree_parity import avatar_tree_forward_parity
 
-        if stream or grid is not None:
-            raise LongcatError("streamed forward parity and --tokens/--frames/--height/--width are for the base "
-                               "DiT; an avatar tree is compared whole on its own small inputs", raw.root,
+        if stream or grid is not None or max_memory is not None:
+            raise LongcatError("streamed forward parity, --max-memory and --tokens/--frames/--height/--width are for the "
+                               "base DiT; an avatar tree is compared whole on its own small inputs", raw.root,
                                "drop --stream, --max-memory and the grid options")
         return avatar_tree_forward_parity(raw, converted, cases, dtype, thresholds, seed, device, from_int8)
     if from_int8:

@@ -50,7 +50,7 @@ def open_tree(root: str | Path, strict: bool = True, int8: bool = False) -> Tree
     except LongcatError as exc:  # the detector's own fix names validate's --layout, which these commands lack
         raise LongcatError(exc.message, exc.path, "point at the root of a raw, diffusers or fastvideo tree") from None
     dit_dir = keymap.layout(name)["dit_dir"]
-    if not (root / dit_dir / "config.json").is_file():
+    if not int8 and not (root / dit_dir / "config.json").is_file():  # read_tree names a missing INT8 config
         raise LongcatError(f"no DiT config: {dit_dir}/config.json is missing from this {name} tree", root,
                            "restore the config that came with the checkpoint")
     return read_tree(root, name, follow_symlinks=True, strict=strict, int8=int8)
