@@ -15,15 +15,15 @@ from .common import dtype_option, echo_json, json_option, quiet_option, report_o
 from .report_file import check_report_path, write_report
 
 
-def _case_line(case: dict) -> str:
+def _case_line(case: dict, width: int = 24) -> str:
     verdict = "PASS" if case["passed"] else "FAIL"
     if "rel_l2" in case:
-        return (f"  {case['name']:<24} max_abs {case['max_abs']:.2e}  rel_l2 {case['rel_l2']:.2e}  "
+        return (f"  {case['name']:<{width}} max_abs {case['max_abs']:.2e}  rel_l2 {case['rel_l2']:.2e}  "
                 f"cosine {case['cosine']:.8f}  {verdict}")
     counts = ", ".join(f"{k} {case[k]}" for k in ("checked", "exact", "equal_after_cast", "mismatched", "modules")
                        if k in case)
     problem = case.get("error") or (f"e.g. {case['mismatches'][0]}" if case.get("mismatches") else "")
-    return f"  {case['name']:<24} {verdict}  {counts}  {problem}".rstrip()
+    return f"  {case['name']:<{width}} {verdict}  {counts}  {problem}".rstrip()
 
 
 @click.command("parity")
@@ -114,7 +114,8 @@ def parity_command(raw: Path, converted: Path, level: str, dtype: str | None, th
     with progress.reporting(progress.wanted(quiet)):
         report, lines = _run_level(raw, converted, level, dtype, threshold, cases, forward, tasks, steps,
                                    original_src, from_int8)
-    lines += [_case_line(case) for case in report["cases"]]
+    width = max([24, *(len(case["name"]) for case in report["cases"])])
+    lines += [_case_line(case, width) for case in report["cases"]]
     if report_target:
         write_report(report_target, report, report_path)
     if as_json:
