@@ -87,15 +87,15 @@ def parity_command(raw: Path, converted: Path, level: str, dtype: str | None, th
       longcat-convert parity /tmp/raw /tmp/fv --level task --tasks t2v --tasks vc
       longcat-convert parity /tmp/raw /tmp/fv --level task \\
           --original-src ~/src/LongCat-Video
-      longcat-convert parity LongCat-Video-Avatar-1.5 out/avatar-fv --level forward
-      longcat-convert parity LongCat-Video-Avatar-1.5 out/from-int8 --level forward \\
-          --from-int8 --dtype float32
+      longcat-convert parity LongCat-Video-Avatar-1.5 out/av --level forward
+      longcat-convert parity LongCat-Video-Avatar-1.5 out/av-from-int8 \\
+          --level forward --from-int8 --dtype float32
 
-    \b
-    Avatar trees (LongCat-Video-Avatar 1.0 / 1.5, raw or diffusers as RAW): weights covers every DiT folder
-    (1.0: transformer and transformer_multi) and lora/dmd_lora; forward runs the avatar cases (at2v, ai2v,
-    multi-speaker, continuation with and without KV cache) through every DiT folder and, on the main DiT,
-    under each LoRA (upstream format at run time on RAW, the converted file on CONVERTED). No --stream.
+    Avatar trees (LongCat-Video-Avatar 1.0 / 1.5; RAW raw or diffusers): weights covers every DiT folder
+    (1.0: transformer and transformer_multi) and lora/dmd_lora, and a --to-int8 tree against upstream's
+    quantisation; forward runs the avatar cases (at2v, ai2v, multi-speaker, continuation with and without KV
+    cache) through every DiT folder and, on the main DiT, under each LoRA (upstream format at run time on RAW,
+    the converted file on CONVERTED). No --stream for avatar trees.
     """
     if from_int8 and level == "task":
         raise LongcatError("--from-int8 works with --level weights or forward, not --level task")
