@@ -61,6 +61,11 @@ def weights_parity(raw_tree: str | Path, converted_tree: str | Path, lora_rtol: 
     source_map = expand_checked(raw)
     cases = []
     for suffix, raw_dit, converted_dit in _dit_folders(raw, converted):
+        if converted_dit is None:
+            absent = {"passed": False, "error": f"the converted tree has no {suffix[1:]}/ (the DiT of {raw_dit.folder}/)"}
+            cases += [{"name": f"config{suffix}", **absent}, {"name": f"dit{suffix}", "raw_folder": raw_dit.folder,
+                                                                **absent}]
+            continue
         raw_side, converted_side = replace(raw, dit=raw_dit), replace(converted, dit=converted_dit)
         dit = _compare_tensors(raw_side, converted_side, expand_checked(raw_side), expected)
         if expected.error:
@@ -74,16 +79,15 @@ def weights_parity(raw_tree: str | Path, converted_tree: str | Path, lora_rtol: 
         "dtype_policy": expected.to_json(), "cases": cases, "passed": all(case["passed"] for case in cases)})
 
 
-def _dit_folders(raw: Tree, converted: Tree) -> list[tuple[str, DitFiles, DitFiles]]:
-    """(case suffix, raw DiT, converted DiT) for the main DiT and an avatar tree's extra ones (1.0's multi-speaker
-    DiT; a converted tree lacking it gets an empty folder, so that every tensor is reported missing)."""
+def _dit_folders(raw: Tree, converted: Tree) -> list[tuple[str, DitFiles, DitFiles | None]]:
+    """(case suffix, raw DiT, converted DiT or None when the converted tree lacks it) for the main DiT and an
+    avatar tree's extra ones (1.0's multi-speaker DiT)."""
     pairs = [("", raw.dit, converted.dit)]
     in_converted = {raw_name: folder for folder, raw_name in
                     keymap.extra_dit_folders(raw.avatar_variant, converted.layout).items()}
     for folder, raw_dit in raw.extra_dits.items():
         target = in_converted.get(folder, folder)
-        missing = DitFiles(target, {}, {}, None, {}, [])
-        pairs.append((f":{target}", raw_dit, converted.extra_dits.get(target, missing)))
+        pairs.append((f":{target}", raw_dit, converted.extra_dits.get(target)))
     return pairs
 
 

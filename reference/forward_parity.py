@@ -175,8 +175,6 @@ def forward_parity(raw_tree: str | Path, converted_tree: str | Path, cases: Iter
                                "base DiT; an avatar tree is compared whole on its own small inputs", raw.root,
                                "drop --stream, --max-memory and the grid options")
         return avatar_tree_forward_parity(raw, converted, cases, dtype, thresholds, seed, device, from_int8)
-    if from_int8:
-        raise LongcatError("--from-int8 is for LongCat-Video-Avatar 1.5 trees", raw.root, "drop --from-int8")
     compute_dtype, dtype_name = _resolve_dtype(dtype)
     limits = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     if dtype_name not in limits:

@@ -199,3 +199,15 @@ def test_stream_is_refused_for_an_avatar_tree(trees: dict[str, Path]) -> None:
     result = run_cli("parity", trees["avatar-v1.5"], trees["avatar-v1.5/fastvideo"], "--level", "forward", "--stream")
     assert result.exit_code == 2
     assert result.output.count("\n") == 1 and "drop --stream" in result.output
+
+
+def test_a_missing_multi_speaker_dit_fails_its_cases_only(trees: dict[str, Path], tmp_path: Path) -> None:
+    converted = tmp_path / "fv"
+    shutil.copytree(trees["avatar-v1.0/fastvideo"], converted)
+    shutil.rmtree(converted / "transformer_multi")
+    weights = weights_parity(trees["avatar-v1.0"], converted)
+    assert failing(weights) == ["config:transformer_multi", "dit:transformer_multi"]
+    assert "has no transformer_multi/" in weights["cases"][3]["error"]
+    forward = forward_parity(trees["avatar-v1.0"], converted, cases=["at2v"])
+    assert failing(forward) == ["transformer_multi/at2v"]
+    assert "cannot load the converted DiT" in forward["cases"][1]["error"]
