@@ -108,8 +108,9 @@ class Demo:
         return steps + self._avatar_steps()
 
     def _avatar_steps(self) -> list[Step]:
-        """LongCat-Video-Avatar 1.5: tiny tree (with the base tree beside it) → validate → convert → round trip,
-        and the INT8 round trip (quantise as upstream does, dequantise as its QuantizedLinear does)."""
+        """LongCat-Video-Avatar 1.5: tiny tree (with the base tree beside it) → validate → convert → parity (weights,
+        forward with the dmd LoRA) → round trip, and the INT8 round trip (quantise as upstream does, dequantise as
+        its QuantizedLinear does) with parity of each half."""
         avatar = self.tree("avatar") / AVATAR_REPOS["avatar-v1.5"]
         dif, back = self.tree("avatar-diffusers"), self.tree("avatar-diffusers-back")
         int8, dequantized = self.tree("avatar-int8"), self.tree("avatar-int8-dequantized")
@@ -120,10 +121,17 @@ class Demo:
             Step("validate --deep avatar raw", lambda: self._validate(avatar), tiny),
             Step(made, lambda: self._convert(avatar, dif, "diffusers"), tiny),
             Step("validate --deep avatar diffusers", lambda: self._validate(dif), made),
+            Step("parity weights avatar raw vs diffusers", lambda: self._parity_weights(avatar, dif), made),
+            Step("parity forward avatar raw vs diffusers (+ dmd LoRA)",
+                 lambda: self._parity_forward(avatar, dif, "float32"), made),
             Step("round trip avatar diffusers -> raw", lambda: self._avatar_round_trip(avatar, dif, back), made),
             Step(quantized, lambda: self._to_int8(avatar, int8), tiny),
+            Step("parity weights avatar raw vs --to-int8 (upstream's quantisation)",
+                 lambda: self._parity_weights(avatar, int8), quantized),
             Step("INT8 round trip (--from-int8 --dtype float32)",
                  lambda: self._int8_round_trip(avatar, int8, dequantized), quantized),
+            Step("convert --from-int8 --dtype float32, parity forward vs base_model_int8",
+                 lambda: self._from_int8_forward(avatar, self.tree("avatar-from-int8")), tiny),
         ]
 
     def _avatar_round_trip(self, avatar: Path, converted: Path, back: Path) -> str:
@@ -144,6 +152,14 @@ class Demo:
         wrong = [d for d in differing if d.lstrip(":") in quantized]  # other tensors keep the source's float32
         _require(not wrong, f"INT8 tensors differ from the tiny tree's: {wrong[:2]}")
         return f"{len(modules)} Linears quantised; int8, scales, biases equal to the tiny tree's (upstream's format)"
+
+    def _from_int8_forward(self, avatar: Path, dequantized: Path) -> str:
+        """The published INT8 folder (non-quantised tensors in bf16) dequantised to float32 computes what upstream's
+        INT8 model computes in float32. (An INT8 folder holding float32 non-quantised tensors, as --to-int8 writes
+        from a float32 tree, is not: upstream's loader rounds those to bf16, the conversion keeps them.)"""
+        convert(ConvertRequest(src=avatar, dst=dequantized, to="diffusers", from_int8=True, dtype="float32",
+                               overwrite=True, quiet=True))
+        return self._parity_forward(avatar, dequantized, "float32", from_int8=True)
 
     def _int8_round_trip(self, avatar: Path, int8: Path, dequantized: Path) -> str:
         """Dequantised weights lie within half a quantisation step (s/2 per row) of the float weights."""
@@ -207,10 +223,10 @@ class Demo:
         loras = sum(case["name"].startswith("lora:") for case in report["cases"])
         return f"{dit['checked']} tensors equal; {loras} LoRAs' deltas equal"
 
-    def _parity_forward(self, raw: Path, converted: Path, dtype: str) -> str:
+    def _parity_forward(self, raw: Path, converted: Path, dtype: str, from_int8: bool = False) -> str:
         from longcat_reference.forward_parity import forward_parity
 
-        report = forward_parity(raw, converted, dtype=dtype)
+        report = forward_parity(raw, converted, dtype=dtype, from_int8=from_int8)
         worst = max(case.get("rel_l2", float("inf")) for case in report["cases"])
         _require(report["passed"], f"forward outputs differ (worst rel L2 {worst:.2e})")
         return f"{len(report['cases'])} cases, worst rel L2 {worst:.1e}"

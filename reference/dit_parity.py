@@ -15,18 +15,22 @@ arguments raise LongcatError; problems found in the converted tree are reported,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from longcat_convert.core import jsonschemas, keymap
-from longcat_convert.core.dtypes import POLICY_NAMES, SAFETENSORS_NAME, DtypePolicy
+from longcat_convert.core.dtypes import DTYPE_NAMES, POLICY_NAMES, SAFETENSORS_NAME, TORCH_DTYPE, DtypePolicy
 from longcat_convert.core.errors import LongcatError, raise_first_error
+from longcat_convert.core.int8 import dequantize_rows, quantize_rows
 from longcat_convert.core.io import read_header, read_json_object
+from longcat_convert.core.layout_detect import avatar_variant_of_layout, detect_layout
 from longcat_convert.core.lora_delta import AdapterDeltas, Term, compare_deltas
 from longcat_convert.core.lora_format import split_fastvideo, split_upstream, upstream_key
 from longcat_convert.core.shard_folder import FIXES
+from longcat_convert.core.tree import DitFiles
 
 from .loading import Tree, expand_checked, lora_paths, open_tree
 from .lora_layers import read_adapter
@@ -43,23 +47,48 @@ MANIFEST = "conversion.json"
 # ==== weights level =================================================================================
 
 def weights_parity(raw_tree: str | Path, converted_tree: str | Path, lora_rtol: float | None = None,
-                   dtype: str | None = None) -> dict:
-    """Cases: `config` (architecture fields), `dit` (every tensor) and `lora:<name>` per LoRA of either tree.
+                   dtype: str | None = None, from_int8: bool = False) -> dict:
+    """Cases: `config` (architecture fields), `dit` (every tensor) and `lora:<name>` per LoRA of either tree; an
+    avatar 1.0 tree adds `config:<folder>` and `dit:<folder>` for its multi-speaker DiT.
 
     dtype: for a converted tree without conversion.json, the dtype (float32, bfloat16, float16) its floating
-    tensors were cast to; without it every tensor must keep its source dtype."""
-    raw, converted = open_pair(raw_tree, converted_tree)
+    tensors were cast to; without it every tensor must keep its source dtype. from_int8: the converted tree was
+    converted `--from-int8`: its DiT is checked against upstream's dequantisation of the raw INT8 folder. A
+    converted tree holding only an INT8 DiT (`--to-int8`) is checked against upstream's quantisation of the raw
+    DiT (int8 rows and float32 scales, bit for bit)."""
+    raw, converted = open_pair(raw_tree, converted_tree, int8=from_int8)
     expected = _expected_dtypes(converted, dtype)
     source_map = expand_checked(raw)
-    dit = _compare_tensors(raw, converted, source_map, expected)
-    if expected.error:
-        dit = {**dit, "passed": False, "error": expected.error}
-    cases = [{"name": "config", **_compare_configs(raw, converted)}, {"name": "dit", **dit}]
+    cases = []
+    for suffix, raw_dit, converted_dit in _dit_folders(raw, converted):
+        if converted_dit is None:
+            absent = {"passed": False, "error": f"the converted tree has no {suffix[1:]}/ (the DiT of {raw_dit.folder}/)"}
+            cases += [{"name": f"config{suffix}", **absent}, {"name": f"dit{suffix}", "raw_folder": raw_dit.folder,
+                                                                **absent}]
+            continue
+        raw_side, converted_side = replace(raw, dit=raw_dit), replace(converted, dit=converted_dit)
+        dit = _compare_tensors(raw_side, converted_side, expand_checked(raw_side), expected)
+        if expected.error:
+            dit = {**dit, "passed": False, "error": expected.error}
+        cases += [{"name": f"config{suffix}", **_compare_configs(raw_side, converted_side)},
+                  {"name": f"dit{suffix}", "raw_folder": raw_dit.folder, **dit}]
     cases += [{"name": f"lora:{name}", **entry}
               for name, entry in _compare_loras(raw, converted, source_map, lora_rtol, expected).items()]
     return jsonschemas.checked_report("parity-report", {
         "level": "weights", "raw": raw.describe(), "converted": converted.describe(),
         "dtype_policy": expected.to_json(), "cases": cases, "passed": all(case["passed"] for case in cases)})
+
+
+def _dit_folders(raw: Tree, converted: Tree) -> list[tuple[str, DitFiles, DitFiles | None]]:
+    """(case suffix, raw DiT, converted DiT or None when the converted tree lacks it) for the main DiT and an
+    avatar tree's extra ones (1.0's multi-speaker DiT)."""
+    pairs = [("", raw.dit, converted.dit)]
+    in_converted = {raw_name: folder for folder, raw_name in
+                    keymap.extra_dit_folders(raw.avatar_variant, converted.layout).items()}
+    for folder, raw_dit in raw.extra_dits.items():
+        target = in_converted.get(folder, folder)
+        pairs.append((f":{target}", raw_dit, converted.extra_dits.get(target)))
+    return pairs
 
 
 @dataclass(frozen=True)
@@ -104,12 +133,38 @@ def _manifest_policy(path: Path) -> DtypePolicy:
     return DtypePolicy.from_description(document["dtype_policy"], str(path))
 
 
-def open_pair(raw_tree: str | Path, converted_tree: str | Path) -> tuple[Tree, Tree]:
-    raw = open_tree(raw_tree)
+def open_pair(raw_tree: str | Path, converted_tree: str | Path, int8: bool = False) -> tuple[Tree, Tree]:
+    """int8: the raw side's DiT is its INT8 folder (an avatar 1.5 tree's base_model_int8/)."""
+    raw = open_tree(raw_tree, int8=int8)
     if raw.naming != "upstream":
         raise LongcatError(f"the raw side is a {raw.layout} tree; it must use upstream names (raw or diffusers)",
                            raw.root)
-    return raw, open_tree(converted_tree, strict=False)  # its defects are reported, not raised
+    if not int8 and _made_from_int8(Path(converted_tree)):
+        raise LongcatError("was converted --from-int8 (its conversion.json counts int8 source tensors): its DiT is "
+                           "the dequantised base_model_int8/, not base_model/", Path(converted_tree),
+                           "pass --from-int8 to compare it with RAW's INT8 folder")
+    # its defects are reported, not raised; a tree converted --to-int8 has only its INT8 DiT
+    return raw, open_tree(converted_tree, strict=False, int8=_holds_only_int8(Path(converted_tree)))
+
+
+def _made_from_int8(root: Path) -> bool:
+    """The converted tree's manifest says its source DiT held int8 tensors and the result holds none."""
+    try:
+        census = read_json_object(root / MANIFEST).get("census", {})
+    except LongcatError:
+        return False  # no usable manifest: nothing to tell
+    if not isinstance(census, dict):
+        return False
+    before, after = census.get("before", {}), census.get("after", {})
+    return isinstance(before, dict) and isinstance(after, dict) and "I8" in before and "I8" not in after
+
+
+def _holds_only_int8(root: Path) -> bool:
+    """An avatar tree whose DiT is only the INT8 folder (`convert --to-int8`)."""
+    layout = detect_layout(root).name
+    variant = avatar_variant_of_layout(layout, root)
+    int8_dir = keymap.avatar_spec()["variants"].get(variant or "", {}).get("int8_dir")
+    return bool(int8_dir) and (root / int8_dir).is_dir() and not (root / keymap.layout(layout)["dit_dir"]).is_dir()
 
 
 def _compare_configs(raw: Tree, converted: Tree) -> dict:
@@ -135,48 +190,112 @@ class _TensorTally:
         return {"checked": self.checked, "exact": self.exact, "equal_after_cast": self.cast}
 
 
+@dataclass(frozen=True)
+class _Check:
+    """One converted tensor and how to make the value it must hold from the raw tree."""
+
+    key: str
+    source: str  # the raw tensor(s) it comes from, for messages
+    rows: tuple[int, int] | None
+    source_dtype: str
+    want: Callable[[str], torch.Tensor]  # converted dtype name -> the exact expected value
+    rule: keymap.ParamRule | None = None  # a plain copy / cast / split of the rule's tensor (for _diagnose)
+    forced_dtype: str | None = None  # the dtype the format fixes (INT8 rows, scales, biases), whatever the policy
+
+
+def _checks(raw: Tree, converted: Tree, source_map: keymap.ExpandedMap, policy: DtypePolicy) -> list[_Check]:
+    """Every tensor the converted DiT must hold. INT8 on either side: a quantised Linear's weight is upstream's
+    dequantisation of the raw rows (from-int8) or upstream's quantisation of the raw weight (to-int8)."""
+    quantized = set(keymap.quantized_modules(source_map)) if raw.int8 or converted.int8 else set()
+    spec = keymap.quantization_spec(source_map.family) if quantized else {}
+    checks = []
+    for rule in source_map.params:
+        if rule.module in quantized and rule.param == "weight":
+            checks += _dequantized(raw, converted, rule, spec) if raw.int8 else _quantized(raw, rule, spec, policy)
+            continue
+        keys = rule.keys(converted.naming)
+        source_dtype = raw.dit.info(rule.upstream).dtype
+        forced = spec["bias_dtype"] if rule.module in quantized and converted.int8 else None
+        for part, key in enumerate(keys):
+            rows = _part_rows(rule, part, len(keys))
+            checks.append(_Check(key, rule.upstream, rows, source_dtype,
+                                 lambda _, name=rule.upstream, rows=rows: raw.tensor(name, rows), rule,
+                                 DTYPE_NAMES[forced] if forced else None))
+    return checks
+
+
+def _dequantized(raw: Tree, converted: Tree, rule: keymap.ParamRule, spec: dict) -> list[_Check]:
+    q_key, s_key = f"{rule.module}.{spec['weight']}", f"{rule.module}.{spec['scale']}"
+    keys = rule.keys(converted.naming)
+
+    def want(dtype: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        return dequantize_rows(raw.tensor(q_key, rows), raw.tensor(s_key, rows), TORCH_DTYPE[dtype])
+
+    return [_Check(key, f"{q_key} x {s_key}", rows, "I8", lambda dtype, rows=rows: want(dtype, rows))
+            for part, key in enumerate(keys) for rows in [_part_rows(rule, part, len(keys))]]
+
+
+def _quantized(raw: Tree, rule: keymap.ParamRule, spec: dict, policy: DtypePolicy) -> list[_Check]:
+    """Upstream quantises the model in the dtype it was loaded in: the raw weight after the conversion's cast."""
+    source_dtype = raw.dit.info(rule.upstream).dtype
+    work = TORCH_DTYPE[policy.resolve(rule.upstream, source_dtype)]
+
+    def want(index: int) -> torch.Tensor:
+        return quantize_rows(raw.tensor(rule.upstream).to(work))[index]
+
+    return [_Check(f"{rule.module}.{spec['weight']}", rule.upstream, None, source_dtype, lambda _: want(0),
+                   forced_dtype="I8"),
+            _Check(f"{rule.module}.{spec['scale']}", rule.upstream, None, source_dtype, lambda _: want(1),
+                   forced_dtype="F32")]
+
+
 def _compare_tensors(raw: Tree, converted: Tree, source_map: keymap.ExpandedMap, dtypes: _ExpectedDtypes) -> dict:
     try:
         raise_first_error(converted.dit.problems, fixes=FIXES)
     except LongcatError as unreadable:
         return {"passed": False, "error": unreadable.one_line()}
     source, target = raw.dit.key_files, converted.dit.key_files
-    expected = {key for rule in source_map.params for key in rule.keys(converted.naming)}
-    missing = sorted(expected - set(target))
-    unexpected = sorted(set(target) - expected)
-    absent_source = sorted(rule.upstream for rule in source_map.params if rule.upstream not in source)
+    wanted_source = keymap.int8_expected(source_map) if raw.int8 else {rule.upstream for rule in source_map.params}
+    absent_source = sorted(set(wanted_source) - set(source))
     if absent_source:
         raise LongcatError(f"raw tree lacks {len(absent_source)} DiT tensors ({', '.join(absent_source[:5])})",
                            raw.root / raw.dit.folder)
+    checks = _checks(raw, converted, source_map, dtypes.policy)
+    expected = {check.key for check in checks}
+    missing = sorted(expected - set(target))
+    unexpected = sorted(set(target) - expected)
     tally, mismatches = _TensorTally(), []
-    for rule in source_map.params:
-        keys = rule.keys(converted.naming)
-        for part, key in enumerate(keys):
-            if key not in target:
-                continue
-            tally.checked += 1
-            rows = _part_rows(rule, part, len(keys))
-            source_dtype = raw.dit.info(rule.upstream).dtype
-            want_dtype, got_dtype = dtypes.dtype(key, source_dtype), converted.dit.info(key).dtype
-            if got_dtype != want_dtype:
-                mismatches.append({"key": key, "source": rule.upstream, "rows": list(rows) if rows else None,
-                                   "problem": f"dtype {got_dtype}, expected {want_dtype} ({dtypes.origin}; "
-                                              f"source {source_dtype})"})
-                continue
-            want = raw.tensor(rule.upstream, rows)
-            got = converted.tensor(key)
-            verdict = _tensor_verdict(want, got)
-            if verdict == "exact":
-                tally.exact += 1
-            elif verdict == "cast":
-                tally.cast += 1
-            else:
-                mismatches.append({"key": key, "source": rule.upstream, "rows": list(rows) if rows else None,
-                                   "problem": verdict + _diagnose(rule, raw, got, keys)})
+    for check in checks:
+        if check.key not in target:
+            continue
+        tally.checked += 1
+        where = {"key": check.key, "source": check.source, "rows": list(check.rows) if check.rows else None}
+        want_dtype = check.forced_dtype or _policy_dtype(dtypes, check)
+        got_dtype = converted.dit.info(check.key).dtype
+        if got_dtype != want_dtype:
+            mismatches.append({**where, "problem": f"dtype {got_dtype}, expected {want_dtype} ({dtypes.origin}; "
+                                                   f"source {check.source_dtype})"})
+            continue
+        got = converted.tensor(check.key)
+        verdict = _tensor_verdict(check.want(got_dtype), got)
+        if verdict == "exact":
+            tally.exact += 1
+        elif verdict == "cast":
+            tally.cast += 1
+        else:
+            diagnosis = _diagnose(check.rule, raw, got, check.rule.keys(converted.naming)) if check.rule else ""
+            mismatches.append({**where, "problem": verdict + diagnosis})
     passed = not (missing or unexpected or mismatches)
     return {"passed": passed, **tally.as_dict(), "mismatched": len(mismatches), "mismatches": mismatches[:LIST_LIMIT],
             "missing": missing[:LIST_LIMIT], "missing_count": len(missing),
             "unexpected": unexpected[:LIST_LIMIT], "unexpected_count": len(unexpected)}
+
+
+def _policy_dtype(dtypes: _ExpectedDtypes, check: _Check) -> str:
+    """The dtype the conversion's policy gives a tensor; a dequantised weight takes the policy's target dtype."""
+    if check.source_dtype == "I8":
+        return dtypes.policy.target or "F32 or BF16 (a --from-int8 conversion names its --dtype)"
+    return dtypes.dtype(check.key, check.source_dtype)
 
 
 def _part_rows(rule: keymap.ParamRule, part: int, count: int) -> tuple[int, int] | None:

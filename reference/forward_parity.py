@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from longcat_convert.core import jsonschemas, progress
+from longcat_convert.core import jsonschemas, keymap, progress
 from longcat_convert.core.dtypes import torch_dtype
 from longcat_convert.core.errors import LongcatError
 from longcat_convert.core.machine import available_memory, resolve_device
@@ -165,11 +165,21 @@ def _adapter_bytes(tree: Tree, name: str, element: int) -> int:
 def forward_parity(raw_tree: str | Path, converted_tree: str | Path, cases: Iterable[str] | None = None,
                    dtype: str | torch.dtype = "float32", thresholds: dict[str, float] | None = None, seed: int = 0,
                    device: str | torch.device = "cpu", stream: bool = False, max_memory: int | None = None,
-                   grid: LatentGrid | None = None) -> dict:
+                   grid: LatentGrid | None = None, from_int8: bool = False) -> dict:
     """cases: any of plain, cond, kvcache, lora (= every LoRA of the raw tree), lora:<name>; default all.
     stream: force the streamed mode; otherwise it is used when the whole model does not fit `max_memory` bytes
-    (default: the device's free memory). grid: the latent input size (default 4 × 2 × 3 patches)."""
-    raw, converted = open_pair(raw_tree, converted_tree)
+    (default: the device's free memory). grid: the latent input size (default 4 × 2 × 3 patches).
+    An avatar tree is compared by `avatar.tree_parity` (its own cases; from_int8: the converted tree was made
+    `--from-int8`, compare it with the raw tree's INT8 folder); it has no streamed mode and no grid."""
+    raw, converted = open_pair(raw_tree, converted_tree, int8=from_int8)
+    if raw.family == keymap.AVATAR_FAMILY:
+        from .avatar.tree_parity import avatar_tree_forward_parity
+
+        if stream or grid is not None or max_memory is not None:
+            raise LongcatError("streamed forward parity, --max-memory and --tokens/--frames/--height/--width are for the "
+                               "base DiT; an avatar tree is compared whole on its own small inputs", raw.root,
+                               "drop --stream, --max-memory and the grid options")
+        return avatar_tree_forward_parity(raw, converted, cases, dtype, thresholds, seed, device, from_int8)
     compute_dtype, dtype_name = _resolve_dtype(dtype)
     limits = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     if dtype_name not in limits:

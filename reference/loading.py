@@ -39,20 +39,21 @@ class LoraFile:
     modules: dict[str, UpstreamLoraModule] | dict[str, FastvideoLoraTarget]
 
 
-def open_tree(root: str | Path, strict: bool = True) -> Tree:
+def open_tree(root: str | Path, strict: bool = True, int8: bool = False) -> Tree:
     """Read a tree of any layout as `convert` reads it (the layout as `longcat-convert validate` detects it, the
     DiT config, shard headers and index, the LoRAs), through held files that tensors are later read from.
-    strict=False: the DiT folder's problems are left in `tree.dit.problems` for the caller to report."""
+    strict=False: the DiT folder's problems are left in `tree.dit.problems` for the caller to report.
+    int8: the DiT read is the tree's INT8 folder (`read_tree`'s int8)."""
     root = Path(root)
     try:
         name = detect_layout(root).name
     except LongcatError as exc:  # the detector's own fix names validate's --layout, which these commands lack
         raise LongcatError(exc.message, exc.path, "point at the root of a raw, diffusers or fastvideo tree") from None
     dit_dir = keymap.layout(name)["dit_dir"]
-    if not (root / dit_dir / "config.json").is_file():
+    if not int8 and not (root / dit_dir / "config.json").is_file():  # read_tree names a missing INT8 config
         raise LongcatError(f"no DiT config: {dit_dir}/config.json is missing from this {name} tree", root,
                            "restore the config that came with the checkpoint")
-    return read_tree(root, name, follow_symlinks=True, strict=strict)
+    return read_tree(root, name, follow_symlinks=True, strict=strict, int8=int8)
 
 
 # ---- DiT weights ------------------------------------------------------------------------------------

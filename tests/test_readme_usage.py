@@ -50,7 +50,7 @@ def test_every_usage_line_runs_as_written(tmp_path: Path) -> None:
     print("\n".join(["README Usage lines:", *timings]))
 
 
-DEMO_STEPS = 26 + 7  # base LongCat-Video rows, LongCat-Video-Avatar 1.5 rows (tiny, validate, convert, INT8)
+DEMO_STEPS = 26 + 11  # base LongCat-Video rows, LongCat-Video-Avatar 1.5 rows (tiny, validate, convert, parity, INT8)
 
 
 def _check_demo_table(output: str) -> None:

@@ -15,15 +15,15 @@ from .common import dtype_option, echo_json, json_option, quiet_option, report_o
 from .report_file import check_report_path, write_report
 
 
-def _case_line(case: dict) -> str:
+def _case_line(case: dict, width: int = 24) -> str:
     verdict = "PASS" if case["passed"] else "FAIL"
     if "rel_l2" in case:
-        return (f"  {case['name']:<24} max_abs {case['max_abs']:.2e}  rel_l2 {case['rel_l2']:.2e}  "
+        return (f"  {case['name']:<{width}} max_abs {case['max_abs']:.2e}  rel_l2 {case['rel_l2']:.2e}  "
                 f"cosine {case['cosine']:.8f}  {verdict}")
     counts = ", ".join(f"{k} {case[k]}" for k in ("checked", "exact", "equal_after_cast", "mismatched", "modules")
                        if k in case)
     problem = case.get("error") or (f"e.g. {case['mismatches'][0]}" if case.get("mismatches") else "")
-    return f"  {case['name']:<24} {verdict}  {counts}  {problem}".rstrip()
+    return f"  {case['name']:<{width}} {verdict}  {counts}  {problem}".rstrip()
 
 
 @click.command("parity")
@@ -39,7 +39,14 @@ def _case_line(case: dict) -> str:
               "tree without conversion.json, the dtype it was cast to (by default every tensor must keep its source "
               "dtype; with a manifest, its dtype policy decides).")
 @click.option("--threshold", type=float, help="Forward and task levels: override the rel L2 threshold for --dtype.")
-@click.option("--cases", multiple=True, help="Forward level: plain, cond, kvcache, lora, lora:<name> (default all).")
+@click.option("--cases", multiple=True, help="Forward level: plain, cond, kvcache, lora, lora:<name> (default all); "
+              "for an avatar tree at2v, ai2v, multi, vc, vc-kv, lora, lora:<name>, run on every DiT folder "
+              "(1.0: avatar_single and avatar_multi), LoRAs on the main one.")
+@click.option("--from-int8", "from_int8", is_flag=True,
+              help="CONVERTED was made with convert --from-int8 (LongCat-Video-Avatar 1.5): compare it with RAW's "
+                   "base_model_int8/ instead of base_model/. Weights: every tensor equals upstream's dequantisation "
+                   "of the INT8 rows (int8 x scale in the converted dtype), bit for bit; forward: the INT8 folder "
+                   "is loaded as INT8 and computes in --dtype (use --dtype float32 for a float32 conversion).")
 @click.option("--stream", is_flag=True,
               help="Forward level: walk both trees block by block (one block of each in memory, whatever the depth) "
                    "and report every block's error and the first block where they diverge. Chosen by itself when "
@@ -64,7 +71,7 @@ def _case_line(case: dict) -> str:
 @json_option("the report")
 @quiet_option()
 def parity_command(raw: Path, converted: Path, level: str, dtype: str | None, threshold: float | None,
-                   cases: tuple[str, ...], stream: bool, max_memory: str | None, tokens: int | None,
+                   cases: tuple[str, ...], from_int8: bool, stream: bool, max_memory: str | None, tokens: int | None,
                    frames: int | None, height: int | None, width: int | None, device: str,
                    tasks: tuple[str, ...], steps: int, original_src: Path | None,
                    report_path: Path | None, as_json: bool, quiet: bool) -> None:
@@ -80,7 +87,18 @@ def parity_command(raw: Path, converted: Path, level: str, dtype: str | None, th
       longcat-convert parity /tmp/raw /tmp/fv --level task --tasks t2v --tasks vc
       longcat-convert parity /tmp/raw /tmp/fv --level task \\
           --original-src ~/src/LongCat-Video
+      longcat-convert parity LongCat-Video-Avatar-1.5 out/av --level forward
+      longcat-convert parity LongCat-Video-Avatar-1.5 out/av-from-int8 \\
+          --level forward --from-int8 --dtype float32
+
+    Avatar trees (LongCat-Video-Avatar 1.0 / 1.5; RAW raw or diffusers): weights covers every DiT folder
+    (1.0: transformer and transformer_multi) and lora/dmd_lora, and a --to-int8 tree against upstream's
+    quantisation; forward runs the avatar cases (at2v, ai2v, multi-speaker, continuation with and without KV
+    cache) through every DiT folder and, on the main DiT, under each LoRA (upstream format at run time on RAW,
+    the converted file on CONVERTED). No --stream for avatar trees.
     """
+    if from_int8 and level == "task":
+        raise LongcatError("--from-int8 works with --level weights or forward, not --level task")
     if original_src is not None and level != "task":
         raise LongcatError(f"--original-src works with --level task only, not --level {level}")
     report_target = check_report_path(report_path) if report_path else None
@@ -95,8 +113,9 @@ def parity_command(raw: Path, converted: Path, level: str, dtype: str | None, th
                            f"--level forward only, not --level {level}")
     with progress.reporting(progress.wanted(quiet)):
         report, lines = _run_level(raw, converted, level, dtype, threshold, cases, forward, tasks, steps,
-                                   original_src)
-    lines += [_case_line(case) for case in report["cases"]]
+                                   original_src, from_int8)
+    width = max([24, *(len(case["name"]) for case in report["cases"])])
+    lines += [_case_line(case, width) for case in report["cases"]]
     if report_target:
         write_report(report_target, report, report_path)
     if as_json:
@@ -162,24 +181,34 @@ def _divergence_lines(report: dict) -> list[str]:
     return lines
 
 
+def _avatar_forward_lines(report: dict) -> list[str]:
+    folders = ", ".join(f"{pair['raw']} vs {pair['converted']}" for pair in report["dit_folders"])
+    source = "; RAW's INT8 DiT loaded as INT8" if report["from_int8"] else ""
+    return [f"forward, avatar {report['variant']} ({report['dtype']}; {folders}{source})",
+            f"outputs (threshold rel L2 <= {report['threshold']:.0e}):"]
+
+
 def _run_level(raw: Path, converted: Path, level: str, dtype: str | None, threshold: float | None,
                cases: tuple[str, ...], forward: ForwardOptions, tasks: tuple[str, ...], steps: int,
-               original_src: Path | None) -> tuple[dict, list[str]]:
+               original_src: Path | None, from_int8: bool) -> tuple[dict, list[str]]:
     from longcat_reference.dit_parity import weights_parity
     from longcat_reference.forward_parity import forward_parity
 
     if level == "weights":
-        report = weights_parity(raw, converted, dtype=dtype)
+        report = weights_parity(raw, converted, dtype=dtype, from_int8=from_int8)
         policy = report["dtype_policy"]
         lines = ["weights: every converted tensor against its source slices, every LoRA delta; dtypes as "
                  f"{policy['origin']} (dtype {policy['dtype']}"
                  + (f", float32 kept for {', '.join(policy['keep_fp32'])})" if policy["keep_fp32"] else ")") + ":"]
     elif level == "forward":
         dtype = dtype or "float32"
+        grid = _latent_grid(forward, raw) if any(v is not None for v in forward.grid) else None
         report = forward_parity(raw, converted, cases=list(cases) or None, dtype=dtype,
                                 thresholds={dtype: threshold} if threshold is not None else None,
                                 device=forward.device, stream=forward.stream, max_memory=forward.max_memory,
-                                grid=_latent_grid(forward, raw))
+                                grid=grid, from_int8=from_int8)
+        if report.get("model") == "avatar":
+            return report, _avatar_forward_lines(report)
         memory = report["memory"]
         lines = [f"forward ({report['dtype']}, {report['tokens']} latent tokens per sample, {memory['mode']}: "
                  f"{memory['reason']})", *_divergence_lines(report),

@@ -38,7 +38,7 @@ def detect_layout(root: str | Path, forced: str | None = None) -> DetectedLayout
     present = [name for name in COMPONENT_DIRS if (root / name).is_dir()]
     if forced is not None:
         keymap.layout(forced)  # raises on an unknown name
-        if not present:  # no layout makes a folder without any component a tree
+        if not present and avatar_variant(root) is None:  # no layout makes a folder without any component a tree
             raise _not_a_tree(root, present)
         return DetectedLayout(forced, "forced with --layout", forced=True)
     if "dit" in present and "transformer" in present:
