@@ -35,6 +35,7 @@ from .tiny_tree import (
     TinySpec,
     _dit_tensor,
     _tiny_scale,
+    _write_shards,
     dit_config,
     lora_state,
     write_dit,
@@ -106,29 +107,9 @@ def avatar_tensors(config: dict, seed: int, dtype: torch.dtype) -> dict[str, tor
     return {r.upstream: _dit_tensor(r.upstream, r.shape, gen, _tiny_scale).to(dtype) for r in expanded.params}
 
 
-def _write_tensors(folder: Path, prefix: str, tensors: dict[str, torch.Tensor], max_bytes: int) -> None:
-    """Write made tensors (of mixed dtypes: an INT8 folder holds int8, float32 and bf16) in shards of at most
-    `max_bytes`, plus an index when there are several."""
-    from .core.io import index_name, shard_name, write_index
-    from .sharding import group_into_shards
-
-    sizes = [(name, value.numel() * value.element_size()) for name, value in tensors.items()]
-    groups = group_into_shards(sizes, max_bytes)
-    weight_map: dict[str, str] = {}
-    for number, names in enumerate(groups, start=1):
-        file = shard_name(prefix, number, len(groups))
-        entries = [TensorEntry(n, SAFETENSORS_NAME[tensors[n].dtype], tuple(tensors[n].shape)) for n in names]
-        with ShardWriter(folder / file, entries, {"format": "pt"}) as writer:
-            for name in names:
-                writer.write_tensor(name, [tensor_bytes(tensors[name])])
-        weight_map.update(dict.fromkeys(names, file))
-    if len(groups) > 1:
-        write_index(folder / index_name(prefix), weight_map, sum(size for _, size in sizes))
-
-
 def write_avatar_dit(folder: Path, config: dict, tensors: dict[str, torch.Tensor], max_bytes: int) -> None:
     folder.mkdir(parents=True)
-    _write_tensors(folder, keymap.load_map_document(keymap.AVATAR_FAMILY)["shard_prefix"], tensors, max_bytes)
+    _write_shards(folder, keymap.load_map_document(keymap.AVATAR_FAMILY)["shard_prefix"], tensors, max_bytes)
     _write_json(folder / "config.json", config)
 
 
@@ -159,7 +140,7 @@ def write_int8_folder(folder: Path, config: dict, tensors: dict[str, torch.Tenso
     spec = keymap.quantization_spec(keymap.AVATAR_FAMILY)
     stored = int8_tensors(config, tensors)
     folder.mkdir(parents=True)
-    _write_tensors(folder, spec["shard_prefix"], stored, max_bytes)
+    _write_shards(folder, spec["shard_prefix"], stored, max_bytes)
     if not (folder / spec["index"]).exists():  # upstream writes an index for a single shard too
         write_index(folder / spec["index"], dict.fromkeys(stored, shard_name(spec["shard_prefix"], 1, 1)),
                     sum(t.numel() * t.element_size() for t in stored.values()))
