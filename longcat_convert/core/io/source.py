@@ -162,7 +162,12 @@ class SourceFiles:
         left at `target`, when the file system cannot; the caller then copies. The bytes are still to be hashed
         with `stream`, which also proves the file unchanged."""
         path = Path(path)
-        fd, identity = _open(path)
+        try:
+            fd, identity = _open(path)
+        except LongcatError:
+            if not os.path.lexists(path):  # listed when planned, gone now
+                raise source_changed(path, "it was removed") from None
+            raise
         try:
             known = self._held[path].identity if path in self._held else self._streamed.get(path)
             if known is not None and known != identity:
