@@ -230,20 +230,21 @@ def _place_file(files: SourceFiles, source: Path, target: Path, relative: str, p
         target.parent.mkdir(parents=True, exist_ok=True)
         target.unlink(missing_ok=True)
         if files.share(source, target, method):
-            digest, size = _hashed(files.stream(source), progress, relative)
+            digest, size = _hashed(files.stream(source), progress)
             if method == "reflink":
                 os.chmod(target, files.identity(source).mode)
             return {"sha256": digest, "bytes": size, "how": f"{method}ed"}
     return {**_copy_file(files, source, target, relative, progress), "how": "copied"}
 
 
-def _hashed(chunks: Iterable[bytes], progress: tqdm, relative: str) -> tuple[str, int]:
+def _hashed(chunks: Iterable[bytes], progress: tqdm | None = None) -> tuple[str, int]:
+    """sha256 hex digest and byte count of `chunks`."""
     digest, size = hashlib.sha256(), 0
     for chunk in chunks:
-        crash_point(f"hashing {relative}")
         digest.update(chunk)
         size += len(chunk)
-        progress.update(len(chunk))
+        if progress is not None:
+            progress.update(len(chunk))
     return digest.hexdigest(), size
 
 
@@ -270,10 +271,7 @@ def _copy_file(files: SourceFiles, source: Path, target: Path, relative: str, pr
 
 
 def _file_source_digest(files: SourceFiles, source: Path) -> str:
-    digest = hashlib.sha256()
-    for chunk in files.stream(source):
-        digest.update(chunk)
-    return digest.hexdigest()
+    return _hashed(files.stream(source))[0]
 
 
 def _write_text(path: Path, text: str) -> dict:

@@ -21,6 +21,7 @@ import torch
 from longcat_convert.core import jsonschemas, keymap, progress
 from longcat_convert.core.dtypes import torch_dtype
 from longcat_convert.core.errors import LongcatError
+from longcat_convert.core.io import read_header
 from longcat_convert.core.machine import available_memory, resolve_device
 from longcat_convert.core.text_format import human_bytes
 
@@ -30,7 +31,7 @@ from .dit_parity import open_pair
 from .loading import Tree, apply_loras, load_dit, lora_paths, read_lora
 from .lora_layers import clear_loras
 from .metrics import compare_outputs
-from .streamed import Stage, StageWindow, stage_outputs, streamed_peak_bytes, whole_model_bytes
+from .streamed import Stage, StageWindow, stage_bytes, stage_outputs
 
 DEFAULT_THRESHOLDS = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
 # A LoRA case between an upstream-format adapter (its branch added at run time) and a FastVideo-format one (ΔW merged
@@ -50,6 +51,7 @@ class LatentGrid:
     frames: int = 4
     height: int | None = None  # default: 2 patches
     width: int | None = None  # default: 3 patches
+    tokens: int | None = None  # instead of height and width: about this many tokens (see for_tokens)
 
     @classmethod
     def for_tokens(cls, tokens: int, patch: tuple[int, int, int], frames: int = 4) -> LatentGrid:
@@ -62,6 +64,8 @@ class LatentGrid:
         return cls(frames, rows * patch[1], cols * patch[2])
 
     def resolved(self, config: DiTConfig) -> tuple[int, int, int]:
+        if self.tokens is not None:
+            return LatentGrid.for_tokens(self.tokens, config.patch_size, self.frames).resolved(config)
         _, ph, pw = config.patch_size
         height = 2 * ph if self.height is None else self.height
         width = 3 * pw if self.width is None else self.width
@@ -136,13 +140,12 @@ def choose_mode(whole_model: int, streamed_peak: int, budget: int, force_stream:
 def plan_memory(raw: Tree, dtype: torch.dtype, device: torch.device, names: list[str], force_stream: bool,
                 max_memory: int | None) -> MemoryPlan:
     element = torch.empty((), dtype=dtype).element_size()
-    whole = whole_model_bytes(raw.dit.config, "upstream", element, str(raw.config_path))
-    window = StageWindow(raw, dtype, "meta")
+    stages = stage_bytes(raw.dit.config, "upstream", element, str(raw.config_path))
+    whole = sum(stages.values())
     lora = max((_adapter_bytes(raw, name[5:], element) for name in names if name.startswith("lora:")), default=0)
     # streamed: a stage of each tree in the compute dtype, a FastVideo LoRA's merged copy of one stage, and each
-    # side's slice of the adapters
-    stage = streamed_peak_bytes(window, element)
-    streamed_peak = 3 * stage + 2 * lora // max(1, window.arch.depth)
+    # side's slice of the adapters (spread over the blocks)
+    streamed_peak = 3 * max(stages.values()) + 2 * lora // max(1, len(stages) - 2)
     budget = max_memory if max_memory is not None else available_memory(device)
     if budget is None or budget <= 0:
         raise LongcatError("cannot tell how much memory is free", fix="pass --max-memory (e.g. 8GB)")
@@ -152,8 +155,6 @@ def plan_memory(raw: Tree, dtype: torch.dtype, device: torch.device, names: list
 
 
 def _adapter_bytes(tree: Tree, name: str, element: int) -> int:
-    from longcat_convert.core.io import read_header
-
     paths = lora_paths(tree)
     if name not in paths:
         return 0

@@ -9,6 +9,7 @@ compare them stage by stage while holding two stages' weights, whatever the dept
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -121,10 +122,6 @@ class StageWindow(SlotWeights):
         clear_loras(self)
         self.loaded, self.loaded_roles = {}, []
 
-    def stage_bytes(self, stage: str, element_size: int) -> int:
-        return sum(_numel(shape) * element_size for role, slot in self.slots.items() if stage_of(role) == stage
-                   for shape in slot.shapes.values())
-
     def activate(self, adapter: StreamAdapter | None) -> None:
         """Make exactly `adapter`'s modules of the loaded stage active (none: no LoRA)."""
         clear_loras(self)
@@ -135,13 +132,6 @@ class StageWindow(SlotWeights):
             enable_runtime_loras(self, [upstream_modules(adapter.parsed, modules)], 1.0, adapter.path)
         else:
             merge_fastvideo_lora(self, fastvideo_targets(adapter.parsed, modules), 1.0, adapter.path)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 # ---- cases --------------------------------------------------------------------------------------------
@@ -235,12 +225,10 @@ def stage_outputs(window: StageWindow, names: list[str], inputs) -> Iterator[Sta
         yield Stage(FINAL, outputs)
 
 
-def streamed_peak_bytes(window: StageWindow, element_size: int) -> int:
-    """Weights of the largest stage (its tensors once read, and once in the compute dtype)."""
-    return max(window.stage_bytes(stage, element_size) for stage in stage_names(window.arch.depth))
-
-
-def whole_model_bytes(config: dict, naming: str, element_size: int, where: str = "config.json") -> int:
-    """The DiT's parameter bytes at `element_size`, from the config alone."""
-    expanded = keymap.expand(config, naming, where)
-    return sum(_numel(rule.shape) * element_size for rule in expanded.params)
+def stage_bytes(config: dict, naming: str, element_size: int, where: str = "config.json") -> dict[str, int]:
+    """Parameter bytes at `element_size` of every stage (embedders, each block, final layer), from the config alone."""
+    sizes: dict[str, int] = {}
+    for rule in keymap.expand(config, naming, where).params:
+        stage = stage_of(rule.module)
+        sizes[stage] = sizes.get(stage, 0) + math.prod(rule.shape) * element_size
+    return sizes

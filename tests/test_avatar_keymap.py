@@ -1,5 +1,5 @@
 """The avatar key map at full size, from headers of sparse files (no tensor data), against the key set and shapes
-that /work/shared/specs/avatar.md §2 and §4 state (written out here, not taken from the map); and the INT8
+that the LongCat-Video-Avatar spec (shared/specs/avatar.md) §2 and §4 state (written out here, not taken from the map); and the INT8
 arithmetic against an independent NumPy formula."""
 
 from __future__ import annotations

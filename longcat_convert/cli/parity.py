@@ -147,17 +147,11 @@ def _grid(tokens: int | None, frames: int | None, height: int | None, width: int
     return tokens, frames, height, width
 
 
-def _latent_grid(forward: ForwardOptions, raw: Path):
-    from longcat_reference.config import DiTConfig
+def _latent_grid(forward: ForwardOptions):
     from longcat_reference.forward_parity import LatentGrid
-    from longcat_reference.loading import open_tree
 
     tokens, frames, height, width = forward.grid
-    if tokens is None:
-        return LatentGrid(frames or 4, height, width)
-    tree = open_tree(raw)
-    patch = DiTConfig.from_dict(tree.dit.config, tree.naming, str(tree.config_path)).patch_size
-    return LatentGrid.for_tokens(tokens, patch, frames or 4)
+    return LatentGrid(frames or 4, height, width, tokens)
 
 
 def _divergence_lines(report: dict) -> list[str]:
@@ -202,7 +196,7 @@ def _run_level(raw: Path, converted: Path, level: str, dtype: str | None, thresh
                  + (f", float32 kept for {', '.join(policy['keep_fp32'])})" if policy["keep_fp32"] else ")") + ":"]
     elif level == "forward":
         dtype = dtype or "float32"
-        grid = _latent_grid(forward, raw) if any(v is not None for v in forward.grid) else None
+        grid = _latent_grid(forward) if any(v is not None for v in forward.grid) else None
         report = forward_parity(raw, converted, cases=list(cases) or None, dtype=dtype,
                                 thresholds={dtype: threshold} if threshold is not None else None,
                                 device=forward.device, stream=forward.stream, max_memory=forward.max_memory,

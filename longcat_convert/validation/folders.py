@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,15 +100,23 @@ def drop_expectations(ctx: Context, result: DitResult) -> dict[tuple[str, str], 
 
 
 def check_text_encoder(ctx: Context, policy: DtypeExpectations) -> dict | None:
-    folder = component_folder(ctx, "text_encoder", "text_encoder")
+    return _check_component(ctx, policy, "text_encoder", "model", check_text_encoder_config, _check_text_encoder_keys)
+
+
+def _check_component(ctx: Context, policy: DtypeExpectations, name: str, prefix: str,
+                     check_config: Callable[[Context, Path], dict | None],
+                     check_keys: Callable[[Context, ShardFolder, dict], None]) -> dict | None:
+    """A component folder `name`/: its config, its weight files (`prefix` shards), the keys its config fixes,
+    the summary and the dtypes. Returns the config (None if absent or unusable)."""
+    folder = component_folder(ctx, name, name)
     if folder is None:
         return None
-    config = check_text_encoder_config(ctx, folder / "config.json")
-    weights = scan_weight_folder(ctx, "text_encoder", folder, FolderRules("model", names_matter=True))
-    ctx.components.setdefault("text_encoder", {}).update(weights_summary(ctx, weights))
+    config = check_config(ctx, folder / "config.json")
+    weights = scan_weight_folder(ctx, name, folder, FolderRules(prefix, names_matter=True))
+    ctx.components.setdefault(name, {}).update(weights_summary(ctx, weights))
     if config is not None and weights.located:
-        _check_text_encoder_keys(ctx, weights, config)
-    check_dtypes(ctx, "text_encoder", folder, weights.located, policy)
+        check_keys(ctx, weights, config)
+    check_dtypes(ctx, name, folder, weights.located, policy)
     return config
 
 
@@ -130,19 +139,14 @@ def _check_text_encoder_keys(ctx: Context, weights: ShardFolder, config: dict) -
 
 
 def check_vae(ctx: Context, policy: DtypeExpectations) -> dict | None:
-    folder = component_folder(ctx, "vae", "vae")
-    if folder is None:
-        return None
-    config = check_vae_config(ctx, folder / "config.json")
-    weights = scan_weight_folder(ctx, "vae", folder, FolderRules("diffusion_pytorch_model", names_matter=True))
-    ctx.components.setdefault("vae", {}).update(weights_summary(ctx, weights))
-    if config is not None and weights.located:
-        z = config["z_dim"]
-        compare_subset(ctx, "vae", weights, {"quant_conv.weight": (2 * z, 2 * z, 1, 1, 1), "quant_conv.bias": (2 * z,),
-                                      "post_quant_conv.weight": (z, z, 1, 1, 1), "post_quant_conv.bias": (z,)},
-                       "vae/config.json z_dim")
-    check_dtypes(ctx, "vae", folder, weights.located, policy)
-    return config
+    return _check_component(ctx, policy, "vae", "diffusion_pytorch_model", check_vae_config, _check_vae_keys)
+
+
+def _check_vae_keys(ctx: Context, weights: ShardFolder, config: dict) -> None:
+    z = config["z_dim"]
+    compare_subset(ctx, "vae", weights, {"quant_conv.weight": (2 * z, 2 * z, 1, 1, 1), "quant_conv.bias": (2 * z,),
+                                         "post_quant_conv.weight": (z, z, 1, 1, 1), "post_quant_conv.bias": (z,)},
+                   "vae/config.json z_dim")
 
 
 def compare_subset(ctx: Context, component: str, weights: ShardFolder, expected: dict[str, tuple[int, ...]],

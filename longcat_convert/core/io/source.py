@@ -127,10 +127,8 @@ class SourceFiles:
         path = Path(path)
         try:
             yield from self._stream(path, chunk)
-        except LongcatError:
-            if not os.path.lexists(path):
-                raise source_changed(path, "it was removed") from None
-            raise
+        except LongcatError as exc:
+            raise _unless_removed(path, exc) from None
 
     def read_file(self, path: str | Path) -> bytes:
         """A small file read while planning (a config, an index), proven unchanged at `verify` like the rest."""
@@ -164,10 +162,8 @@ class SourceFiles:
         path = Path(path)
         try:
             fd, identity = _open(path)
-        except LongcatError:
-            if not os.path.lexists(path):  # listed when planned, gone now
-                raise source_changed(path, "it was removed") from None
-            raise
+        except LongcatError as exc:
+            raise _unless_removed(path, exc) from None
         try:
             known = self._held[path].identity if path in self._held else self._streamed.get(path)
             if known is not None and known != identity:
@@ -238,6 +234,11 @@ class DirectFiles:
 
 
 FileReader = SourceFiles | DirectFiles  # what headers and small files are read through
+
+
+def _unless_removed(path: Path, error: LongcatError) -> LongcatError:
+    """A file planned by name that is gone now has changed under us; any other error stands as it is."""
+    return error if os.path.lexists(path) else source_changed(path, "it was removed")
 
 
 FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int)
