@@ -1,5 +1,6 @@
 """Carry out a ConversionPlan: stream bytes into shards, copy the other files, write configs and indexes,
-check every LoRA's effective delta, write the manifest, and only then move the result into place.
+check each LoRA's effective delta as soon as it is written, write the manifest, check the result as `validate`
+would (the manifest against its schema included), and only then move it into place.
 """
 
 from __future__ import annotations
@@ -8,15 +9,18 @@ import hashlib
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from tqdm import tqdm
 
 from . import __version__, journal
 from .atomic import AtomicDirectory, DestinationClaim
-from .core import jsonschemas
 from .core.dtypes import TORCH_DTYPE
 from .core.errors import LongcatError
 from .core.io import (
@@ -35,13 +39,22 @@ from .core.lora_format import parse
 from .core.tree import Tree
 from .faults import crash_point
 from .journal import Journal, file_sha256, plan_fingerprint
-from .plan import ConversionPlan, FileCopy, OutputTensor, ShardPlan, Slice
+from .plan import AdapterPlan, ConversionPlan, FileCopy, OutputTensor, ShardPlan, Slice
 from .validation.run import ValidateOptions, refuse_if_invalid, validate_tree
 
 if TYPE_CHECKING:
     import torch
 
 MANIFEST = "conversion.json"
+OUTPUT_STREAMS = 2  # output files written at once when the output is big (a sha256 stream per core)
+PARALLEL_BYTES = 256 * 1024 * 1024  # outputs smaller than this are written one file at a time, in plan order
+
+
+class Progress(Protocol):
+    """What bytes done are reported to: the tqdm bar, or _SharedProgress when several files are written at once."""
+
+    def update(self, count: int, /) -> object: ...
+
 
 Tap = Callable[[bytes], None]  # receives the raw source bytes behind an output tensor, in order
 
@@ -186,7 +199,7 @@ def _check_drops(plan: ConversionPlan, sources: Sources) -> None:
                                sources.root / drop.file, "this checkpoint has affine parameters neither target model can hold")
 
 
-def _write_shard(work: Path, shard: ShardPlan, sources: Sources, progress: tqdm) -> list[dict]:
+def _write_shard(work: Path, shard: ShardPlan, sources: Sources, progress: Progress) -> list[dict]:
     """The manifest records of the shard's tensors, each with the sha256 of its bytes and of its source bytes
     (the same for a byte copy; hashed on a thread as they are read otherwise)."""
     path = work / shard.file
@@ -195,7 +208,7 @@ def _write_shard(work: Path, shard: ShardPlan, sources: Sources, progress: tqdm)
     entries = [TensorEntry(t.name, t.dtype, t.shape) for t in shard.tensors]
     hasher = SegmentHasher()
     try:
-        with ShardWriter(path, entries, shard.metadata, direct_io=True) as writer:
+        with ShardWriter(path, entries, shard.metadata) as writer:
             for tensor in shard.tensors:
                 crash_point(f"tensor {tensor.name} of {shard.file}")
                 tap = None
@@ -213,7 +226,7 @@ def _write_shard(work: Path, shard: ShardPlan, sources: Sources, progress: tqdm)
             for t in shard.tensors]
 
 
-def _counted(chunks: Iterable[bytes], progress: tqdm) -> Iterator[bytes]:
+def _counted(chunks: Iterable[bytes], progress: Progress) -> Iterator[bytes]:
     for chunk in chunks:
         progress.update(len(chunk))
         yield chunk
@@ -222,7 +235,7 @@ def _counted(chunks: Iterable[bytes], progress: tqdm) -> Iterator[bytes]:
 LINK_METHODS = ("auto", "reflink", "hardlink", "copy")
 
 
-def _place_file(files: SourceFiles, source: Path, target: Path, relative: str, progress: tqdm, link: str) -> dict:
+def _place_file(files: SourceFiles, source: Path, target: Path, relative: str, progress: Progress, link: str) -> dict:
     """Reflink or hardlink `source` to `target` when `link` asks and the file system can, else copy it; either
     way its bytes are hashed from the source for the manifest. Returns the record's sha256, bytes and how."""
     method = "reflink" if link == "auto" else link
@@ -237,7 +250,7 @@ def _place_file(files: SourceFiles, source: Path, target: Path, relative: str, p
     return {**_copy_file(files, source, target, relative, progress), "how": "copied"}
 
 
-def _hashed(chunks: Iterable[bytes], progress: tqdm | None = None) -> tuple[str, int]:
+def _hashed(chunks: Iterable[bytes], progress: Progress | None = None) -> tuple[str, int]:
     """sha256 hex digest and byte count of `chunks`."""
     digest, size = hashlib.sha256(), 0
     for chunk in chunks:
@@ -248,12 +261,12 @@ def _hashed(chunks: Iterable[bytes], progress: tqdm | None = None) -> tuple[str,
     return digest.hexdigest(), size
 
 
-def _copy_file(files: SourceFiles, source: Path, target: Path, relative: str, progress: tqdm) -> dict:
+def _copy_file(files: SourceFiles, source: Path, target: Path, relative: str, progress: Progress) -> dict:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.unlink(missing_ok=True)
     copied = 0
     with open(target, "xb") as writer:
-        sink = BackgroundSink(writer, target, "copy", digest=True)  # writes and hashes in threads while the next chunk is read
+        sink = BackgroundSink(writer, "copy", digest=True)  # writes and hashes in threads while the next chunk is read
         try:
             for chunk in files.stream(source):
                 crash_point(f"copying {relative}")
@@ -281,35 +294,31 @@ def _write_text(path: Path, text: str) -> dict:
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
-def _check_loras(plan: ConversionPlan, tree: Tree, work: Path, sources: Sources) -> list[dict]:
-    """Each converted adapter's effective ΔW, module by module, against its source's (exact, float64)."""
-    if not plan.adapters:
-        return []
+def _check_lora(adapter: AdapterPlan, plan: ConversionPlan, tree: Tree, work: Path, sources: Sources) -> dict:
+    """The converted adapter's effective ΔW, module by module, against its source's (exact, float64); run right
+    after the adapter is written, while both files are in the page cache."""
     import torch  # only conversions with LoRAs pay for it
 
     from .core.lora_delta import AdapterDeltas, compare_deltas
 
-    source_loras = {a.file: a.lora for a in tree.adapters}
-    results = []
-    for adapter in plan.adapters:
-        shard = adapter.shard
-        round_to = {piece.key: t.dtype for t in shard.tensors for piece in t.sources if t.dtype != t.source_dtype}
-        tolerance = 1e-9
-        if any(t.multiplier is not None for t in shard.tensors):
-            tolerance = max(4 * torch.finfo(TORCH_DTYPE[t.dtype]).eps for t in shard.tensors if t.op != "scalar")
-        source = AdapterDeltas(source_loras[adapter.source_file], plan.expanded, sources.files.tensor, round_to)
-        target = AdapterDeltas(parse(read_header(work / adapter.target_file)).check(), plan.expanded)
-        result = compare_deltas(source, target, lambda _terms, bound=tolerance: bound)
-        if not result.passed:
-            raise LongcatError(f"LoRA {adapter.name}: the converted adapter's effective delta differs from the source "
-                               f"(max rel error {result.max_rel_error:.3e}, differing modules "
-                               f"{[m.module for m in result.modules if not m.passed][:3]}, missing modules "
-                               f"{result.missing[:3]})",
-                               tree.root / adapter.source_file, "please report this as a bug")
-        results.append({"source": adapter.source_file, "target": adapter.target_file, "adapter": adapter.name,
-                        "modules": len(source.parts), "max_rel_error": result.max_rel_error, "tolerance": tolerance,
-                        "missing_modules": result.missing, "extra_modules": result.unexpected, "passed": True})
-    return results
+    source_lora = next(a.lora for a in tree.adapters if a.file == adapter.source_file)
+    shard = adapter.shard
+    round_to = {piece.key: t.dtype for t in shard.tensors for piece in t.sources if t.dtype != t.source_dtype}
+    tolerance = 1e-9
+    if any(t.multiplier is not None for t in shard.tensors):
+        tolerance = max(4 * torch.finfo(TORCH_DTYPE[t.dtype]).eps for t in shard.tensors if t.op != "scalar")
+    source = AdapterDeltas(source_lora, plan.expanded, sources.files.tensor, round_to)
+    target = AdapterDeltas(parse(read_header(work / adapter.target_file)).check(), plan.expanded)
+    result = compare_deltas(source, target, lambda _terms, bound=tolerance: bound)
+    if not result.passed:
+        raise LongcatError(f"LoRA {adapter.name}: the converted adapter's effective delta differs from the source "
+                           f"(max rel error {result.max_rel_error:.3e}, differing modules "
+                           f"{[m.module for m in result.modules if not m.passed][:3]}, missing modules "
+                           f"{result.missing[:3]})",
+                           tree.root / adapter.source_file, "please report this as a bug")
+    return {"source": adapter.source_file, "target": adapter.target_file, "adapter": adapter.name,
+            "modules": len(source.parts), "max_rel_error": result.max_rel_error, "tolerance": tolerance,
+            "missing_modules": result.missing, "extra_modules": result.unexpected, "passed": True}
 
 
 def _progress(total: int, quiet: bool) -> tqdm:
@@ -337,33 +346,108 @@ def _kept_copy(log: Journal, copy: FileCopy, sources: Sources) -> list[dict] | N
     return records
 
 
-def _write_outputs(plan: ConversionPlan, tree: Tree, work: Path, sources: Sources, log: Journal,
-                   progress: tqdm, link: str) -> tuple[list[dict], list[dict]]:
-    """Shards and copied files, skipping those an adopted journal proves complete and made from the same source
-    bytes."""
-    tensors: list[dict] = []
-    files: list[dict] = []
-    for shard in plan.shards:
-        records = _kept_shard(log, shard, sources)
+class _SharedProgress:
+    """The one progress bar, updated from every thread writing an output file. Once `stop` is set (the conversion
+    failed), the next update in any of them raises _Stopped, so each ends within a chunk."""
+
+    def __init__(self, bar: tqdm):
+        self._bar = bar
+        self._lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def update(self, count: int) -> None:
+        if self.stop.is_set():
+            raise _Stopped
+        with self._lock:
+            self._bar.update(count)
+
+
+class _Stopped(Exception):
+    """Ends a thread writing an output file once the conversion has failed elsewhere (the output is abandoned)."""
+
+
+@dataclass
+class _Outputs:
+    """What writing the output files produced, keyed by output file (threads finish in any order)."""
+
+    plan: ConversionPlan
+    tree: Tree
+    work: Path
+    sources: Sources
+    log: Journal
+    progress: _SharedProgress
+    link: str
+    tensors: dict[str, list[dict]] = field(default_factory=dict)
+    files: dict[str, list[dict]] = field(default_factory=dict)
+    lora_checks: dict[str, dict] = field(default_factory=dict)
+
+    def write_shard(self, shard: ShardPlan) -> None:
+        """A shard (kept if an adopted journal proves it made from the same source bytes); an adapter's is checked
+        as soon as it is complete, while both files are in the page cache."""
+        adapter = next((a for a in self.plan.adapters if a.shard.file == shard.file), None)
+        records = _kept_shard(self.log, shard, self.sources)
         if records is None:
-            records = _write_shard(work, shard, sources, progress)
-            log.record(shard.file, records)
+            records = _write_shard(self.work, shard, self.sources, self.progress)
+            self.log.record(shard.file, records)
         else:
-            progress.update(shard.nbytes)
-        tensors.extend(records)
-        sources.files.verify()  # fail early rather than after the remaining shards
+            self.progress.update(shard.nbytes)
+        self.tensors[shard.file] = records
+        self.sources.files.verify()  # fail early rather than after the remaining files
         crash_point(f"shard {shard.file} complete")
-    for copy in plan.copies:
-        records = _kept_copy(log, copy, sources)
+        if adapter is not None:
+            self.lora_checks[shard.file] = _check_lora(adapter, self.plan, self.tree, self.work, self.sources)
+            crash_point(f"LoRA {adapter.name} checked")
+
+    def copy(self, copy: FileCopy) -> None:
+        """A file carried over (kept if an adopted journal proves it intact and its source unchanged)."""
+        records = _kept_copy(self.log, copy, self.sources)
         if records is None:
-            placed = _place_file(sources.files, tree.root / copy.source, work / copy.target, copy.target, progress, link)
+            placed = _place_file(self.sources.files, self.tree.root / copy.source, self.work / copy.target,
+                                 copy.target, self.progress, self.link)
             records = [{**placed, "path": copy.target, "source": copy.source}]
-            log.record(copy.target, records, records[0]["sha256"])
+            self.log.record(copy.target, records, records[0]["sha256"])
         else:
-            progress.update(records[0]["bytes"])
-        files.extend(records)
+            self.progress.update(records[0]["bytes"])
+        self.files[copy.target] = records
         crash_point(f"copied {copy.target}")
-    return tensors, files
+
+    def in_plan_order(self) -> tuple[list[dict], list[dict], list[dict]]:
+        """Tensor, file and LoRA check records, in the plan's order whatever order the files were written in."""
+        return ([record for shard in self.plan.shards for record in self.tensors[shard.file]],
+                [record for copy in self.plan.copies for record in self.files[copy.target]],
+                [self.lora_checks[a.shard.file] for a in self.plan.adapters])
+
+
+def _write_outputs(plan: ConversionPlan, tree: Tree, work: Path, sources: Sources, log: Journal,
+                   bar: tqdm, link: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """Shards and copied files; returns tensor, file and LoRA check records (in plan order).
+
+    An output of PARALLEL_BYTES or more is written OUTPUT_STREAMS files at a time: one stream leaves the disk idle
+    while it hashes (sha256 runs at about the speed a disk copies) and the cores idle while it waits for the disk.
+    Largest first, except that adapters (small, but busy computing: casts, alpha rescaling, the ΔW check) come
+    right after the first file, so that their computing overlaps the others' disk time rather than ending the run.
+    A smaller output is written file by file in plan order."""
+    outputs = _Outputs(plan, tree, work, sources, log, _SharedProgress(bar), link)
+    adapters = {adapter.shard.file for adapter in plan.adapters}
+    jobs = ([(shard.nbytes, shard.file in adapters, partial(outputs.write_shard, shard)) for shard in plan.shards]
+            + [(copy.nbytes, False, partial(outputs.copy, copy)) for copy in plan.copies])
+    if sum(size for size, _, _ in jobs) < PARALLEL_BYTES:
+        for _, _, job in jobs:
+            job()
+        return outputs.in_plan_order()
+    by_size = sorted((item for item in jobs if not item[1]), key=lambda item: -item[0])
+    ordered = by_size[:1] + [item for item in jobs if item[1]] + by_size[1:]
+    with ThreadPoolExecutor(max_workers=OUTPUT_STREAMS, thread_name_prefix="longcat-output") as pool:
+        futures = [pool.submit(job) for _, _, job in ordered]
+        try:
+            for future in as_completed(futures):
+                future.result()  # the first failure ends the conversion
+        except BaseException:
+            outputs.progress.stop.set()  # running files stop within a chunk; leaving the pool waits for them
+            for future in futures:
+                future.cancel()
+            raise
+    return outputs.in_plan_order()
 
 
 def execute(plan: ConversionPlan, tree: Tree, dst: Path, *, overwrite: bool = False, quiet: bool = False,
@@ -387,7 +471,7 @@ def execute(plan: ConversionPlan, tree: Tree, dst: Path, *, overwrite: bool = Fa
     atomic = AtomicDirectory(dst, overwrite=overwrite, adopt=adopt, claim=claim)
     with atomic as work, _progress(plan.tensor_bytes + copy_bytes, quiet) as progress:
         log = (journal.adopt(work, fingerprint) if atomic.adopted else None) or journal.start(work, fingerprint)
-        tensors, files = _write_outputs(plan, tree, work, sources, log, progress, link)
+        tensors, files, lora_checks = _write_outputs(plan, tree, work, sources, log, progress, link)
         for relative, content in plan.json_files.items():
             files.append({**_write_text(work / relative, json.dumps(content, indent=2) + "\n"), "path": relative,
                           "how": "written"})
@@ -396,10 +480,7 @@ def execute(plan: ConversionPlan, tree: Tree, dst: Path, *, overwrite: bool = Fa
             write_index(work / index.file, index.weight_map, index.total_size)
             files.append({**_file_digest(work / index.file), "path": index.file, "how": "written"})
         crash_point("index written")
-        lora_checks = _check_loras(plan, tree, work, sources)
-        crash_point("LoRAs checked")
         manifest = _manifest(plan, tree, tensors, files, lora_checks)
-        jsonschemas.check("manifest", manifest, work / MANIFEST)
         _write_text(work / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         crash_point("manifest written")
         sources.files.verify()  # the last moment before the rename: everything read is still what was planned

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,12 +39,15 @@ class Journal:
     folder: Path
     fingerprint: str
     done: dict[str, dict] = field(default_factory=dict)  # relative path -> {"sha256", "records"}
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record(self, relative: str, records: list[dict], sha256: str | None = None) -> None:
         """sha256: the whole file's digest, for copied files. A shard is later proven by its own header and
-        its tensors' digests (already in `records`), so its bytes are hashed once, while being written."""
-        self.done[relative] = {"sha256": sha256, "records": records}
-        self._save()
+        its tensors' digests (already in `records`), so its bytes are hashed once, while being written.
+        Safe to call from the thread that copies files while shards are written."""
+        with self._lock:
+            self.done[relative] = {"sha256": sha256, "records": records}
+            self._save()
 
     def _save(self) -> None:
         temporary = self.folder / (JOURNAL + ".tmp")

@@ -2,6 +2,7 @@
 `cp -r` + sync of the same tree (issue 15's figures).
 
 usage: python scripts/bench_whole_tree.py [--depth 24] [--dtype bfloat16] [--workdir DIR] [--repeat 1] [--keep]
+                                         [--reuse DIR] [--methods ours,cp,ours-hard]
 
 The tree: `longcat-convert tiny --full-size` (the DiT at the published width with --depth blocks, rank-128 LoRAs),
 whose tiny text encoder and VAE are replaced by
@@ -104,9 +105,12 @@ def build(root: Path, depth: int, dtype: str) -> dict:
     check = measure([CLI, "validate", str(root), "-q"])
     if check.rc:
         raise SystemExit(f"the synthetic tree does not validate: {check.stderr}")
+    return {"build_s": time.perf_counter() - started, "text_encoder_params": encoder, "vae_params": vae, **describe(root)}
+
+
+def describe(root: Path) -> dict:
     sizes = {sub.name: sum(p.stat().st_size for p in sub.rglob("*") if p.is_file()) for sub in root.iterdir()}
-    return {"build_s": time.perf_counter() - started, "text_encoder_params": encoder, "vae_params": vae,
-            "bytes": sizes, "total_bytes": sum(sizes.values())}
+    return {"bytes": sizes, "total_bytes": sum(sizes.values())}
 
 
 def run(method: str, src: Path, out: Path) -> dict:
@@ -130,27 +134,38 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--reuse", type=Path, help="a work folder kept (--keep) from an earlier run; its raw/ is not rebuilt")
+    parser.add_argument("--methods", default="ours,cp,ours-hard", help="comma-separated subset of ours,cp,ours-hard")
     args = parser.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    if not methods or set(methods) - {"ours", "cp", "ours-hard"}:
+        raise SystemExit(f"--methods takes ours, cp and ours-hard, not {args.methods!r}")
     element = 2 if args.dtype == "bfloat16" else 4
     spec = TinySpec(depth=args.depth, dtype=args.dtype, full_size=True, **FULL_SIZE)
     need = 2.1 * (tree_bytes(spec) + UMT5_XXL_PARAMS * element)
     free = shutil.disk_usage(args.workdir).free
-    if need > free:
+    if need > free and args.reuse is None:
         raise SystemExit(f"needs ~{need / 1e9:.0f} GB free in {args.workdir}, {free / 1e9:.0f} GB are; lower --depth")
-    work = Path(tempfile.mkdtemp(prefix="bench-whole-", dir=args.workdir))
+    if args.reuse is not None and not (args.reuse / "raw").is_dir():
+        raise SystemExit(f"--reuse {args.reuse}: no raw/ tree there")
+    work = args.reuse or Path(tempfile.mkdtemp(prefix="bench-whole-", dir=args.workdir))
     src, out = work / "raw", work / "out"
     results: dict = {"depth": args.depth, "dtype": args.dtype, "runs": []}
     try:
-        log(f"building the whole tree at real shapes in {src}")
-        results["tree"] = build(src, args.depth, args.dtype)
+        if args.reuse is None:
+            log(f"building the whole tree at real shapes in {src}")
+            results["tree"] = build(src, args.depth, args.dtype)
+        else:
+            results["tree"] = describe(src)
+        remove(out)
         log(json.dumps(results["tree"]))
         for round_number in range(args.repeat):
-            order = ["ours", "cp", "ours-hard"] if round_number % 2 == 0 else ["cp", "ours", "ours-hard"]
+            order = methods if round_number % 2 == 0 else methods[1:2] + methods[:1] + methods[2:]
             for method in order:
                 results["runs"].append({**run(method, src, out), "round": round_number})
                 log(json.dumps(results["runs"][-1]))
     finally:
-        if not args.keep:
+        if not args.keep and args.reuse is None:
             shutil.rmtree(work, ignore_errors=True)
     Path("bench_whole_tree.json").write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
@@ -165,9 +180,10 @@ def print_table(results: dict) -> None:
     print(f"| whole tree, depth {results['depth']} {results['dtype']} ({tree['total_bytes'] / 1e9:.1f} GB: "
           + ", ".join(f"{k} {v / 1e9:.1f} GB" for k, v in sorted(tree["bytes"].items()) if v > 1e8)
           + ") | wall + sync | peak RSS |\n|---|---|---|")
-    for method in ("ours", "ours-hard", "cp"):
+    for method in [m for m in ("ours", "ours-hard", "cp") if any(r["method"] == m for r in results["runs"])]:
         print(f"| {method} | {median(method, 'durable_s'):.0f} s | {median(method, 'rss_mb'):.0f} MB |")
-    print(f"| ours / cp | {median('ours', 'durable_s') / median('cp', 'durable_s'):.2f} (target <= 1.2) | |")
+    if {"ours", "cp"} <= {r["method"] for r in results["runs"]}:
+        print(f"| ours / cp | {median('ours', 'durable_s') / median('cp', 'durable_s'):.2f} (target <= 1.2) | |")
 
 
 if __name__ == "__main__":

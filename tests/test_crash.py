@@ -3,12 +3,10 @@ must finish the job byte-identically to an uninterrupted run."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,24 +14,11 @@ import pytest
 from longcat_convert.conversion import ConvertRequest, convert
 from longcat_convert.core.io import read_header
 from longcat_convert.validation.run import ValidateOptions, validate_tree
-
-CONVERT = "from longcat_convert.cli import main; main()"
+from tests.helpers import file_digests, run_convert_process
 
 
 def _run(src: Path, dst: Path, *extra: str, kill_at: int | None = None, trace: bool = False) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LONGCAT_CONVERT_")}
-    if kill_at is not None:
-        env["LONGCAT_CONVERT_KILL_AT"] = str(kill_at)
-    if trace:
-        env["LONGCAT_CONVERT_TRACE"] = "1"
-    command = [sys.executable, "-c", CONVERT, "convert", str(src), str(dst), "--to", "fastvideo", "-q",
-               "--max-shard-size", "300KB", *extra]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return run_convert_process(src, dst, *extra, kill_at=kill_at, trace=trace)
 
 
 def _crash_points(result: subprocess.CompletedProcess) -> list[str]:
@@ -52,14 +37,14 @@ def reference(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 def test_crash_points_cover_every_phase(reference: tuple[Path, list[str]]) -> None:
     labels = " ".join(reference[1])
     for phase in ("planned", "tensor", "shard", "lora/", "copied", "configs written", "index written",
-                  "LoRAs checked", "manifest written", "renamed into place"):
+                  "refinement_lora checked", "manifest written", "renamed into place"):
         assert phase in labels, phase
 
 
 def test_sigkill_anywhere_leaves_nothing_half_written(tiny_raw: Path, reference: tuple[Path, list[str]],
                                                       tmp_path: Path) -> None:
     expected, points = reference
-    source_before = _digests(tiny_raw)
+    source_before = file_digests(tiny_raw)
     total = len(points)
     kill_points = sorted({1 + (total - 1) * i // 23 for i in range(24)})
     assert len(kill_points) >= 20
@@ -71,18 +56,18 @@ def test_sigkill_anywhere_leaves_nothing_half_written(tiny_raw: Path, reference:
         if dst.exists():
             report = validate_tree(dst, ValidateOptions(deep=True))
             assert report["valid"] and report["deep_scan"]["hashed_against_manifest"] > 0, point
-            assert _digests(dst) == _digests(expected), point
+            assert file_digests(dst) == file_digests(expected), point
             outcomes["complete"] += 1
         else:
             outcomes["absent"] += 1
-        assert _digests(tiny_raw) == source_before, point
+        assert file_digests(tiny_raw) == source_before, point
         if point not in kill_points[::3]:
             continue
         rerun = _run(tiny_raw, dst, "--overwrite")
         assert rerun.returncode == 0, rerun.stderr
         leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{dst.name}.")]
         assert leftovers == [], (point, leftovers)
-        assert _digests(dst) == _digests(expected), point
+        assert file_digests(dst) == file_digests(expected), point
     assert outcomes["absent"] and outcomes["complete"]
 
 
@@ -102,7 +87,7 @@ def test_resume_reuses_completed_files_and_matches(tiny_raw: Path, reference: tu
     assert resumed.returncode == 0, resumed.stderr
     rewritten = [line for line in _crash_points(resumed) if ": tensor " in line]
     assert rewritten == [], f"resume rewrote {len(rewritten)} tensors"
-    assert _digests(dst) == _digests(expected)
+    assert file_digests(dst) == file_digests(expected)
     assert [p.name for p in tmp_path.iterdir()] == ["fv"]
 
 
@@ -119,7 +104,7 @@ def test_resume_redoes_a_damaged_file(tiny_raw: Path, reference: tuple[Path, lis
     assert resumed.returncode == 0, resumed.stderr
     rewritten = {line.rsplit(" of ", 1)[1] for line in _crash_points(resumed) if ": tensor " in line}
     assert rewritten == {f"transformer/{shard.name}"}
-    assert _digests(dst) == _digests(expected)
+    assert file_digests(dst) == file_digests(expected)
 
 
 def test_resume_ignores_a_partial_of_another_plan(tiny_raw: Path, reference: tuple[Path, list[str]],
@@ -130,7 +115,7 @@ def test_resume_ignores_a_partial_of_another_plan(tiny_raw: Path, reference: tup
     assert other.returncode == -signal.SIGKILL
     resumed = _run(tiny_raw, dst, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert _digests(dst) == _digests(expected)
+    assert file_digests(dst) == file_digests(expected)
     assert [p.name for p in tmp_path.iterdir()] == ["fv"]
 
 
@@ -185,7 +170,7 @@ def test_resume_redoes_what_a_changed_source_made(raw_copy: Path, tmp_path: Path
     assert resumed.returncode == 0, resumed.stderr
     convert(ConvertRequest(src=raw_copy, dst=tmp_path / "fresh", to="fastvideo", dtype=extra[1] if extra else "keep",
                            max_shard_size="300KB", quiet=True))
-    assert _digests(dst) == _digests(tmp_path / "fresh")
+    assert file_digests(dst) == file_digests(tmp_path / "fresh")
 
     manifest = json.loads((dst / "conversion.json").read_text())
     made_from_victim = {r["file"] for r in manifest["tensors"]

@@ -231,6 +231,30 @@ def test_relative_delta_error_matches_the_dense_computation():
     assert relative_delta_error([], other, 18) == math.inf
 
 
+def test_relative_delta_error_of_moved_factors_is_zero_and_any_change_is_measured():
+    """Terms equal bit for bit (listed in another order) give exactly 0 without a float64 pass; one changed element,
+    a changed scale or a changed dtype each give the dense computation's error."""
+    gen = torch.Generator().manual_seed(6)
+    terms = [Term(4 * j, torch.randn(4, 3, generator=gen).bfloat16(), torch.randn(3, 7, generator=gen).bfloat16(), 0.25)
+             for j in range(3)]
+
+    def dense(ts: list[Term]) -> torch.Tensor:
+        return torch.cat([t.scale * t.up.double() @ t.down.double() for t in sorted(ts, key=lambda t: t.row)])
+
+    assert relative_delta_error(terms, [Term(t.row, t.up.clone(), t.down.clone(), t.scale) for t in reversed(terms)], 12) == 0.0
+    changed_up = terms[1].up.clone()
+    changed_up[2, 1] += 1.0
+    variants = [
+        [terms[0], Term(4, changed_up, terms[1].down, 0.25), terms[2]],
+        [terms[0], Term(4, terms[1].up, terms[1].down, 0.5), terms[2]],
+        [terms[0], Term(4, terms[1].up.float(), terms[1].down, 0.25), terms[2]],  # same values: still 0
+    ]
+    for variant in variants:
+        expected = float((dense(variant) - dense(terms)).norm() / dense(terms).norm())
+        assert relative_delta_error(terms, variant, 12) == pytest.approx(expected, rel=1e-10, abs=1e-15)
+    assert relative_delta_error(terms, variants[0], 12) > 0 and relative_delta_error(terms, variants[1], 12) > 0
+
+
 # ---- comparing outputs -------------------------------------------------------------------------------
 
 

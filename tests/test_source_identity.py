@@ -81,7 +81,7 @@ CASES: list[tuple[str, Mutation, str]] = [
     ("dit/diffusion_pytorch_model-00003-of-00006.safetensors", rewrite_in_place_keeping_mtime, "planned"),
     ("dit/diffusion_pytorch_model-00005-of-00006.safetensors", rewrite_in_place_keeping_mtime, "manifest written"),
     ("dit/diffusion_pytorch_model-00006-of-00006.safetensors", truncate, "tensor blocks.0."),
-    ("dit/diffusion_pytorch_model-00001-of-00006.safetensors", extend, "LoRAs checked"),
+    ("dit/diffusion_pytorch_model-00001-of-00006.safetensors", extend, "LoRA refinement_lora checked"),
     ("dit/diffusion_pytorch_model-00004-of-00006.safetensors", remove, "index written"),
     ("dit/diffusion_pytorch_model-00006-of-00006.safetensors", replace_with_identical_copy, "configs written"),
     # read while planning: the DiT config (the output's config is made from it) and the shard index

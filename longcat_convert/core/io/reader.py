@@ -15,7 +15,7 @@ from .header import SafetensorsHeader, TensorInfo
 if TYPE_CHECKING:
     import torch
 
-CHUNK_BYTES = 16 * 1024 * 1024
+CHUNK_BYTES = 8 * 1024 * 1024  # a few in flight per output file, two files at once, well inside convert's 512 MB
 
 
 @dataclass(frozen=True)

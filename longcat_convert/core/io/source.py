@@ -22,6 +22,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ class SourceFiles:
     def __init__(self) -> None:
         self._held: dict[Path, _HeldFile] = {}
         self._streamed: dict[Path, FileIdentity] = {}
+        self._opening = threading.Lock()  # output files are written from several threads
 
     # ---- safetensors files, held open ------------------------------------------------------------
 
@@ -93,8 +95,10 @@ class SourceFiles:
         path = Path(path)
         held = self._hold(path)
         if held.header is None:
-            held.header = read_header_fd(held.fd, path)
-            held.header_digest = _header_digest(held.fd, held.header)
+            with self._opening:
+                if held.header is None:
+                    held.header_digest = _header_digest(held.fd, header := read_header_fd(held.fd, path))
+                    held.header = header
         return held.header
 
     def chunks(self, byte_range: ByteRange, chunk: int = CHUNK_BYTES) -> Iterator[bytes]:
@@ -114,8 +118,11 @@ class SourceFiles:
     def _hold(self, path: Path) -> _HeldFile:
         held = self._held.get(path)
         if held is None:
-            fd, identity = _open(path)
-            held = self._held[path] = _HeldFile(fd, identity)
+            with self._opening:
+                held = self._held.get(path)
+                if held is None:
+                    fd, identity = _open(path)
+                    held = self._held[path] = _HeldFile(fd, identity)
         return held
 
     # ---- other files, streamed one at a time -------------------------------------------------------
@@ -194,13 +201,13 @@ class SourceFiles:
 
     def verify(self) -> None:
         """Raise a LongcatError naming the first file read that has changed since it was opened."""
-        for path, held in self._held.items():
+        for path, held in list(self._held.items()):  # a snapshot: a thread copying files may add to these
             how = _change_since(path, held.identity)
             if how is None and held.header is not None and _header_digest(held.fd, held.header) != held.header_digest:
                 how = "its header was rewritten"
             if how is not None:
                 raise source_changed(path, how)
-        for path, identity in self._streamed.items():
+        for path, identity in list(self._streamed.items()):
             how = _change_since(path, identity)
             if how is not None:
                 raise source_changed(path, how)
