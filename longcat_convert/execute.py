@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -381,10 +381,15 @@ class _Outputs:
     files: dict[str, list[dict]] = field(default_factory=dict)
     lora_checks: dict[str, dict] = field(default_factory=dict)
 
+    @cached_property
+    def adapters(self) -> dict[str, AdapterPlan]:
+        """The plan's adapters by the shard file they are written to."""
+        return {adapter.shard.file: adapter for adapter in self.plan.adapters}
+
     def write_shard(self, shard: ShardPlan) -> None:
         """A shard (kept if an adopted journal proves it made from the same source bytes); an adapter's is checked
         as soon as it is complete, while both files are in the page cache."""
-        adapter = next((a for a in self.plan.adapters if a.shard.file == shard.file), None)
+        adapter = self.adapters.get(shard.file)
         records = _kept_shard(self.log, shard, self.sources)
         if records is None:
             records = _write_shard(self.work, shard, self.sources, self.progress)
@@ -428,8 +433,7 @@ def _write_outputs(plan: ConversionPlan, tree: Tree, work: Path, sources: Source
     right after the first file, so that their computing overlaps the others' disk time rather than ending the run.
     A smaller output is written file by file in plan order."""
     outputs = _Outputs(plan, tree, work, sources, log, _SharedProgress(bar), link)
-    adapters = {adapter.shard.file for adapter in plan.adapters}
-    jobs = ([(shard.nbytes, shard.file in adapters, partial(outputs.write_shard, shard)) for shard in plan.shards]
+    jobs = ([(shard.nbytes, shard.file in outputs.adapters, partial(outputs.write_shard, shard)) for shard in plan.shards]
             + [(copy.nbytes, False, partial(outputs.copy, copy)) for copy in plan.copies])
     if sum(size for size, _, _ in jobs) < PARALLEL_BYTES:
         for _, _, job in jobs:

@@ -103,9 +103,8 @@ class _Worker:
     """A thread that applies `consume` to queued chunks, in order. After the first error it only drains
     the queue (so that a blocked `put` returns); the error is kept in `error` for the caller's thread."""
 
-    def __init__(self, name: str, consume: Callable[[object], object], finish: Callable[[], object] | None = None,
-                 release: Callable[[], object] | None = None):
-        self._consume, self._finish, self._release = consume, finish, release
+    def __init__(self, name: str, consume: Callable[[object], object], finish: Callable[[], object] | None = None):
+        self._consume, self._finish = consume, finish
         self._queue: queue.Queue[object] = queue.Queue(maxsize=QUEUE_CHUNKS)
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -125,15 +124,11 @@ class _Worker:
             self._thread.join()
 
     def _run(self) -> None:
-        try:
-            while (item := self._queue.get()) is not None:
-                if self.error is None:
-                    self._guarded(self._consume, item)
-            if self.error is None and self._finish is not None:
-                self._guarded(self._finish)
-        finally:
-            if self._release is not None:
-                self._guarded(self._release)
+        while (item := self._queue.get()) is not None:
+            if self.error is None:
+                self._guarded(self._consume, item)
+        if self.error is None and self._finish is not None:
+            self._guarded(self._finish)
 
     def _guarded(self, function: Callable[..., object], *args) -> None:
         try:
